@@ -1,0 +1,298 @@
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+
+namespace Vmig.Native;
+
+/// <summary>
+/// A connected AF_UNIX stream socket used with blocking sendmsg/recvmsg so that file descriptors travel
+/// as SCM_RIGHTS ancillary data. .NET's Socket API silently drops received fds, so every read goes
+/// through <see cref="Receive"/>. The socket is never used with .NET async operations: those switch
+/// the fd to O_NONBLOCK behind our back (measured; see shared/reference/dotnet-on-this-machine.md).
+/// </summary>
+public sealed unsafe class FdSocket : IDisposable
+{
+    /// <summary>The most fds one message may carry in either direction (control buffer size).</summary>
+    public const int MaxFdsPerMessage = 64;
+
+    private readonly SafeHandle _handle;
+    private readonly Socket? _socket;
+    private int _shutdown;
+
+    /// <summary>Wraps a connected .NET socket (which must only ever have been used synchronously).</summary>
+    public FdSocket(Socket socket)
+    {
+        ArgumentNullException.ThrowIfNull(socket);
+        _socket = socket;
+        _handle = socket.SafeHandle;
+    }
+
+    private FdSocket(UnixFd fd) => _handle = fd;
+
+    /// <summary>A connected pair from socketpair(2) (tests, in-process peers).</summary>
+    public static (FdSocket A, FdSocket B) CreatePair()
+    {
+        int* sv = stackalloc int[2];
+        // SAFETY: sv holds two ints as socketpair requires.
+        if (Libc.socketpair(Libc.AF_UNIX, Libc.SOCK_STREAM | Libc.SOCK_CLOEXEC, 0, sv) != 0)
+        {
+            throw NativeException.FromLastError("socketpair");
+        }
+        return (new FdSocket(new UnixFd(sv[0])), new FdSocket(new UnixFd(sv[1])));
+    }
+
+    /// <summary>Connects to a listening UNIX socket at <paramref name="path"/>.</summary>
+    /// <exception cref="SocketException">Connection refused, no such file…</exception>
+    public static FdSocket Connect(string path)
+    {
+        var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            s.Connect(new UnixDomainSocketEndPoint(path));
+            return new FdSocket(s);
+        }
+        catch
+        {
+            s.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Wraps an fd received from a peer (twin socket) or inherited; takes ownership.</summary>
+    public static FdSocket FromFd(UnixFd fd) => new(fd);
+
+    /// <summary>Sends <paramref name="first"/> then <paramref name="second"/> as one byte sequence, with
+    /// <paramref name="fds"/> attached to the first byte. Blocks until everything is written.</summary>
+    /// <exception cref="NativeException">The peer is gone (EPIPE, ECONNRESET) or another socket error.</exception>
+    public void Send(ReadOnlySpan<byte> first, ReadOnlySpan<byte> second, ReadOnlySpan<int> fds)
+    {
+        if (fds.Length > MaxFdsPerMessage)
+        {
+            throw new ArgumentOutOfRangeException(nameof(fds), $"at most {MaxFdsPerMessage} fds per message");
+        }
+        if (first.IsEmpty && second.IsEmpty)
+        {
+            throw new ArgumentException("SOCK_STREAM needs at least one data byte to carry fds", nameof(first));
+        }
+        bool added = false;
+        try
+        {
+            _handle.DangerousAddRef(ref added);
+            int fd = (int)_handle.DangerousGetHandle();
+            int ctlLen = fds.IsEmpty ? 0 : CmsgSpace(fds.Length * sizeof(int));
+            byte* ctl = stackalloc byte[CmsgSpace(MaxFdsPerMessage * sizeof(int))];
+            int off1 = 0, off2 = 0;
+            bool fdsSent = fds.IsEmpty;
+            Libc.IoVec* iov = stackalloc Libc.IoVec[2];
+            fixed (byte* p1 = first)
+            fixed (byte* p2 = second)
+            {
+                while (off1 < first.Length || off2 < second.Length)
+                {
+                    // SAFETY: iovecs point into the pinned spans at offsets < their lengths; ctl is a stack
+                    // buffer sized for MaxFdsPerMessage; msghdr lives on this frame for the syscall.
+                    int n = 0;
+                    if (off1 < first.Length)
+                    {
+                        iov[n++] = new Libc.IoVec { Base = p1 + off1, Len = (nuint)(first.Length - off1) };
+                    }
+                    if (off2 < second.Length)
+                    {
+                        iov[n++] = new Libc.IoVec { Base = p2 + off2, Len = (nuint)(second.Length - off2) };
+                    }
+                    var msg = new Libc.MsgHdr { Iov = iov, IovLen = (nuint)n };
+                    if (!fdsSent)
+                    {
+                        var c = (Libc.CmsgHdr*)ctl;
+                        c->Len = (nuint)(sizeof(Libc.CmsgHdr) + fds.Length * sizeof(int));
+                        c->Level = Libc.SOL_SOCKET;
+                        c->Type = Libc.SCM_RIGHTS;
+                        fds.CopyTo(new Span<int>(ctl + sizeof(Libc.CmsgHdr), fds.Length));
+                        msg.Control = ctl;
+                        msg.ControlLen = (nuint)ctlLen;
+                    }
+                    nint w = Libc.sendmsg(fd, &msg, Libc.MSG_NOSIGNAL);
+                    if (w < 0)
+                    {
+                        int e = Marshal.GetLastPInvokeError();
+                        if (e == Libc.EINTR)
+                        {
+                            continue;
+                        }
+                        if (e == Libc.EAGAIN)
+                        {
+                            WaitWritable(fd);
+                            continue;
+                        }
+                        throw new NativeException("sendmsg", e);
+                    }
+                    fdsSent = true;
+                    long left = w;
+                    int a = (int)Math.Min(left, first.Length - off1);
+                    off1 += a;
+                    left -= a;
+                    off2 += (int)left;
+                }
+            }
+        }
+        finally
+        {
+            if (added)
+            {
+                _handle.DangerousRelease();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Fills <paramref name="buffer"/> completely, collecting any fds that arrive into <paramref name="fds"/>
+    /// (caller owns them). Returns false on orderly end of stream before the first byte; throws
+    /// <see cref="EndOfStreamException"/> on end of stream mid-buffer.
+    /// </summary>
+    /// <exception cref="NativeException">A socket error, or MSG_CTRUNC (more fds than we accept).</exception>
+    public bool Receive(Span<byte> buffer, List<UnixFd>? fds)
+    {
+        bool added = false;
+        try
+        {
+            _handle.DangerousAddRef(ref added);
+            int fd = (int)_handle.DangerousGetHandle();
+            int ctlCap = CmsgSpace(MaxFdsPerMessage * sizeof(int));
+            byte* ctl = stackalloc byte[ctlCap];
+            int got = 0;
+            fixed (byte* p = buffer)
+            {
+                while (got < buffer.Length)
+                {
+                    // SAFETY: the iovec points into the pinned buffer past the bytes already received;
+                    // ctl is a stack buffer of ctlCap bytes.
+                    var iov = new Libc.IoVec { Base = p + got, Len = (nuint)(buffer.Length - got) };
+                    var msg = new Libc.MsgHdr { Iov = &iov, IovLen = 1, Control = ctl, ControlLen = (nuint)ctlCap };
+                    nint r = Libc.recvmsg(fd, &msg, Libc.MSG_CMSG_CLOEXEC | Libc.MSG_WAITALL);
+                    if (r < 0)
+                    {
+                        int e = Marshal.GetLastPInvokeError();
+                        if (e == Libc.EINTR)
+                        {
+                            continue;
+                        }
+                        if (e == Libc.EAGAIN)
+                        {
+                            WaitReadable(fd);
+                            continue;
+                        }
+                        throw new NativeException("recvmsg", e);
+                    }
+                    bool truncated = (msg.Flags & Libc.MSG_CTRUNC) != 0;
+                    CollectFds(&msg, fds);
+                    if (truncated)
+                    {
+                        throw new NativeException("recvmsg (MSG_CTRUNC: too many fds)", 7 /* E2BIG */);
+                    }
+                    if (r == 0)
+                    {
+                        if (got == 0)
+                        {
+                            return false;
+                        }
+                        throw new EndOfStreamException($"peer closed after {got} of {buffer.Length} bytes");
+                    }
+                    got += (int)r;
+                }
+            }
+            return true;
+        }
+        finally
+        {
+            if (added)
+            {
+                _handle.DangerousRelease();
+            }
+        }
+    }
+
+    /// <summary>Shuts the socket down in both directions, waking a blocked <see cref="Receive"/>. Idempotent.</summary>
+    public void Shutdown()
+    {
+        if (Interlocked.Exchange(ref _shutdown, 1) != 0)
+        {
+            return;
+        }
+        bool added = false;
+        try
+        {
+            _handle.DangerousAddRef(ref added);
+            _ = Libc.shutdown((int)_handle.DangerousGetHandle(), Libc.SHUT_RDWR);
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+        finally
+        {
+            if (added)
+            {
+                _handle.DangerousRelease();
+            }
+        }
+    }
+
+    public void Dispose()
+    {
+        Shutdown();
+        if (_socket is not null)
+        {
+            _socket.Dispose();
+        }
+        else
+        {
+            _handle.Dispose();
+        }
+    }
+
+    private static void CollectFds(Libc.MsgHdr* msg, List<UnixFd>? fds)
+    {
+        // SAFETY: walks the control buffer the kernel filled, bounded by msg->ControlLen.
+        byte* c = (byte*)msg->Control;
+        byte* end = c + (long)msg->ControlLen;
+        while (c != null && c + sizeof(Libc.CmsgHdr) <= end)
+        {
+            var h = (Libc.CmsgHdr*)c;
+            if (h->Len < (nuint)sizeof(Libc.CmsgHdr) || c + (long)h->Len > end)
+            {
+                break;
+            }
+            if (h->Level == Libc.SOL_SOCKET && h->Type == Libc.SCM_RIGHTS)
+            {
+                int count = (int)(((long)h->Len - sizeof(Libc.CmsgHdr)) / sizeof(int));
+                int* f = (int*)(c + sizeof(Libc.CmsgHdr));
+                for (int i = 0; i < count; i++)
+                {
+                    var owned = new UnixFd(f[i]);
+                    if (fds is null)
+                    {
+                        owned.Dispose();
+                    }
+                    else
+                    {
+                        fds.Add(owned);
+                    }
+                }
+            }
+            c += CmsgAlign((int)h->Len);
+        }
+    }
+
+    private static void WaitReadable(int fd) => PollRaw(fd, Libc.POLLIN);
+
+    private static void WaitWritable(int fd) => PollRaw(fd, 4 /* POLLOUT */);
+
+    private static void PollRaw(int fd, short events)
+    {
+        var p = new Libc.PollFd { Fd = fd, Events = events };
+        // SAFETY: p is a local.
+        _ = Libc.poll(&p, 1, 1000);
+    }
+
+    private static int CmsgAlign(int len) => (len + 7) & ~7;
+
+    private static int CmsgSpace(int dataLen) => CmsgAlign(sizeof(Libc.CmsgHdr)) + CmsgAlign(dataLen);
+}
