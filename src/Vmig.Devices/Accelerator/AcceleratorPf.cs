@@ -153,6 +153,7 @@ public sealed class AcceleratorPf : PciFunction, IDisposable
     protected override void OnSriovChanged(SriovChangedEventArgs e)
     {
         ArgumentNullException.ThrowIfNull(e);
+        bool changed = false;
         if (e.Current.VfEnable && !e.Previous.VfEnable)
         {
             var vfs = new AcceleratorVf[e.Current.NumVfs];
@@ -164,18 +165,22 @@ public sealed class AcceleratorPf : PciFunction, IDisposable
             {
                 _vfs = vfs;
             }
+            changed = vfs.Length > 0;
         }
         else if (!e.Current.VfEnable && e.Previous.VfEnable)
         {
-            RemoveVfs();
+            changed = RemoveVfs();
         }
         base.OnSriovChanged(e);
-        VfsChanged?.Invoke(this, EventArgs.Empty);
+        if (changed)
+        {
+            VfsChanged?.Invoke(this, EventArgs.Empty);
+        }
     }
 
-    public void Dispose() => RemoveVfs();
+    public void Dispose() => _ = RemoveVfs();
 
-    private void RemoveVfs()
+    private bool RemoveVfs()
     {
         AcceleratorVf[] old;
         lock (_lock)
@@ -187,6 +192,7 @@ public sealed class AcceleratorPf : PciFunction, IDisposable
         {
             vf.Dispose();
         }
+        return old.Length > 0;
     }
 
     private static PciFunctionDeclaration BuildDeclaration(ushort totalVfs) => new()
