@@ -68,6 +68,10 @@ public static class VmSnapshot
     /// Restores a VM from a snapshot: checks the description against this host (program kinds, devices via
     /// <paramref name="deviceFactory"/>), loads the state, commits the devices and re-creates the guest.
     /// </summary>
+    /// <param name="source">The snapshot stream (e.g. a file).</param>
+    /// <param name="guest">Guest software (program registry, guest setup).</param>
+    /// <param name="deviceFactory">Opens this host's device for each described one.</param>
+    /// <param name="maxMemorySize">Largest guest RAM accepted (bounds allocation).</param>
     /// <param name="start">Start the vCPUs (default) or leave the VM paused.</param>
     /// <exception cref="StreamFormatException">The file is malformed or truncated.</exception>
     /// <exception cref="VmMigrationException">This host cannot take the VM (reason in the report).</exception>
