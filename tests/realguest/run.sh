@@ -126,12 +126,20 @@ build_step() {
   return 1
 }
 
-ensure_debootstrap() {
-  command -v debootstrap >/dev/null && return 0
-  apt-get install -y -q debootstrap > "$OUT/build-apt.log" 2>&1 && return 0
-  apt-get update -q >> "$OUT/build-apt.log" 2>&1; apt-get install -y -q debootstrap >> "$OUT/build-apt.log" 2>&1 && return 0
+# Host tools the harness scripts use (a fresh machine may lack some): command -> Debian package.
+ensure_host_tools() {
+  local missing=() c pkg
+  for c in debootstrap:debootstrap cpio:cpio bc:bc readelf:binutils xz:xz-utils zstd:zstd mke2fs:e2fsprogs \
+           wget:wget unshare:util-linux; do
+    command -v "${c%%:*}" >/dev/null || missing+=("${c#*:}")
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  say "installing host tools: ${missing[*]}"
+  apt-get install -y -q "${missing[@]}" > "$OUT/build-apt.log" 2>&1 && return 0
+  apt-get update -q >> "$OUT/build-apt.log" 2>&1
+  apt-get install -y -q "${missing[@]}" >> "$OUT/build-apt.log" 2>&1 && return 0
   tail -n 5 "$OUT/build-apt.log"
-  skip_all "cannot install debootstrap with apt-get (package archive unreachable?)"
+  skip_all "cannot install ${missing[*]} with apt-get (package archive unreachable?)"
 }
 
 # ensure_guest CACHE SUITE: QEMU chroot in $RG/sid-root (shared), guest image in CACHE/image.
@@ -139,14 +147,14 @@ ensure_guest() {
   local cache=$1 suite=$2 stamp
   stamp=$(stamp_of)
   if [ ! -x "$RG/sid-root/usr/bin/qemu-system-x86_64" ]; then
-    ensure_debootstrap
+    ensure_host_tools
     archive_reachable sid || skip_all "Debian's archive ($MIRROR) is unreachable; no cached harness in $RG"
     rm -rf "$RG/sid-root"
     build_step sid-qemu "QEMU 11.1 chroot ($RG/sid-root)" sid env RG="$RG" "$HARNESS/setup-sid-qemu.sh" \
       || { rm -rf "$RG/sid-root"; return 1; }
   fi
   if [ ! -r "$cache/image/rootfs.img" ] || [ "$(cat "$cache/.rg-stamp" 2>/dev/null)" != "$stamp" ]; then
-    ensure_debootstrap
+    ensure_host_tools
     [ -x "$cache/guest-root/usr/bin/fio" ] || {
       archive_reachable "$suite" || skip_all "Debian's archive ($MIRROR) is unreachable; no cached $suite guest in $cache"
       rm -rf "$cache/guest-root"; }
@@ -160,6 +168,7 @@ ensure_guest() {
 [ "$(id -u)" = 0 ] || skip_all "needs root (debootstrap, chroot, mount namespaces); run as root"
 mkdir -p "$RG" "$RG_SID"
 exec 9>"$RG.lock"; flock 9   # one build at a time per machine
+ensure_host_tools
 NEED_SID=0; { [ "$PART" = 2 ] || [ "$PART" = all ]; } && NEED_SID=1
 NEED_BOOKWORM=0; { [ "$PART" = 1 ] || [ "$PART" = all ]; } && NEED_BOOKWORM=1
 T_BUILD0=$(date +%s)
@@ -183,8 +192,8 @@ explain_failures() {   # $1 = console log, $2 = part tag
     tr -d '\r' < "$log" | awk -v n="$n" '$0 ~ "^=== BEGIN "n"( |$)" {on=1} on {print} $0 ~ "^=== END "n" " {on=0}' | tail -n 60
   done
   echo "----- $2: kernel messages about NVMe / PCI / MSI from the serial console ($log)"
-  tr -d '\r' < "$log" | grep -aE '^\[ *[0-9]+\.[0-9]+\] .*(nvme|NVMe|vfio|msi|MSI|pci 0000:00:0[3-9]|AER|I/O error|timeout)' | tail -n 80
-  [ -s "$log.qemu" ] && { echo "----- $2: QEMU stderr ($log.qemu)"; tail -n 20 "$log.qemu"; }
+  tr -d '\r' < "$log" | grep -aE '^\[ *[0-9]+\.[0-9]+\] .*(nvme|NVMe|vfio|msi|MSI|pci 0000:00:0[3-9]|AER|I/O error|timeout)' | awk '!seen[$0]++' | tail -n 80
+  [ "$(wc -l < "$log.qemu")" -gt 1 ] && { echo "----- $2: QEMU stderr ($log.qemu)"; tail -n +2 "$log.qemu" | tail -n 20; }
   return 0
 }
 
@@ -269,13 +278,18 @@ PATTERNS="0:4096 1060864:65536 50327552:1048576"
 pattern() { yes "vmig-realguest $RUN_ID off=$1 " | head -c "$2"; }
 check_ns_file() {   # $1 = part tag, $2 = namespace file
   local tag=$1 f=$2 p off len bad= d
+  case "$(awk -v n="$tag/pattern-write" '$2==n {print $1}' "$OUT/results.txt")" in
+    PASS) ;;
+    "") result SKIP "$tag/host-ns-file" "pattern-write did not run in the guest"; return;;
+    *) result FAIL "$tag/host-ns-file" "blocked: pattern-write did not pass in the guest"; return;;
+  esac
   [ -r "$f" ] || { result FAIL "$tag/host-ns-file" "namespace file $f not readable"; return; }
   for p in $PATTERNS; do
     off=${p%%:*} len=${p#*:}
     d=$(cmp <(dd if="$f" bs=64k skip=$((NS_FILE_BASE + off)) count="$len" iflag=skip_bytes,count_bytes status=none) \
             <(pattern "$off" "$len") 2>&1)
     if [ -n "$d" ]; then
-      bad="$bad byte $off (+$len): ${d#*/dev/fd/* }"
+      bad="$bad byte $off (LBA $((off/512)) at 512 B) first differs at +$(( $(sed -n 's/.*differ: byte \([0-9]*\).*/\1/p' <<<"$d") - 1 ));"
       echo "----- $tag/host-ns-file: namespace file at byte $((NS_FILE_BASE + off)): found vs expected"
       dd if="$f" bs=64k skip=$((NS_FILE_BASE + off)) count=64 iflag=skip_bytes,count_bytes status=none | od -A d -c | head -n 4
       pattern "$off" 64 | od -A d -c | head -n 4
