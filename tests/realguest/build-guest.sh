@@ -2,8 +2,11 @@
 # build-guest.sh - copy of shared/tools/realguest/build-guest.sh with one change (vmig realguest suite):
 #   Debian sid's linux-image-amd64 now pulls dracut (a linux-initramfs-tool) through debootstrap's resolver,
 #   and dracut conflicts with initramfs-tools from --include, so the original fails on SUITE=sid with
-#   "conflicting packages - not installing initramfs-tools". EXCLUDE (default for sid: the dracut packages)
-#   is passed to debootstrap --exclude. HARNESS_DIR points at the original (for guest-files/).
+#   "conflicting packages - not installing initramfs-tools" (sid's linux-image depends on
+#   "dracut | initramfs-tools", and debootstrap takes the first alternative; --exclude does not stop that).
+#   So for SUITE != bookworm initramfs-tools is left out of --include: the guest gets dracut, no Debian
+#   initrd is made (only the fallback initrd-debian.img is lost; run-guest.sh boots the busybox initrd).
+#   HARNESS_DIR points at the original (for guest-files/).
 # Original header:
 # build-guest.sh - build the realguest guest:
 #   Debian $SUITE (default bookworm; sid gives nvme-cli with the lm plugin) minbase + linux-image-amd64 + nvme-cli + fio + pciutils (+ util-linux, kmod,
@@ -22,12 +25,12 @@ G=${GUEST_ROOT:-$T/guest-root}
 IMGDIR=${IMAGE_DIR:-$T/image}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=${SUITE:-bookworm}
-EXCLUDE=${EXCLUDE-$([ "$SUITE" = bookworm ] || echo dracut,dracut-core,dracut-install)}
+INITRAMFS_PKG=${INITRAMFS_PKG-$([ "$SUITE" = bookworm ] && echo initramfs-tools,)}
 cd $T
 t0=$(date +%s)
 if [ ! -x $G/usr/bin/fio ]; then
-  debootstrap --variant=minbase ${EXCLUDE:+--exclude=$EXCLUDE} \
-    --include=initramfs-tools,linux-image-amd64,nvme-cli,fio,pciutils,util-linux,kmod,busybox,procps \
+  debootstrap --variant=minbase \
+    --include=${INITRAMFS_PKG}linux-image-amd64,nvme-cli,fio,pciutils,util-linux,kmod,busybox,procps \
     $SUITE $G $MIRROR
 fi
 t1=$(date +%s)

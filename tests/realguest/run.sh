@@ -76,7 +76,7 @@ case "$OUT" in /tmp/*) ;; *) echo "run.sh: --out must be under /tmp (the QEMU ch
 say() { echo "[realguest $(date -u +%T)] $*"; }
 result() {   # result VERDICT NAME [REASON]
   printf '%s %s%s\n' "$1" "$2" "${3:+ $3}" >> "$OUT/results.txt"
-  printf '%-4s %s%s\n' "$1" "$2" "${3:+  -- $3}"
+  if [ "$1" = PASS ]; then printf '%-4s %s%s\n' "$1" "$2" "${3:+ $3}"; else printf '%-4s %s%s\n' "$1" "$2" "${3:+  -- $3}"; fi
 }
 skip_all() {   # the whole suite cannot run here: say so loudly, never pass silently
   echo "SKIPPED: $*"
