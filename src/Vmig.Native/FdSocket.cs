@@ -57,6 +57,9 @@ public sealed unsafe class FdSocket : IDisposable
         }
     }
 
+    /// <summary>The descriptor number, e.g. to pass this socket to a peer with SCM_RIGHTS. Valid until dispose.</summary>
+    public int Fd => (int)_handle.DangerousGetHandle();
+
     /// <summary>Wraps an fd received from a peer (twin socket) or inherited; takes ownership.</summary>
     public static FdSocket FromFd(UnixFd fd) => new(fd);
 

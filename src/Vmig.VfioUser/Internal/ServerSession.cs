@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using Vmig.Native;
 using Vmig.VfioUser.Protocol;
 using Vmig.VfioUser.Server;
+using Vmig.VfioUser.Transport;
 
 namespace Vmig.VfioUser.Internal;
 

@@ -3,6 +3,7 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Vmig.Native;
 using Vmig.VfioUser.Internal;
+using Vmig.VfioUser.Transport;
 
 namespace Vmig.VfioUser.Server;
 
