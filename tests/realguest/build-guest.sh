@@ -25,7 +25,7 @@ G=${GUEST_ROOT:-$T/guest-root}
 IMGDIR=${IMAGE_DIR:-$T/image}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=${SUITE:-bookworm}
-INITRAMFS_PKG=${INITRAMFS_PKG-$([ "$SUITE" = bookworm ] && echo initramfs-tools,)}
+INITRAMFS_PKG=${INITRAMFS_PKG-$(if [ "$SUITE" = bookworm ]; then echo initramfs-tools,; fi)}
 cd $T
 t0=$(date +%s)
 if [ ! -x $G/usr/bin/fio ]; then
