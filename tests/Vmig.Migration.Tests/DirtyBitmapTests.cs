@@ -100,7 +100,7 @@ public class DirtyBitmapTests
     {
         var bm = new DirtyBitmap(0x10000, 8 * K4, K4);
         bm.MarkRange(0x10FFF, 2);               // straddles pages 0 and 1
-        bm.MarkRange(0x0F000, 0x1800);          // starts before the range: only page 0 (already set) and... 0x10000..0x107FF
+        bm.MarkRange(0x0F000, 0x1800);          // starts before the range: the part inside (0x10000..0x107FF) is page 0
         bm.MarkRange(0x17800, 0x10000);         // runs past the end: page 7 only
         bm.MarkRange(0x30000, K4);              // entirely outside
         bm.MarkRange(0x13000, 0);               // empty

@@ -6,7 +6,6 @@ public class StateDriverTests
 {
     private const int EIO = 5;
     private const int EINVAL = 22;
-    private const int EFBIG = 27;
     private const MigrationFlags All = MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy;
 
     private static MigrationArc A(DeviceState f, DeviceState t) => new(f, t);
