@@ -57,6 +57,9 @@ public sealed unsafe class FdSocket : IDisposable
         }
     }
 
+    /// <summary>The descriptor number, e.g. to pass this socket to a peer with SCM_RIGHTS. Valid until dispose.</summary>
+    public int Fd => (int)_handle.DangerousGetHandle();
+
     /// <summary>Wraps an fd received from a peer (twin socket) or inherited; takes ownership.</summary>
     public static FdSocket FromFd(UnixFd fd) => new(fd);
 
@@ -146,11 +149,13 @@ public sealed unsafe class FdSocket : IDisposable
     /// <summary>
     /// Fills <paramref name="buffer"/> completely, collecting any fds that arrive into <paramref name="fds"/>
     /// (caller owns them). Returns false on orderly end of stream before the first byte; throws
-    /// <see cref="EndOfStreamException"/> on end of stream mid-buffer.
+    /// <see cref="EndOfStreamException"/> on end of stream mid-buffer. <paramref name="fdsTruncated"/> is set when
+    /// the peer sent more than <see cref="MaxFdsPerMessage"/> fds (MSG_CTRUNC: the kernel closed the excess).
     /// </summary>
-    /// <exception cref="NativeException">A socket error, or MSG_CTRUNC (more fds than we accept).</exception>
-    public bool Receive(Span<byte> buffer, List<UnixFd>? fds)
+    /// <exception cref="NativeException">A socket error.</exception>
+    public bool Receive(Span<byte> buffer, List<UnixFd>? fds, out bool fdsTruncated)
     {
+        fdsTruncated = false;
         bool added = false;
         try
         {
@@ -182,12 +187,8 @@ public sealed unsafe class FdSocket : IDisposable
                         }
                         throw new NativeException("recvmsg", e);
                     }
-                    bool truncated = (msg.Flags & Libc.MSG_CTRUNC) != 0;
+                    fdsTruncated |= (msg.Flags & Libc.MSG_CTRUNC) != 0;
                     CollectFds(&msg, fds);
-                    if (truncated)
-                    {
-                        throw new NativeException("recvmsg (MSG_CTRUNC: too many fds)", 7 /* E2BIG */);
-                    }
                     if (r == 0)
                     {
                         if (got == 0)
