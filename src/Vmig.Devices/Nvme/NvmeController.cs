@@ -40,6 +40,7 @@ public sealed partial class NvmeController : IDisposable
     private IDmaSpace? _dma;
     private Action<int>? _interrupt;
     private ShadowDoorbellPoller? _poller;
+    private bool _deliverAfterCompletion;
 
     internal NvmeController(NvmeSubsystem subsystem, ushort cntlid, bool isPrimary, ushort mqes)
     {
@@ -450,6 +451,12 @@ public sealed partial class NvmeController : IDisposable
         if (complete)
         {
             PostCompletion(cq, sq, sqe.Cid, status, dw0);
+        }
+        if (_deliverAfterCompletion)
+        {
+            // After the command that unmasked an event type has completed, so its CQE comes first.
+            _deliverAfterCompletion = false;
+            DeliverEventsLocked();
         }
     }
 
