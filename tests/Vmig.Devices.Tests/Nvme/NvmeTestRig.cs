@@ -41,6 +41,16 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
 
     public uint ReadUInt32(ulong gpa) => _map.ReadUInt32Volatile(Check(gpa, 4));
 
+    /// <summary>Copies all of <paramref name="other"/>'s RAM into this one (what RAM migration does).</summary>
+    public void CopyFrom(TestGuestRam other)
+    {
+        const int Chunk = 1 << 20;
+        for (long o = 0; o < (long)Size; o += Chunk)
+        {
+            other._map.GetSpan(o, Chunk).CopyTo(_map.GetSpan(o, Chunk));
+        }
+    }
+
     public void WriteUInt32(ulong gpa, uint value)
     {
         Interlocked.Increment(ref Writes);
@@ -146,12 +156,13 @@ internal sealed class NvmeRig : IDisposable
 
     private readonly List<IDisposable> _owned = [];
 
-    public NvmeRig(int lbaSize = 512, int vfs = 2, NvmeSubsystemOptions? options = null)
+    public NvmeRig(int lbaSize = 512, int vfs = 2, NvmeSubsystemOptions? options = null, string? sharedNamespacePath = null)
     {
         Dir = Directory.CreateTempSubdirectory("vmig-nvme-");
-        NamespacePath = Path.Combine(Dir.FullName, "ns1.img");
-        using (var f = File.Create(NamespacePath))
+        NamespacePath = sharedNamespacePath ?? Path.Combine(Dir.FullName, "ns1.img");
+        if (sharedNamespacePath is null)
         {
+            using var f = File.Create(NamespacePath);
             f.SetLength(NamespaceBytes);
         }
         Subsystem = new NvmeSubsystem((options ?? new NvmeSubsystemOptions()) with { MaxSecondaryControllers = vfs });
@@ -166,10 +177,10 @@ internal sealed class NvmeRig : IDisposable
     public int LbaSize { get; }
 
     /// <summary>Guest RAM + function for a controller (primary if cntlid 0).</summary>
-    public (TestGuestRam Ram, DirectNvmeFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9)
+    public (TestGuestRam Ram, DirectNvmeFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9, Func<IDmaSpace, IDmaSpace>? wrapDma = null)
     {
         var ram = new TestGuestRam(ramBytes);
-        var fn = new DirectNvmeFunction(Subsystem.GetController(cntlid)!, ram.Dma, vectors);
+        var fn = new DirectNvmeFunction(Subsystem.GetController(cntlid)!, wrapDma is null ? ram.Dma : wrapDma(ram.Dma), vectors);
         _owned.Add(fn);
         _owned.Add(ram);
         return (ram, fn);
@@ -203,5 +214,35 @@ internal sealed class NvmeRig : IDisposable
         }
         Subsystem.Dispose();
         Dir.Delete(recursive: true);
+    }
+}
+
+/// <summary>Counts every device access to guest memory (to prove migration never goes through the guest's DMA windows).</summary>
+internal sealed class CountingDma(IDmaSpace inner) : IDmaSpace
+{
+    public long Accesses;
+
+    public bool TryRead(ulong iova, Span<byte> destination)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryRead(iova, destination);
+    }
+
+    public bool TryWrite(ulong iova, ReadOnlySpan<byte> source)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryWrite(iova, source);
+    }
+
+    public bool TryReadUInt32(ulong iova, out uint value)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryReadUInt32(iova, out value);
+    }
+
+    public bool TryWriteUInt32(ulong iova, uint value)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryWriteUInt32(iova, value);
     }
 }
