@@ -71,6 +71,18 @@ public sealed class NvmeMigrationController
         return c.ResumeFromMigration();
     }
 
+    /// <summary>Bytes Get Controller State would return now (the state is encoded to measure it).</summary>
+    public int EstimateStateSize(ushort cntlid)
+    {
+        var c = _subsystem.GetSecondary(cntlid);
+        if (c is null)
+        {
+            return 0;
+        }
+        var profile = ProfileOf(cntlid);
+        return c.WithLock(st => NvmeStateCodec.Save(st, profile).Length);
+    }
+
     /// <summary>Whether the secondary is suspended (CSUP), or null for an unknown CNTLID.</summary>
     public bool? IsSuspended(ushort cntlid) => _subsystem.GetSecondary(cntlid)?.WithLock(s => s.Suspended);
 

@@ -1,5 +1,5 @@
 using System.Buffers.Binary;
-using System.Numerics;
+using Vmig.Devices.Pci;
 using Vmig.Spec.Nvme;
 
 namespace Vmig.Devices.Nvme;
@@ -10,6 +10,53 @@ namespace Vmig.Devices.Nvme;
 /// </summary>
 public sealed record NvmeMigrationProfile(ushort QueueResources, ushort VectorResources, ushort Mqes, IReadOnlyList<(uint Nsid, int LbaSize, ulong Blocks)> Namespaces)
 {
+    /// <summary>Encoded size: 16 bytes plus 16 per namespace.</summary>
+    public int EncodedSize => 16 + (16 * Namespaces.Count);
+
+    /// <summary>u16 VQ, u16 VI, u16 MQES, u16 N, u64 0, then N × {u32 NSID, u32 LBA size, u64 blocks}.</summary>
+    public byte[] Encode()
+    {
+        byte[] b = new byte[EncodedSize];
+        BinaryPrimitives.WriteUInt16LittleEndian(b, QueueResources);
+        BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(2), VectorResources);
+        BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(4), Mqes);
+        BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(6), (ushort)Namespaces.Count);
+        for (int i = 0; i < Namespaces.Count; i++)
+        {
+            var (nsid, lba, blocks) = Namespaces[i];
+            BinaryPrimitives.WriteUInt32LittleEndian(b.AsSpan(16 + (16 * i)), nsid);
+            BinaryPrimitives.WriteUInt32LittleEndian(b.AsSpan(20 + (16 * i)), (uint)lba);
+            BinaryPrimitives.WriteUInt64LittleEndian(b.AsSpan(24 + (16 * i)), blocks);
+        }
+        return b;
+    }
+
+    /// <summary>Decodes <see cref="Encode"/>'s bytes; false if truncated or with more namespaces than a subsystem has.</summary>
+    public static bool TryDecode(ReadOnlySpan<byte> s, out NvmeMigrationProfile profile, out int consumed)
+    {
+        profile = new NvmeMigrationProfile(0, 0, 0, []);
+        consumed = 0;
+        if (s.Length < 16)
+        {
+            return false;
+        }
+        int n = BinaryPrimitives.ReadUInt16LittleEndian(s[6..]);
+        if (n > NvmeSubsystem.MaxNamespaces || s.Length < 16 + (16 * n))
+        {
+            return false;
+        }
+        var nss = new List<(uint, int, ulong)>(n);
+        for (int i = 0; i < n; i++)
+        {
+            nss.Add((BinaryPrimitives.ReadUInt32LittleEndian(s[(16 + (16 * i))..]), (int)BinaryPrimitives.ReadUInt32LittleEndian(s[(20 + (16 * i))..]),
+                BinaryPrimitives.ReadUInt64LittleEndian(s[(24 + (16 * i))..])));
+        }
+        profile = new NvmeMigrationProfile(BinaryPrimitives.ReadUInt16LittleEndian(s), BinaryPrimitives.ReadUInt16LittleEndian(s[2..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[4..]), nss);
+        consumed = 16 + (16 * n);
+        return true;
+    }
+
     /// <summary>Null if <paramref name="other"/> is compatible, else a message naming the first difference.</summary>
     public string? Difference(NvmeMigrationProfile other)
     {
@@ -109,17 +156,7 @@ public static class NvmeStateCodec
         int lengthAt = w.Length;
         w.U32(0);
         w.U32(0);
-        w.U16(profile.QueueResources);
-        w.U16(profile.VectorResources);
-        w.U16(profile.Mqes);
-        w.U16((ushort)profile.Namespaces.Count);
-        w.U64(0);
-        foreach (var (nsid, lba, blocks) in profile.Namespaces)
-        {
-            w.U32(nsid);
-            w.U32((uint)lba);
-            w.U64(blocks);
-        }
+        w.Bytes(profile.Encode());
         w.U32(s.Cc);
         w.U32((uint)s.Csts);
         w.U32(s.Aqa);
@@ -186,24 +223,8 @@ public static class NvmeStateCodec
         Span<byte> hdr = stackalloc byte[ControllerStateHeader.Size];
         new ControllerStateHeader(0, (byte)(s.Suspended ? 1 : 0), (ulong)(nvmePadded / 4), (ulong)(vendorBytes / 4)).WriteTo(hdr);
         w.Patch(0, hdr);
-        w.U32(Crc32C(w.Span));
+        w.U32(Crc32C.Compute(w.Span));
         return w.ToArray();
-    }
-
-    /// <summary>CRC32C (Castagnoli, reflected, init and final XOR 0xFFFFFFFF).</summary>
-    public static uint Crc32C(ReadOnlySpan<byte> data)
-    {
-        uint crc = 0xFFFFFFFF;
-        int i = 0;
-        for (; i + 8 <= data.Length; i += 8)
-        {
-            crc = BitOperations.Crc32C(crc, BinaryPrimitives.ReadUInt64LittleEndian(data[i..]));
-        }
-        for (; i < data.Length; i++)
-        {
-            crc = BitOperations.Crc32C(crc, data[i]);
-        }
-        return ~crc;
     }
 
     /// <summary>
@@ -231,7 +252,7 @@ public static class NvmeStateCodec
             return false;
         }
         uint crc = BinaryPrimitives.ReadUInt32LittleEndian(data[^4..]);
-        if (Crc32C(data[..^4]) != crc)
+        if (Crc32C.Compute(data[..^4]) != crc)
         {
             error = "state CRC32C mismatch: the state is corrupt";
             return false;
@@ -258,22 +279,13 @@ public static class NvmeStateCodec
             error = "vendor state length disagrees with the header";
             return false;
         }
-        if (!(r.U16(out ushort vq) && r.U16(out ushort vi) && r.U16(out ushort mqes) && r.U16(out ushort nns) && r.U64(out _)) || nns > NvmeSubsystem.MaxNamespaces)
+        if (!NvmeMigrationProfile.TryDecode(r.Rest, out var source, out int used) || !r.Bytes(used, out _))
         {
             error = "vendor state profile is truncated or malformed";
             return false;
         }
-        var nss = new List<(uint, int, ulong)>();
-        for (int i = 0; i < nns; i++)
-        {
-            if (!(r.U32(out uint nsid) && r.U32(out uint lba) && r.U64(out ulong blocks)))
-            {
-                error = "vendor state profile is truncated";
-                return false;
-            }
-            nss.Add((nsid, (int)lba, blocks));
-        }
-        var source = new NvmeMigrationProfile(vq, vi, mqes, nss);
+        ushort vq = source.QueueResources;
+        ushort mqes = source.Mqes;
         if (expected.Difference(source) is { } diff)
         {
             error = $"incompatible target: {diff}";
@@ -438,6 +450,8 @@ public static class NvmeStateCodec
     {
         private readonly ReadOnlySpan<byte> _d = data;
         private int _p;
+
+        public readonly ReadOnlySpan<byte> Rest => _d[_p..];
 
         public bool U8(out byte v)
         {

@@ -92,7 +92,7 @@ public sealed class NvmeSubsystemTests
     {
         using var rig = new NvmeRig();
         var sub = rig.Subsystem;
-        sub.SetEnabledVfs(2);
+        sub.EnableVfs(2);
         var (ram, fn) = rig.Connect(1, vectors: 5);
         Assert.Throws<NvmeDriverException>(() => NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { TimeoutMs = 300 }));
 
@@ -122,7 +122,7 @@ public sealed class NvmeSubsystemTests
     public void Virtualization_management_and_attachment_through_the_primary_admin_queue()
     {
         using var rig = new NvmeRig();
-        rig.Subsystem.SetEnabledVfs(2);
+        rig.Subsystem.EnableVfs(2);
         var (ram, fn) = rig.Connect(0);
         var pf = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
         SubmissionQueueEntry Vm(VirtualizationAction a, VirtualizationResource rt, ushort cntlid, ushort n) =>
@@ -174,20 +174,28 @@ public sealed class NvmeSubsystemTests
     public void Disabling_vfs_takes_their_secondaries_offline_and_resets_them()
     {
         using var rig = new NvmeRig();
-        int events = 0;
-        rig.Subsystem.VfEnableChanged += _ => events++;
+        var seen = new List<int>();
+        rig.Subsystem.VfEnableChanged += n => seen.Add(n);
         rig.ProvisionVf(1);
         rig.ProvisionVf(2);
         Assert.Equal(2, rig.Subsystem.EnabledVfs);
+        Assert.NotNull(rig.Subsystem.GetVfFunction(1));
         var (ram, fn) = rig.Connect(2, vectors: 5);
         var drv = Init(ram, fn);
         Assert.True(drv.Read(1, rig.Nsid, 0, 1, 512, Buf).IsSuccess);
-        rig.Subsystem.SetEnabledVfs(1);
-        Assert.False(rig.Subsystem.Secondaries[1].Online);
-        Assert.False(rig.Subsystem.Secondaries[1].IsReady);
-        Assert.True(rig.Subsystem.Secondaries[0].Online);
-        Assert.Equal(3, events); // 0→1, 1→2, 2→1
+        // NumVFs can only change with VF Enable clear: every VF goes away, then one comes back.
+        rig.Subsystem.EnableVfs(1);
+        Assert.Equal([2, 0, 1], seen);
         Assert.Equal(1, rig.Subsystem.EnabledVfs);
+        Assert.Null(rig.Subsystem.GetVfFunction(1));
+        Assert.NotNull(rig.Subsystem.GetVfFunction(0));
+        Assert.All(rig.Subsystem.Secondaries, c => Assert.False(c.Online));
+        Assert.False(rig.Subsystem.Secondaries[1].IsReady);
+        var sriov = rig.Subsystem.PrimaryFunction.SriovSettings;
+        Assert.Equal((true, (ushort)1), (sriov.VfEnable, sriov.NumVfs));
+        rig.Subsystem.EnableVfs(0);
+        Assert.Equal(0, rig.Subsystem.EnabledVfs);
+        Assert.False(rig.Subsystem.PrimaryFunction.SriovSettings.VfEnable);
     }
 
     [Fact]

@@ -189,7 +189,10 @@ internal sealed class NvmeRig : IDisposable
     /// <summary>Provisions secondary <paramref name="cntlid"/> (queues, vectors, online) and attaches the namespace to it.</summary>
     public void ProvisionVf(ushort cntlid, ushort queues = 5, ushort vectors = 5, bool attach = true)
     {
-        Subsystem.SetEnabledVfs(Math.Max(Subsystem.EnabledVfs, cntlid));
+        if (Subsystem.EnabledVfs < cntlid)
+        {
+            Subsystem.EnableVfs(Subsystem.Secondaries.Count);
+        }
         Subsystem.ProvisionSecondary(cntlid, queues, vectors);
         if (attach)
         {
