@@ -29,7 +29,7 @@ public sealed class NvmeFunction : PciFunction
         Controller = controller;
         if (!controller.IsPrimary)
         {
-            _migration = new NvmeVfMigration(subsystem.Migration, controller.Cntlid);
+            _migration = new NvmeVfMigration(subsystem.Migration, this, controller.Cntlid);
         }
     }
 

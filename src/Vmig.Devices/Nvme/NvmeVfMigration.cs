@@ -16,21 +16,25 @@ namespace Vmig.Devices.Nvme;
 /// PRE_COPY_P2P→STOP_COPY = Suspend, then the state.
 /// </summary>
 /// <remarks>
-/// Stream: records of {u32 magic "NVMR", u16 kind (1 profile, 2 controller state), u16 0, u32 length, u32 CRC32C of
-/// the payload} + payload. The profile record comes first so a target refuses an incompatible source before any state
-/// moves (its WriteData throws EINVAL naming the difference).
+/// Stream: records of {u32 magic "NVMR", u16 kind (1 profile, 2 controller state, 3 the VF's PCI config state), u16 0,
+/// u32 length, u32 CRC32C of the payload} + payload. The profile record comes first so a target refuses an
+/// incompatible source before any state moves (its WriteData throws EINVAL naming the difference). The PCI config
+/// state (command register, MSI-X table and PBA: what the guest programmed) is the device host's emulation of the VF's
+/// config space, not controller state, so it is read from the function, not through the primary.
 /// </remarks>
-internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cntlid) : IMigrationDevice
+internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunction function, ushort cntlid) : IMigrationDevice
 {
     public const uint RecordMagic = 0x524D564E; // "NVMR"
     public const int RecordHeaderSize = 16;
     private const ushort KindProfile = 1;
     private const ushort KindState = 2;
+    private const ushort KindPciConfig = 3;
 
     private MemoryStream? _save;
     private long _saveRead;
     private MemoryStream? _load;
     private byte[]? _loadedState;
+    private byte[]? _loadedConfig;
 
     public MigrationFlags MigrationFlags => MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy;
 
@@ -100,6 +104,7 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cn
         var save = _save ?? throw new MigrationException(Errno.EINVAL, "no save session");
         Check(primary.GetControllerState(cntlid, out byte[] state), "get controller state");
         WriteRecord(save, KindState, state);
+        WriteRecord(save, KindPciConfig, function.SaveConfigState());
     }
 
     private static void WriteRecord(MemoryStream s, ushort kind, byte[] payload)
@@ -146,7 +151,7 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cn
             uint magic = BinaryPrimitives.ReadUInt32LittleEndian(h);
             ushort kind = BinaryPrimitives.ReadUInt16LittleEndian(h[4..]);
             uint len = BinaryPrimitives.ReadUInt32LittleEndian(h[8..]);
-            if (magic != RecordMagic || kind is not (KindProfile or KindState) || len > NvmeStateCodec.MaxStateBytes)
+            if (magic != RecordMagic || kind is not (KindProfile or KindState or KindPciConfig) || len > NvmeStateCodec.MaxStateBytes)
             {
                 throw new MigrationException(Errno.EINVAL, $"not an NVMe secondary controller migration stream (record magic 0x{magic:X8}, kind {kind})");
             }
@@ -170,9 +175,13 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cn
                     throw new MigrationException(Errno.EINVAL, $"incompatible NVMe secondary controller {cntlid}: {diff}");
                 }
             }
-            else
+            else if (kind == KindState)
             {
                 _loadedState = payload.ToArray();
+            }
+            else
+            {
+                _loadedConfig = payload.ToArray();
             }
             at += RecordHeaderSize + (int)len;
         }
@@ -198,10 +207,23 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cn
         ParseRecords(final: true);
         _load = null;
         var state = _loadedState ?? throw new MigrationException(Errno.EINVAL, "NVMe migration stream has no controller state");
+        var config = _loadedConfig ?? throw new MigrationException(Errno.EINVAL, "NVMe migration stream has no PCI config state");
         _loadedState = null;
+        _loadedConfig = null;
+        // Config first (it validates fully before applying), then the controller; undo the config if the controller refuses.
+        byte[] previousConfig = function.SaveConfigState();
+        try
+        {
+            function.LoadConfigState(config);
+        }
+        catch (InvalidDataException e)
+        {
+            throw new MigrationException(Errno.EINVAL, $"VF PCI config state refused: {e.Message}");
+        }
         var st = primary.SetControllerState(cntlid, state, out string error);
         if (!st.IsSuccess)
         {
+            function.LoadConfigState(previousConfig);
             // Set Controller State validates everything before applying: the controller is unchanged.
             throw new MigrationException(Errno.EINVAL, $"Set Controller State refused ({st}): {error}");
         }
@@ -216,7 +238,7 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cn
     public ulong GetStopCopySize()
     {
         ulong pending = _save is { } s ? (ulong)(s.Length - _saveRead) : (ulong)(RecordHeaderSize + primary.ProfileOf(cntlid).EncodedSize);
-        return pending + RecordHeaderSize + (ulong)primary.EstimateStateSize(cntlid);
+        return pending + (2 * RecordHeaderSize) + (ulong)primary.EstimateStateSize(cntlid) + (ulong)function.SaveConfigState().Length;
     }
 
     public void OnReset()
@@ -224,6 +246,7 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, ushort cn
         _save = null;
         _load = null;
         _loadedState = null;
+        _loadedConfig = null;
         if (primary.IsSuspended(cntlid) == true)
         {
             primary.Resume(cntlid);
