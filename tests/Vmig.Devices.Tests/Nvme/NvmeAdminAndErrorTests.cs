@@ -3,14 +3,13 @@ using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
 using Vmig.Spec.Nvme;
 
+using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
+
 namespace Vmig.Devices.Tests.Nvme;
 
 /// <summary>Admin and I/O commands one by one, and the status each kind of bad guest input gets.</summary>
 public sealed class NvmeAdminAndErrorTests : IDisposable
 {
-    private const ulong Region = 0x100000;
-    private const ulong RegionSize = 8 << 20;
-    private const ulong Buf = 0xA00000;
     private const ulong Outside = 0x4000_0000; // beyond the 16 MiB DMA window
 
     private readonly NvmeRig _rig = new();

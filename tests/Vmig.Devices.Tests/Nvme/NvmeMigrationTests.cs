@@ -3,21 +3,13 @@ using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
 using Vmig.Spec.Nvme;
 
+using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
+
 namespace Vmig.Devices.Tests.Nvme;
 
 /// <summary>TP4159 on the primary: suspend, get/set controller state, resume, naming the secondary by CNTLID.</summary>
 public sealed class NvmeMigrationTests
 {
-    private const ulong Region = 0x100000;
-    private const ulong RegionSize = 8 << 20;
-    private const ulong Buf = 0xA00000;
-
-    private static byte[] Pattern(int len, int seed)
-    {
-        var b = new byte[len];
-        new Random(seed).NextBytes(b);
-        return b;
-    }
 
     [Theory]
     [InlineData(false)]

@@ -7,14 +7,13 @@ using Vmig.Spec.Nvme;
 using Vmig.Spec.Pci;
 using Vmig.VfioUser.Protocol;
 
+using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
+
 namespace Vmig.Devices.Tests.Nvme;
 
 /// <summary>The NVMe functions through the PCI model: config space, MSI-X, BME gating, SR-IOV, and interface-1 migration.</summary>
 public sealed class NvmePciTests
 {
-    private const ulong Region = 0x100000;
-    private const ulong RegionSize = 8 << 20;
-    private const ulong Buf = 0xA00000;
     private const long RamSize = 16 << 20;
 
     private static (GuestRam Ram, InProcessPciFunction Fn) Attach(NvmeFunction f)
@@ -22,13 +21,6 @@ public sealed class NvmePciTests
         var ram = new GuestRam(RamSize, (int)f.Irqs[VfioPci.MsixIrqIndex].Count, iova: 0);
         f.OnAttached(ram.Context);
         return (ram, new InProcessPciFunction(f, ram.Irqs));
-    }
-
-    private static byte[] Pattern(int len, int seed)
-    {
-        var b = new byte[len];
-        new Random(seed).NextBytes(b);
-        return b;
     }
 
     [Fact]

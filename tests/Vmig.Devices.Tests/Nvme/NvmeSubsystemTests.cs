@@ -2,14 +2,13 @@ using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
 using Vmig.Spec.Nvme;
 
+using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
+
 namespace Vmig.Devices.Tests.Nvme;
 
 /// <summary>Secondary controllers (VFs): provisioning, isolation, namespace attachment rules, SR-IOV enable/disable.</summary>
 public sealed class NvmeSubsystemTests
 {
-    private const ulong Region = 0x100000;
-    private const ulong RegionSize = 8 << 20;
-    private const ulong Buf = 0xA00000;
 
     private static NvmeDriver Init(TestGuestRam ram, DirectNvmeFunction fn, int queues = 2) =>
         NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = queues, Interrupts = true });

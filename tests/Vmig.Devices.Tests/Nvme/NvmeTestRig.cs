@@ -28,14 +28,10 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
     public DmaSpace Dma { get; }
     public ulong Size { get; }
 
-    /// <summary>Counts every guest write (so tests can assert the driver keeps its state in RAM).</summary>
-    public long Writes;
-
     public void Read(ulong gpa, Span<byte> destination) => _map.GetSpan(Check(gpa, destination.Length), destination.Length).CopyTo(destination);
 
     public void Write(ulong gpa, ReadOnlySpan<byte> source)
     {
-        Interlocked.Increment(ref Writes);
         source.CopyTo(_map.GetSpan(Check(gpa, source.Length), source.Length));
     }
 
@@ -53,7 +49,6 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
 
     public void WriteUInt32(ulong gpa, uint value)
     {
-        Interlocked.Increment(ref Writes);
         _map.WriteUInt32Volatile(Check(gpa, 4), value);
     }
 
@@ -61,7 +56,6 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
 
     public void WriteUInt64(ulong gpa, ulong value)
     {
-        Interlocked.Increment(ref Writes);
         BinaryPrimitives.WriteUInt64LittleEndian(_map.GetSpan(Check(gpa, 8), 8), value);
     }
 
@@ -247,5 +241,24 @@ internal sealed class CountingDma(IDmaSpace inner) : IDmaSpace
     {
         Interlocked.Increment(ref Accesses);
         return inner.TryWriteUInt32(iova, value);
+    }
+}
+
+/// <summary>Guest-physical layout the NVMe tests share: the driver's region, a data buffer area, and test data.</summary>
+internal static class NvmeTestLayout
+{
+    /// <summary>Driver region (state block first).</summary>
+    public const ulong Region = 0x100000;
+    public const ulong RegionSize = 8 << 20;
+
+    /// <summary>Data buffers, above the driver region.</summary>
+    public const ulong Buf = 0xA00000;
+
+    /// <summary>Deterministic test data.</summary>
+    public static byte[] Pattern(int len, int seed)
+    {
+        var b = new byte[len];
+        new Random(seed).NextBytes(b);
+        return b;
     }
 }
