@@ -1,6 +1,8 @@
 using System.CommandLine;
 using Vmig.Cli.Commands;
 
+[assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]
+
 namespace Vmig.Cli;
 
 internal static class Program
