@@ -359,8 +359,12 @@ run_part2() {
     # QEMU's NVMe checks its SR-IOV parameters: vq_flexible >= 2*max_vfs, vi_flexible >= max_vfs,
     # max_ioqpairs - vq_flexible >= 2, msix_qsize - vi_flexible >= 2.
     desc="QEMU's own NVMe PF with SR-IOV, sid $kver"
-    args=(--qemu-arg -device --qemu-arg nvme-subsys,id=rgsub0 --qemu-arg -device
-          --qemu-arg nvme,serial=RGQEMUPF01,subsys=rgsub0,sriov_max_vfs=2,sriov_vq_flexible=4,sriov_vi_flexible=2,max_ioqpairs=6,msix_qsize=4)
+    truncate -s 256M "$OUT/qemu-sriov-ns.img"
+    args=(--qemu-arg -drive --qemu-arg "file=$OUT/qemu-sriov-ns.img,if=none,id=rgns0,format=raw"
+          --qemu-arg -device --qemu-arg nvme-subsys,id=rgsub0 --qemu-arg -device
+          --qemu-arg nvme,serial=RGQEMUPF01,subsys=rgsub0,sriov_max_vfs=2,sriov_vq_flexible=4,sriov_vi_flexible=2,max_ioqpairs=6,msix_qsize=4
+          --qemu-arg -device --qemu-arg nvme-ns,drive=rgns0,nsid=1,shared=on
+          --env QEMU_SRIOV=1)
   fi
   say "part 2: booting the sid guest ($desc)"
   local t0=$(date +%s)

@@ -196,6 +196,25 @@ c_bad_cntlid() {   # a CNTLID that names no secondary controller must be refused
   fi
 }
 
+# Only with --target qemu-nvme: QEMU's SR-IOV NVMe starts with its VFs offline. Give secondary controller 1
+# flexible resources, set it online (Virtualization Management, nvme virt-mgmt) and enable one VF, so the
+# guest has a PF + VF pair like vmig's (this exercises the VF-side checks against a second implementation).
+c_qemu_sriov() {
+  find_nvme || { why "no NVMe PF"; return 1; }
+  wait_live 30 any || { why "PF not live"; return 1; }
+  local d=/sys/bus/pci/devices/$BDF
+  echo 0 > $d/sriov_drivers_autoprobe
+  echo 1 > $d/sriov_numvfs || { why "enabling 1 VF failed"; return 1; }
+  nvme virt-mgmt "$CDEV" -c 1 -r 1 -a 8 -n 1 && nvme virt-mgmt "$CDEV" -c 1 -r 0 -a 8 -n 2 \
+    && nvme virt-mgmt "$CDEV" -c 1 -r 0 -a 9 -n 0 || { why "nvme virt-mgmt (assign VI/VQ, online) failed"; return 1; }
+  local vf; vf=$(basename "$(readlink -f $d/virtfn0)")
+  # With sriov_drivers_autoprobe=0 the PCI core only probes a VF that has a driver_override.
+  echo nvme > /sys/bus/pci/devices/$vf/driver_override
+  echo "$vf" > /sys/bus/pci/drivers/nvme/bind || { why "bind of VF $vf failed"; return 1; }
+  nvme list-secondary "$CDEV" | grep -E 'SCID|SCS'
+}
+[ "${QEMU_SRIOV:-0}" = 1 ] && run qemu-sriov-prep c_qemu_sriov
+
 run enumerate c_enumerate
 REQUIRES=enumerate
 run lm-plugin c_lm_plugin
