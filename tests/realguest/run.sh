@@ -44,12 +44,13 @@ write_host_config() {
       "serial": "VMIGRG0001",
       "namespaces": [ { "nsid": 1, "file": "$3", "lbaSize": 512 } ],
       "secondaryControllers": 1,
-      "pfSocket": "$PF_SOCK_NAME"
+      "pfSocket": "$PF_SOCK_NAME"${PCI_IDS_JSON:-}
     }
   ]
 }
 EOF
 }
+# Extra subsystem members, e.g. PCI_IDS_JSON=', "pfDeviceId": "10f0", "vfDeviceId": "10f1"' (the stand-in reads them).
 vmig_host_cmd() { echo "$VMIG host --config $1"; }   # $1 = config file
 # ----------------------------------------------------------------------------------------------------
 

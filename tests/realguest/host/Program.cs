@@ -31,16 +31,23 @@ internal static class Program
         int vfs = sub.GetProperty("secondaryControllers").GetInt32();
         string pfSocket = Path.Combine(runDir, sub.GetProperty("pfSocket").GetString()!);
 
-        using var subsystem = new NvmeSubsystem(new NvmeSubsystemOptions
+        var defaults = new NvmeSubsystemOptions();
+        using var subsystem = new NvmeSubsystem(defaults with
         {
             SerialNumber = sub.GetProperty("serial").GetString()!,
             Subnqn = sub.GetProperty("nqn").GetString()!,
+            // Optional overrides: the defaults 1B36:0010/0011 are QEMU's NVMe (Linux applies its quirks) and
+            // QEMU's pvpanic-pci (Linux binds pvpanic-pci to the VF, not nvme).
+            DeviceId = sub.TryGetProperty("pfDeviceId", out var pd) ? Convert.ToUInt16(pd.GetString(), 16) : defaults.DeviceId,
+            VfDeviceId = sub.TryGetProperty("vfDeviceId", out var vd) ? Convert.ToUInt16(vd.GetString(), 16) : defaults.VfDeviceId,
         });
         uint nsid = subsystem.AddNamespace(ns.GetProperty("file").GetString()!, ns.GetProperty("lbaSize").GetInt32(), ns.GetProperty("nsid").GetUInt32());
         subsystem.SetEnabledVfs(vfs);
         var servers = new List<VfioUserServer>();
         var functions = new List<NvmeFunction>();
-        var pf = new NvmeFunction(subsystem.Primary, isVf: false);
+        var opts = subsystem.Options;
+        log.LogInformation("PCI ids: PF {Vendor:x4}:{Pf:x4}, VF {Vendor:x4}:{Vf:x4}", opts.VendorId, opts.DeviceId, opts.VendorId, opts.VfDeviceId);
+        var pf = new NvmeFunction(subsystem.Primary, opts.VendorId, opts.DeviceId);
         functions.Add(pf);
         servers.Add(new VfioUserServer(pf, pfSocket, loggers: loggers));
         var vfCntlids = new List<ushort>();
@@ -49,7 +56,7 @@ internal static class Program
             var ctrl = subsystem.Secondaries[i];
             subsystem.ProvisionSecondary(ctrl.Cntlid, queues: 5, vectors: 5);
             vfCntlids.Add(ctrl.Cntlid);
-            var vf = new NvmeFunction(ctrl, isVf: true);
+            var vf = new NvmeFunction(ctrl, opts.VendorId, opts.VfDeviceId);
             functions.Add(vf);
             servers.Add(new VfioUserServer(vf, Path.Combine(runDir, $"nvme0-vf{i}.sock"), loggers: loggers));
         }
@@ -85,12 +92,12 @@ internal static class Program
 /// forwards to the controller's registers and doorbells, MSI-X (9 vectors) in BAR4 (table at 0, PBA at 0x1000).
 /// FLR resets the controller.
 /// </summary>
-internal sealed class NvmeFunction(NvmeController controller, bool isVf) : PciFunction(new PciFunctionDeclaration
+internal sealed class NvmeFunction(NvmeController controller, ushort vendorId, ushort deviceId) : PciFunction(new PciFunctionDeclaration
 {
-    VendorId = 0x1B36,
-    DeviceId = isVf ? (ushort)0x0011 : (ushort)0x0010,
-    SubsystemVendorId = 0x1B36,
-    SubsystemId = isVf ? (ushort)0x0011 : (ushort)0x0010,
+    VendorId = vendorId,
+    DeviceId = deviceId,
+    SubsystemVendorId = vendorId,
+    SubsystemId = deviceId,
     ClassCode = 0x010802,
     Bars = [new PciBar(NvmeController.Bar0Size, Is64Bit: true), null, null, null, new PciBar(0x2000), null],
     Msix = new PciMsixLayout(9, 4, 0, 4, 0x1000),
@@ -104,10 +111,25 @@ internal sealed class NvmeFunction(NvmeController controller, bool isVf) : PciFu
 
     protected override void OnFunctionReset() => controller.Reset();
 
+    /// <summary>
+    /// RG_MSIX_VIA_SET_IRQS=1: raise the vector straight through the client's SET_IRQS eventfd. With QEMU's
+    /// vfio-user-pci the MSI-X table lives in QEMU (as with kernel vfio-pci): the guest's table writes never reach
+    /// the server, so the device-side table keeps its reset state (every vector masked) and
+    /// <see cref="PciFunction.SignalMsix"/> only ever sets PBA bits. This switch exists to show that diagnosis and
+    /// to let the rest of the suite run; it is not a fix.
+    /// </summary>
+    private static readonly bool MsixViaSetIrqs = Environment.GetEnvironmentVariable("RG_MSIX_VIA_SET_IRQS") == "1";
+
     public override void OnAttached(DeviceContext context)
     {
         base.OnAttached(context);
-        controller.Attach(BusMasterDma, v => SignalMsix(v));
+        controller.Attach(BusMasterDma, v =>
+        {
+            if (!SignalMsix(v) && MsixViaSetIrqs && IsMsixEnabled)
+            {
+                Context?.Irqs.Trigger(Vmig.VfioUser.Protocol.VfioPci.MsixIrqIndex, v);
+            }
+        });
     }
 
     public override void OnDetached()
