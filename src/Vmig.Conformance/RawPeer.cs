@@ -42,6 +42,10 @@ public sealed class RawPeer : IDisposable
     /// <exception cref="System.Net.Sockets.SocketException">Nothing listens there.</exception>
     public static RawPeer Connect(string socketPath) => new(FdSocket.Connect(socketPath));
 
+    /// <summary>When true (default), commands from the peer (a server's DMA_READ/DMA_WRITE) are answered with EFAULT and
+    /// skipped by <see cref="Receive"/>; when false they are returned like replies (a raw peer playing the server).</summary>
+    public bool AnswerPeerCommands { get; set; } = true;
+
     /// <summary>Server→client commands answered with EFAULT while waiting for replies.</summary>
     public int ServerRequestsAnswered { get; private set; }
 
@@ -95,7 +99,7 @@ public sealed class RawPeer : IDisposable
                 {
                     return null;
                 }
-                if (h.IsCommand)
+                if (h.IsCommand && AnswerPeerCommands)
                 {
                     ServerRequestsAnswered++;
                     if (!h.NoReply)
