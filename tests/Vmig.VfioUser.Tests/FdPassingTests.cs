@@ -62,4 +62,23 @@ public sealed class FdPassingTests
         }
         Assert.True(Directory.GetFiles("/proc/self/fd").Length <= before + 1);
     }
+
+    [Fact]
+    public void Closing_our_copy_of_a_socket_passed_to_a_peer_keeps_the_peers_copy_connected()
+    {
+        var (a, b) = FdSocket.CreatePair();
+        using var _a = a;
+        using var _b = b;
+        var (twinKeep, twinGive) = FdSocket.CreatePair();
+        using var _k = twinKeep;
+        a.Send([7], default, [twinGive.Fd]);
+        twinGive.CloseKeepingConnection();
+        var got = new List<UnixFd>();
+        Assert.True(b.Receive(new byte[1], got, out _));
+        using var theirs = FdSocket.FromFd(Assert.Single(got));
+        theirs.Send([42], default, default);
+        var one = new byte[1];
+        Assert.True(twinKeep.Receive(one, null, out _));
+        Assert.Equal(42, one[0]);
+    }
 }
