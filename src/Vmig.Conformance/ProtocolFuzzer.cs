@@ -37,6 +37,7 @@ public sealed record FuzzOptions
 /// <summary>
 /// What a fuzz run did and found. <see cref="Success"/> means no crash, no hang and memory within bound.
 /// A finding names the seed and case number; rerunning with that seed and <c>MaxCases = case + 1</c> replays it.
+/// <see cref="SequenceDigest"/> hashes every generated message: equal seeds and case counts give equal digests.
 /// </summary>
 public sealed record FuzzReport(
     int Seed,
@@ -51,7 +52,8 @@ public sealed record FuzzReport(
     long StartRssBytes,
     long MaxRssBytes,
     TimeSpan Elapsed,
-    IReadOnlyList<string> Findings)
+    IReadOnlyList<string> Findings,
+    ulong SequenceDigest)
 {
     /// <summary>Distinct errno values seen in error replies.</summary>
     public int DistinctErrnos => Errnos.Count;
@@ -147,7 +149,7 @@ internal sealed class FuzzRun : IDisposable
             }
         }
         _rssMax = Math.Max(_rssMax, ReadRss());
-        return new FuzzReport(_o.Seed, _cases, _sent, _replies, _errors, _closes, new SortedDictionary<int, long>(_errnos), _crashes, _hangs, _rss0, _rssMax, sw.Elapsed, _findings);
+        return new FuzzReport(_o.Seed, _cases, _sent, _replies, _errors, _closes, new SortedDictionary<int, long>(_errnos), _crashes, _hangs, _rss0, _rssMax, sw.Elapsed, _findings, _digest);
     }
 
     private void Finding(string s)
@@ -204,10 +206,19 @@ internal sealed class FuzzRun : IDisposable
     /// <summary>One case. False when the server is gone or hung (the run stops).</summary>
     private bool RunCase(long index)
     {
+        // Every random choice of the case is made up front, so the generated sequence depends only on the seed,
+        // never on how the server answered (timeouts, closes): same seed, same messages.
         bool negotiate = _rng.Next(10) != 0;
+        bool fresh = _rng.Next(4) == 0;
+        int n = 1 + _rng.Next(8);
+        var plan = new List<Planned>(n);
+        for (int i = 0; i < n; i++)
+        {
+            plan.Add(Plan());
+        }
         bool inFrame = true;
-        bool negotiated = false;
-        if (_peer is null || _rng.Next(4) == 0)
+        bool negotiated = true;
+        if (_peer is null || fresh)
         {
             _peer?.Dispose();
             _peer = Reconnect(negotiate, out negotiated);
@@ -216,19 +227,9 @@ internal sealed class FuzzRun : IDisposable
                 return Dead(index, "could not connect");
             }
         }
-        else
+        for (int i = 0; i < plan.Count && inFrame && _peer is not null; i++)
         {
-            negotiated = true;
-        }
-        int n = 1 + _rng.Next(8);
-        for (int i = 0; i < n && inFrame; i++)
-        {
-            var (cmd, payload, fds) = Template();
-            inFrame = SendMutated(cmd, payload, fds, index, ref negotiated);
-            if (_peer is null)
-            {
-                inFrame = false;
-            }
+            inFrame = SendPlanned(plan[i], index, ref negotiated);
         }
         // Liveness: a valid request must be answered, in frame on this connection, or on a new one.
         if (inFrame && _peer is not null && negotiated)
@@ -342,12 +343,14 @@ internal sealed class FuzzRun : IDisposable
         return b;
     }
 
-    /// <summary>Sends one message, maybe mutated, and reads its reply when one is due. Returns false when the stream
-    /// is no longer in frame (or closed).</summary>
-    private bool SendMutated(VfioUserCommand cmd, byte[] payload, int[] fds, long index, ref bool negotiated)
+    /// <summary>One generated message: the real template and the mutation applied to it.</summary>
+    private sealed record Planned(VfioUserCommand Command, byte[] Payload, int[] Fds, VfioUserHeaderFlags Flags, uint? Size, int Pad,
+        bool ExpectReply, bool InFrame, bool ExpectClose);
+
+    /// <summary>Draws a real message from the corpus and maybe mutates it; folds it into <see cref="_digest"/>.</summary>
+    private Planned Plan()
     {
-        var p = _peer!;
-        ushort id = p.NextId();
+        var (cmd, payload, fds) = Template();
         var flags = VfioUserHeaderFlags.Command;
         uint? size = null;
         int pad = 0;
@@ -387,7 +390,7 @@ internal sealed class FuzzRun : IDisposable
                     {
                         0 => real + (uint)_rng.Next(1, 64),
                         1 => real + (uint)_rng.Next(1, MaxPad),
-                        _ => 16u + (uint)VfioUserCapabilities.DefaultMaxDataXferSize + 4096u + (uint)_rng.Next(1, 65536),
+                        _ => 16u + VfioUserCapabilities.DefaultMaxDataXferSize + 4096u + (uint)_rng.Next(1, 65536),
                     };
                     size = lie;
                     pad = (int)(lie - real);
@@ -407,13 +410,39 @@ internal sealed class FuzzRun : IDisposable
                     break;
             }
         }
+        Fold((ulong)cmd | ((ulong)flags << 16) | ((ulong)(size ?? 0) << 24));
+        Fold((uint)pad | ((ulong)(uint)fds.Length << 32));
+        foreach (byte b in payload)
+        {
+            Fold(b);
+        }
+        return new Planned(cmd, payload, fds, flags, size, pad, expectReply, inFrame, expectClose);
+    }
+
+    // FNV-1a over the generated messages: equal digests = the same sequence was generated.
+    private ulong _digest = 14695981039346656037UL;
+
+    private void Fold(ulong v)
+    {
+        for (int i = 0; i < 8; i++)
+        {
+            _digest = (_digest ^ (byte)(v >> (8 * i))) * 1099511628211UL;
+        }
+    }
+
+    /// <summary>Sends one planned message and reads its reply when one is due. Returns false when the stream is no
+    /// longer in frame (or closed).</summary>
+    private bool SendPlanned(Planned m, long index, ref bool negotiated)
+    {
+        var p = _peer!;
+        ushort id = p.NextId();
         try
         {
-            p.Send(id, cmd, payload, size, flags, fds);
+            p.Send(id, m.Command, m.Payload, m.Size, m.Flags, m.Fds);
             _sent++;
-            if (pad > 0)
+            if (m.Pad > 0)
             {
-                SendPad(p, pad);
+                SendPad(p, m.Pad);
             }
         }
         catch (NativeException)
@@ -424,17 +453,17 @@ internal sealed class FuzzRun : IDisposable
             _peer = null;
             return false;
         }
-        if (!inFrame)
+        if (!m.InFrame)
         {
             return false;
         }
-        if (!expectReply && !expectClose)
+        if (!m.ExpectReply && !m.ExpectClose)
         {
             return true;
         }
         try
         {
-            var r = expectClose ? p.Receive(_o.MessageTimeoutMs) : p.WaitFor(id, _o.MessageTimeoutMs);
+            var r = m.ExpectClose ? p.Receive(_o.MessageTimeoutMs) : p.WaitFor(id, _o.MessageTimeoutMs);
             if (r is null)
             {
                 _closes++;
@@ -443,16 +472,16 @@ internal sealed class FuzzRun : IDisposable
                 return false;
             }
             Count(r);
-            if (cmd == VfioUserCommand.Version && r.IsSuccess)
+            if (m.Command == VfioUserCommand.Version && r.IsSuccess)
             {
                 negotiated = true;
             }
-            return !expectClose;
+            return !m.ExpectClose;
         }
         catch (TimeoutException)
         {
-            // A mutated header (e.g. flipped into a reply, or a command the server answers with nothing) may
-            // legitimately get no reply; the liveness check after the case decides whether the server is alive.
+            // A mutated header (a command the server answers with nothing, a size it still waits on) may legitimately
+            // get no reply; the liveness check after the case decides whether the server is alive.
             return false;
         }
         catch (InvalidDataException e)
