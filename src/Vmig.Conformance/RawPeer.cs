@@ -114,6 +114,11 @@ public sealed class RawPeer : IDisposable
             {
                 return null;
             }
+            catch (NativeException e) when (e.Errno is EConnReset or EPipe)
+            {
+                // The peer closed with data unread (RST): the same as an orderly close for us.
+                return null;
+            }
             finally
             {
                 foreach (var f in fds)
@@ -125,14 +130,24 @@ public sealed class RawPeer : IDisposable
     }
 
     /// <summary>Sends a command with a fresh id and waits for the reply carrying that id (replies to other ids are skipped).</summary>
-    /// <returns>The reply, or null if the peer closed the connection.</returns>
+    /// <returns>The reply, or null if the peer closed the connection (before or after the send).</returns>
     /// <exception cref="TimeoutException">No reply in time.</exception>
     public RawMessage? Request(VfioUserCommand command, ReadOnlySpan<byte> payload, int timeoutMs, ReadOnlySpan<int> fds = default, uint? messageSize = null)
     {
         ushort id = NextId();
-        Send(id, command, payload, messageSize, VfioUserHeaderFlags.Command, fds);
+        try
+        {
+            Send(id, command, payload, messageSize, VfioUserHeaderFlags.Command, fds);
+        }
+        catch (NativeException e) when (e.Errno is EConnReset or EPipe)
+        {
+            return null;
+        }
         return WaitFor(id, timeoutMs);
     }
+
+    private const int EPipe = 32;
+    private const int EConnReset = Errno.ECONNRESET;
 
     /// <summary>Waits for the reply with <paramref name="id"/>, dropping others. Null if the peer closed.</summary>
     /// <exception cref="TimeoutException">No such reply in time.</exception>

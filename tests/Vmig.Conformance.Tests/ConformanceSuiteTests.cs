@@ -96,7 +96,8 @@ public sealed class ConformanceSuiteTests : IDisposable
         Assert.False(report.Success);
         var failedTransitions = report.Failures.Where(c => c.Category == "transitions").Select(c => c.Id).ToList();
         Assert.NotEmpty(failedTransitions);
-        Assert.All(failedTransitions, id => Assert.Contains("->RESUMING", id, StringComparison.Ordinal));
+        // Into RESUMING the state is wrong; out of RESUMING the suite cannot even get there.
+        Assert.All(failedTransitions, id => Assert.Contains("RESUMING", id, StringComparison.Ordinal));
         Assert.Contains("transition.SC|P2P.RUNNING->RESUMING", failedTransitions);
     }
 
