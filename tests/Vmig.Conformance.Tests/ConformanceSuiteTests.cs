@@ -5,6 +5,7 @@ using Vmig.Migration;
 using Vmig.TestPeer;
 using Vmig.VfioUser.Client;
 using Vmig.VfioUser.Server;
+using Xunit.Abstractions;
 
 namespace Vmig.Conformance.Tests;
 
@@ -24,7 +25,7 @@ internal sealed class SampleDeviceDmaWrites : IDmaWriteStimulus
     }
 }
 
-public sealed class ConformanceSuiteTests : IDisposable
+public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("vmig-conf-").FullName;
 
@@ -49,6 +50,7 @@ public sealed class ConformanceSuiteTests : IDisposable
         var flags = (MigrationFlags)flagValue;
         using var dev = new SampleDevice(flags);
         var report = RunInProcess(dev);
+        output.WriteLine(report.Summary());
         Assert.True(report.Success, report.Summary());
         Assert.Equal(flagValue, report.MigrationFlags);
         int states = ExpectedTransitions.States(flags).Count;

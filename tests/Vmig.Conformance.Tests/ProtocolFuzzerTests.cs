@@ -1,9 +1,10 @@
 using Vmig.TestPeer;
+using Xunit.Abstractions;
 using Vmig.VfioUser.Server;
 
 namespace Vmig.Conformance.Tests;
 
-public sealed class ProtocolFuzzerTests : IDisposable
+public sealed class ProtocolFuzzerTests(ITestOutputHelper output) : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("vmig-fuzz-").FullName;
 
@@ -15,6 +16,7 @@ public sealed class ProtocolFuzzerTests : IDisposable
         string sock = Path.Combine(_dir, "fuzz.sock");
         using var peer = PeerProcess.Start(["serve", sock]);
         var report = ProtocolFuzzer.Run(sock, new FuzzOptions { Seed = 20261121, Duration = TimeSpan.FromSeconds(10), ServerPid = peer.Pid, MessageTimeoutMs = 3000 });
+        output.WriteLine(report.Summary());
         Assert.True(report.Success, report.Summary() + Environment.NewLine + string.Join(Environment.NewLine, report.Findings));
         Assert.Equal(0, report.Crashes);
         Assert.False(peer.HasExited);
