@@ -1,10 +1,25 @@
+using System.CommandLine;
+using Vmig.Cli.Commands;
+
+[assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]
+
 namespace Vmig.Cli;
 
 internal static class Program
 {
     private static int Main(string[] args)
     {
-        Console.Error.WriteLine("vmig: commands are being built; see README.md");
-        return 2;
+        var root = new RootCommand("vmig: live migration of PCIe device functions over vfio-user");
+        root.Options.Add(CliContext.Verbosity);
+        root.Subcommands.Add(DemoCommand.Create());
+        root.Subcommands.Add(HostCommand.Create());
+        root.Subcommands.Add(VmCommands.CreateVm());
+        root.Subcommands.Add(VmCommands.CreateMigrate());
+        root.Subcommands.Add(VmCommands.CreateSnapshot());
+        root.Subcommands.Add(VmCommands.CreateStatus());
+        root.Subcommands.Add(DeviceCommands.Create());
+        root.Subcommands.Add(ConformCommands.CreateConform());
+        root.Subcommands.Add(ConformCommands.CreateFuzz());
+        return root.Parse(args).Invoke();
     }
 }

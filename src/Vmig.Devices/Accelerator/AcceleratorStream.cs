@@ -1,0 +1,486 @@
+using System.Buffers.Binary;
+using Vmig.Devices.Pci;
+using Vmig.Migration;
+using Vmig.VfioUser.Protocol;
+
+namespace Vmig.Devices.Accelerator;
+
+/// <summary>Record types of the accelerator's migration stream.</summary>
+public enum AcceleratorRecordType : ushort
+{
+    /// <summary>The compatibility header: an <see cref="AcceleratorProfile"/>. Always first.</summary>
+    Profile = 1,
+    /// <summary>Device memory [DeviceOffset, +PayloadLength), whole 4 KiB pages, at most <see cref="AcceleratorRecordHeader.MaxPagesPayload"/>.</summary>
+    Pages = 2,
+    /// <summary>Registers (<see cref="AcceleratorVfRegisters"/>), then u32 length + PCI config state. STOP_COPY only.</summary>
+    State = 3,
+    /// <summary>End of the stream (empty payload).</summary>
+    End = 4,
+}
+
+/// <summary>
+/// Header of one stream record (32 bytes, little-endian): u32 magic "AVMR", u16 version, u16 type, u64 device offset,
+/// u32 payload length, u32 0, u32 CRC32C of bytes 0..23, u32 0. The payload follows, then a u32 CRC32C of the payload.
+/// </summary>
+public readonly record struct AcceleratorRecordHeader(AcceleratorRecordType Type, ulong DeviceOffset, uint PayloadLength)
+{
+    public const int Size = 32;
+    public const int TrailerSize = 4;
+    public const uint Magic = 0x524D_5641; // "AVMR"
+    public const ushort Version = 1;
+    /// <summary>Largest Pages payload (256 pages = 1 MiB).</summary>
+    public const int MaxPagesPayload = 256 * DeviceMemory.PageSize;
+    /// <summary>Largest State payload accepted.</summary>
+    public const int MaxStatePayload = 64 * 1024;
+
+    /// <summary>Bytes of a whole record with <paramref name="payload"/> payload bytes.</summary>
+    public static long RecordSize(long payload) => Size + payload + TrailerSize;
+
+    /// <summary>Parses and checks magic, version and header CRC; false on any mismatch (never throws).</summary>
+    public static bool TryRead(ReadOnlySpan<byte> s, out AcceleratorRecordHeader header)
+    {
+        header = default;
+        if (s.Length < Size || BinaryPrimitives.ReadUInt32LittleEndian(s) != Magic
+            || BinaryPrimitives.ReadUInt16LittleEndian(s[4..]) != Version
+            || BinaryPrimitives.ReadUInt32LittleEndian(s[24..]) != Crc32C.Compute(s[..24]))
+        {
+            return false;
+        }
+        header = new AcceleratorRecordHeader(
+            (AcceleratorRecordType)BinaryPrimitives.ReadUInt16LittleEndian(s[6..]),
+            BinaryPrimitives.ReadUInt64LittleEndian(s[8..]),
+            BinaryPrimitives.ReadUInt32LittleEndian(s[16..]));
+        return true;
+    }
+
+    public void WriteTo(Span<byte> d)
+    {
+        d = d[..Size];
+        d.Clear();
+        BinaryPrimitives.WriteUInt32LittleEndian(d, Magic);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[4..], Version);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[6..], (ushort)Type);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[8..], DeviceOffset);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[16..], PayloadLength);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[24..], Crc32C.Compute(d[..24]));
+    }
+}
+
+/// <summary>
+/// The save side of a VF's migration stream, produced by the PF. Order: Profile; all device memory (the initial
+/// image, 1 MiB records); device-memory pages dirtied since (runs of ≤ 256 dirty pages, each cleared just before it
+/// is copied); and, once in STOP_COPY, State then End. Payload bytes are copied straight from the device memory
+/// mapping into the reader's buffer (never staged), and their CRC is computed over what was copied.
+/// </summary>
+public sealed class AcceleratorSaveStream
+{
+    private const int MaxRunPages = AcceleratorRecordHeader.MaxPagesPayload / DeviceMemory.PageSize;
+
+    private readonly AcceleratorVf _vf;
+    private readonly DeviceMemory _mem;
+    private readonly byte[] _header = new byte[AcceleratorRecordHeader.Size];
+    private readonly byte[] _trailer = new byte[AcceleratorRecordHeader.TrailerSize];
+    private bool _profileSent;
+    private long _initialPage;
+    private bool _stopCopy;
+    private bool _stateSent;
+    private bool _endSent;
+
+    // The record being read out.
+    private bool _hasRecord;
+    private bool _recordIsInitial;
+    private long _recordDeviceOffset;
+    private byte[]? _recordBytes;
+    private long _payloadLength;
+    private long _pos;
+    private uint _crc;
+
+    internal AcceleratorSaveStream(AcceleratorVf vf)
+    {
+        _vf = vf;
+        _mem = vf.Memory;
+    }
+
+    /// <summary>True once the End record has been read completely.</summary>
+    public bool IsComplete => _endSent && !_hasRecord;
+
+    /// <summary>From now on the stream ends with State and End (the VF is stopped: STOP_COPY).</summary>
+    internal void EnterStopCopy() => _stopCopy = true;
+
+    /// <summary>Copies the next stream bytes; returns fewer than asked when nothing more is available now.</summary>
+    public int Read(Span<byte> buffer)
+    {
+        int n = 0;
+        while (n < buffer.Length)
+        {
+            if (!_hasRecord && !StartNextRecord())
+            {
+                break;
+            }
+            n += EmitFromRecord(buffer[n..]);
+        }
+        return n;
+    }
+
+    /// <summary>
+    /// Exact bytes still to read of the initial part (Profile + initial image) and of the dirty part (pages dirtied
+    /// behind the initial cursor, grouped as they will be sent), at this moment (VFIO_MIG_GET_PRECOPY_INFO).
+    /// </summary>
+    public PrecopyInfo GetPrecopyInfo()
+    {
+        long current = _hasRecord ? AcceleratorRecordHeader.RecordSize(_payloadLength) - _pos : 0;
+        long initial = (_profileSent ? 0 : AcceleratorRecordHeader.RecordSize(AcceleratorProfile.Size)) + InitialBytesFrom(_initialPage);
+        long dirty = DirtyBytes();
+        bool currentIsPages = _hasRecord && _recordBytes is null;
+        if (_hasRecord && (_recordIsInitial || !currentIsPages))
+        {
+            initial += current;
+        }
+        else if (_hasRecord)
+        {
+            dirty += current;
+        }
+        return new PrecopyInfo((ulong)initial, (ulong)dirty);
+    }
+
+    /// <summary>Bytes a STOP_COPY from here would still produce (everything pending + State + End).</summary>
+    public ulong GetStopCopySize(int stateLength)
+    {
+        var p = GetPrecopyInfo();
+        ulong tail = (_stateSent ? 0 : (ulong)AcceleratorRecordHeader.RecordSize(stateLength)) + (_endSent ? 0 : (ulong)AcceleratorRecordHeader.RecordSize(0));
+        return p.InitialBytes + p.DirtyBytes + tail;
+    }
+
+    /// <summary>Bytes of a complete stream for a VF with <paramref name="memorySize"/> bytes and no dirtying.</summary>
+    internal static ulong FullImageSize(long memorySize, int stateLength) =>
+        (ulong)(AcceleratorRecordHeader.RecordSize(AcceleratorProfile.Size) + InitialBytes(memorySize / DeviceMemory.PageSize)
+            + AcceleratorRecordHeader.RecordSize(stateLength) + AcceleratorRecordHeader.RecordSize(0));
+
+    private long InitialBytesFrom(long page) => InitialBytes(_mem.PageCount - page);
+
+    private static long InitialBytes(long pages) =>
+        pages * DeviceMemory.PageSize + (pages + MaxRunPages - 1) / MaxRunPages * (AcceleratorRecordHeader.Size + AcceleratorRecordHeader.TrailerSize);
+
+    private long DirtyBytes()
+    {
+        var (pages, runs) = _mem.CountDirtyRuns(_initialPage, MaxRunPages);
+        return pages * DeviceMemory.PageSize + runs * (AcceleratorRecordHeader.Size + AcceleratorRecordHeader.TrailerSize);
+    }
+
+    private bool StartNextRecord()
+    {
+        if (!_profileSent)
+        {
+            var payload = new byte[AcceleratorProfile.Size];
+            _vf.Profile.WriteTo(payload);
+            BeginBytes(AcceleratorRecordType.Profile, payload);
+            _recordIsInitial = true;
+            _profileSent = true;
+            return true;
+        }
+        if (_initialPage < _mem.PageCount)
+        {
+            long run = Math.Min(MaxRunPages, _mem.PageCount - _initialPage);
+            _mem.ClearDirty(_initialPage, run);
+            BeginPages(_initialPage, run);
+            _recordIsInitial = true;
+            _initialPage += run;
+            return true;
+        }
+        if (_mem.FindDirtyRun(0, _mem.PageCount, MaxRunPages, out long first, out int count))
+        {
+            _mem.ClearDirty(first, count);
+            BeginPages(first, count);
+            _recordIsInitial = false;
+            return true;
+        }
+        if (_stopCopy && !_stateSent)
+        {
+            BeginBytes(AcceleratorRecordType.State, BuildState(_vf));
+            _recordIsInitial = false;
+            _stateSent = true;
+            return true;
+        }
+        if (_stopCopy && !_endSent)
+        {
+            BeginBytes(AcceleratorRecordType.End, []);
+            _recordIsInitial = false;
+            _endSent = true;
+            return true;
+        }
+        return false;
+    }
+
+    /// <summary>State payload: registers, u32 PCI state length, PCI config state.</summary>
+    internal static byte[] BuildState(AcceleratorVf vf)
+    {
+        var pci = vf.SaveConfigState();
+        var payload = new byte[AcceleratorVfRegisters.Size + 4 + pci.Length];
+        vf.CaptureRegisters().WriteTo(payload);
+        BinaryPrimitives.WriteUInt32LittleEndian(payload.AsSpan(AcceleratorVfRegisters.Size), (uint)pci.Length);
+        pci.CopyTo(payload, AcceleratorVfRegisters.Size + 4);
+        return payload;
+    }
+
+    private void BeginBytes(AcceleratorRecordType type, byte[] payload)
+    {
+        new AcceleratorRecordHeader(type, 0, (uint)payload.Length).WriteTo(_header);
+        _recordBytes = payload;
+        _payloadLength = payload.Length;
+        Begin();
+    }
+
+    private void BeginPages(long firstPage, long pages)
+    {
+        _recordDeviceOffset = firstPage * DeviceMemory.PageSize;
+        _payloadLength = pages * DeviceMemory.PageSize;
+        new AcceleratorRecordHeader(AcceleratorRecordType.Pages, (ulong)_recordDeviceOffset, (uint)_payloadLength).WriteTo(_header);
+        _recordBytes = null;
+        Begin();
+    }
+
+    private void Begin()
+    {
+        _hasRecord = true;
+        _pos = 0;
+        _crc = ~0u;
+    }
+
+    private int EmitFromRecord(Span<byte> dst)
+    {
+        int written = 0;
+        if (_pos < AcceleratorRecordHeader.Size)
+        {
+            int k = (int)Math.Min(AcceleratorRecordHeader.Size - _pos, dst.Length);
+            _header.AsSpan((int)_pos, k).CopyTo(dst);
+            _pos += k;
+            written += k;
+        }
+        long payloadEnd = AcceleratorRecordHeader.Size + _payloadLength;
+        if (written < dst.Length && _pos < payloadEnd)
+        {
+            int k = (int)Math.Min(payloadEnd - _pos, dst.Length - written);
+            long at = _pos - AcceleratorRecordHeader.Size;
+            var to = dst.Slice(written, k);
+            if (_recordBytes is not null)
+            {
+                _recordBytes.AsSpan((int)at, k).CopyTo(to);
+            }
+            else
+            {
+                _mem.GetSpan(_recordDeviceOffset + at, k).CopyTo(to);
+            }
+            _crc = Crc32C.Append(_crc, to);
+            _pos += k;
+            written += k;
+            if (_pos == payloadEnd)
+            {
+                BinaryPrimitives.WriteUInt32LittleEndian(_trailer, ~_crc);
+            }
+        }
+        if (_payloadLength == 0 && _pos == payloadEnd)
+        {
+            BinaryPrimitives.WriteUInt32LittleEndian(_trailer, ~_crc);
+        }
+        if (written < dst.Length && _pos >= payloadEnd)
+        {
+            int k = (int)Math.Min(payloadEnd + AcceleratorRecordHeader.TrailerSize - _pos, dst.Length - written);
+            _trailer.AsSpan((int)(_pos - payloadEnd), k).CopyTo(dst[written..]);
+            _pos += k;
+            written += k;
+        }
+        if (_pos == payloadEnd + AcceleratorRecordHeader.TrailerSize)
+        {
+            _hasRecord = false;
+            _recordBytes = null;
+        }
+        return written;
+    }
+}
+
+/// <summary>
+/// The resume side: parses records as they arrive in any segmentation, checks the profile as soon as the Profile
+/// record is complete (EINVAL before any device memory is written), writes Pages payloads straight into device
+/// memory, and applies State at <see cref="Commit"/>. Every check failure is a <see cref="MigrationException"/> with EINVAL.
+/// </summary>
+public sealed class AcceleratorLoadStream
+{
+    private readonly AcceleratorVf _vf;
+    private readonly byte[] _header = new byte[AcceleratorRecordHeader.Size];
+    private readonly byte[] _trailer = new byte[AcceleratorRecordHeader.TrailerSize];
+    private int _headerFill;
+    private int _trailerFill;
+    private AcceleratorRecordHeader? _record;
+    private byte[]? _bytes;
+    private long _payloadPos;
+    private uint _crc;
+    private bool _profileOk;
+    private bool _endSeen;
+    private byte[]? _state;
+    private bool _failed;
+
+    internal AcceleratorLoadStream(AcceleratorVf vf) => _vf = vf;
+
+    /// <summary>Bytes of device memory written so far (for tests and progress).</summary>
+    public long PageBytesLoaded { get; private set; }
+
+    /// <summary>Consumes stream bytes. Throws <see cref="MigrationException"/> (EINVAL) on any invalid byte; the session is then dead.</summary>
+    public void Write(ReadOnlySpan<byte> data)
+    {
+        if (_failed)
+        {
+            throw new MigrationException(Errno.EINVAL, "the resume stream already failed");
+        }
+        try
+        {
+            while (!data.IsEmpty)
+            {
+                data = data[Consume(data)..];
+            }
+        }
+        catch (MigrationException)
+        {
+            _failed = true;
+            throw;
+        }
+    }
+
+    /// <summary>RESUMING → STOP: the stream must be complete; installs registers and PCI config state.</summary>
+    public void Commit()
+    {
+        if (_failed || !_endSeen || _state is null || _record is not null || _headerFill != 0)
+        {
+            throw new MigrationException(Errno.EINVAL, "the accelerator resume stream is incomplete (no State or End record)");
+        }
+        AcceleratorVfRegisters.TryRead(_state, out var regs);
+        int pciLength = (int)BinaryPrimitives.ReadUInt32LittleEndian(_state.AsSpan(AcceleratorVfRegisters.Size));
+        try
+        {
+            _vf.LoadConfigState(_state.AsSpan(AcceleratorVfRegisters.Size + 4, pciLength));
+            _vf.RestoreRegisters(regs);
+        }
+        catch (InvalidDataException e)
+        {
+            throw new MigrationException(Errno.EINVAL, $"accelerator state rejected: {e.Message}");
+        }
+    }
+
+    private int Consume(ReadOnlySpan<byte> data)
+    {
+        if (_endSeen)
+        {
+            throw Invalid("data after the End record");
+        }
+        if (_record is null)
+        {
+            int k = Math.Min(AcceleratorRecordHeader.Size - _headerFill, data.Length);
+            data[..k].CopyTo(_header.AsSpan(_headerFill));
+            _headerFill += k;
+            if (_headerFill == AcceleratorRecordHeader.Size)
+            {
+                StartRecord();
+            }
+            return k;
+        }
+        var r = _record.Value;
+        if (_payloadPos < r.PayloadLength)
+        {
+            int k = (int)Math.Min(r.PayloadLength - _payloadPos, data.Length);
+            var part = data[..k];
+            if (_bytes is not null)
+            {
+                part.CopyTo(_bytes.AsSpan((int)_payloadPos));
+            }
+            else
+            {
+                part.CopyTo(_vf.Memory.GetSpan((long)r.DeviceOffset + _payloadPos, k));
+                PageBytesLoaded += k;
+            }
+            _crc = Crc32C.Append(_crc, part);
+            _payloadPos += k;
+            return k;
+        }
+        int t = Math.Min(AcceleratorRecordHeader.TrailerSize - _trailerFill, data.Length);
+        data[..t].CopyTo(_trailer.AsSpan(_trailerFill));
+        _trailerFill += t;
+        if (_trailerFill == AcceleratorRecordHeader.TrailerSize)
+        {
+            FinishRecord(r);
+        }
+        return t;
+    }
+
+    private void StartRecord()
+    {
+        if (!AcceleratorRecordHeader.TryRead(_header, out var h))
+        {
+            throw Invalid("bad record header (magic, version or header CRC)");
+        }
+        if (!_profileOk && h.Type != AcceleratorRecordType.Profile)
+        {
+            throw Invalid($"the stream starts with a {h.Type} record, not the Profile");
+        }
+        switch (h.Type)
+        {
+            case AcceleratorRecordType.Profile when h.PayloadLength == AcceleratorProfile.Size && !_profileOk:
+            case AcceleratorRecordType.End when h.PayloadLength == 0:
+                break;
+            case AcceleratorRecordType.State when h.PayloadLength is >= AcceleratorVfRegisters.Size + 4 and <= AcceleratorRecordHeader.MaxStatePayload && _state is null:
+                break;
+            case AcceleratorRecordType.Pages:
+                if (h.PayloadLength == 0 || h.PayloadLength > AcceleratorRecordHeader.MaxPagesPayload || h.PayloadLength % DeviceMemory.PageSize != 0
+                    || h.DeviceOffset % DeviceMemory.PageSize != 0 || !_vf.Memory.Contains(h.DeviceOffset, h.PayloadLength))
+                {
+                    throw Invalid($"Pages record [0x{h.DeviceOffset:X}, +0x{h.PayloadLength:X}) is not whole pages inside {_vf.Memory.Size} bytes of device memory");
+                }
+                break;
+            default:
+                throw Invalid($"unexpected {h.Type} record with a {h.PayloadLength}-byte payload");
+        }
+        _record = h;
+        _bytes = h.Type == AcceleratorRecordType.Pages ? null : new byte[h.PayloadLength];
+        _payloadPos = 0;
+        _crc = ~0u;
+        _trailerFill = 0;
+    }
+
+    private void FinishRecord(AcceleratorRecordHeader r)
+    {
+        if (BinaryPrimitives.ReadUInt32LittleEndian(_trailer) != ~_crc)
+        {
+            throw Invalid($"{r.Type} record payload CRC32C mismatch");
+        }
+        switch (r.Type)
+        {
+            case AcceleratorRecordType.Profile:
+                AcceleratorProfile.TryRead(_bytes, out var p);
+                if (p != _vf.Profile)
+                {
+                    throw Invalid($"profile mismatch: the source VF is {Describe(p)}, this VF is {Describe(_vf.Profile)}");
+                }
+                _profileOk = true;
+                break;
+            case AcceleratorRecordType.State:
+                int pciLength = (int)BinaryPrimitives.ReadUInt32LittleEndian(_bytes.AsSpan(AcceleratorVfRegisters.Size));
+                if (pciLength != _bytes!.Length - AcceleratorVfRegisters.Size - 4)
+                {
+                    throw Invalid("State record PCI length does not match its payload");
+                }
+                _state = _bytes;
+                break;
+            case AcceleratorRecordType.End:
+                _endSeen = true;
+                break;
+            default:
+                break;
+        }
+        _record = null;
+        _bytes = null;
+        _headerFill = 0;
+    }
+
+    private static string Describe(AcceleratorProfile p) =>
+        $"model {p.ModelVersion}, {p.DeviceMemorySize} bytes of device memory, rings ≤ {p.MaxRingEntries}, {p.MsixVectors} vectors, {p.PageSize}-byte pages";
+
+    private static MigrationException Invalid(string what) => new(Errno.EINVAL, "accelerator resume stream: " + what);
+}

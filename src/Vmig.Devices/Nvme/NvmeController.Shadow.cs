@@ -1,0 +1,202 @@
+using Vmig.Spec.Nvme;
+
+namespace Vmig.Devices.Nvme;
+
+/// <summary>
+/// Shadow doorbells (Doorbell Buffer Config, NVMe Base 2.x §5.2.6 / §8.2.4): the host writes SQ tails and CQ heads of
+/// I/O queues into a page of its memory and rings the MMIO doorbell only when the EventIdx page says the controller
+/// asked for it. A poller thread per controller reads the shadow page while there is work, then "arms" the EventIdx
+/// entries (asks for a ring) and sleeps until an MMIO doorbell or a timeout wakes it.
+/// </summary>
+public sealed partial class NvmeController
+{
+    /// <summary>Idle polling rounds (with yields) before the poller arms EventIdx and sleeps.</summary>
+    private const int IdleRoundsBeforeSleep = 64;
+
+    private void ReadShadow(SubmissionQueueState sq)
+    {
+        ulong addr = State.ShadowDoorbellBase + (ulong)ShadowDoorbell.SqOffset(sq.Qid, Capabilities.Dstrd);
+        if (!_dma!.TryReadUInt32(addr, out uint v))
+        {
+            State.Csts |= ControllerStatus.Cfs;
+            return;
+        }
+        if (v == sq.Tail)
+        {
+            return;
+        }
+        if (v >= (uint)sq.Entries)
+        {
+            InvalidDoorbell(sq.Qid, AsyncEventErrorInfo.InvalidDoorbellWriteValue);
+            return;
+        }
+        sq.Tail = (ushort)v;
+    }
+
+    private void ReadShadow(CompletionQueueState cq)
+    {
+        ulong addr = State.ShadowDoorbellBase + (ulong)ShadowDoorbell.CqOffset(cq.Qid, Capabilities.Dstrd);
+        if (!_dma!.TryReadUInt32(addr, out uint v))
+        {
+            State.Csts |= ControllerStatus.Cfs;
+            return;
+        }
+        if (v == cq.Head)
+        {
+            return;
+        }
+        if (!IsValidCqHead(cq, v))
+        {
+            InvalidDoorbell(cq.Qid, AsyncEventErrorInfo.InvalidDoorbellWriteValue);
+            return;
+        }
+        cq.Head = (ushort)v;
+    }
+
+    /// <summary>
+    /// While the poller is active, keeps each EventIdx one behind the value just seen, so the host's next updates do not
+    /// cross it and need no MMIO doorbell (ShadowDoorbell.NeedEvent is false).
+    /// </summary>
+    private void UpdateEventIdx() => WriteEventIdx(armed: _poller is null);
+
+    /// <summary>Writes EventIdx for every I/O queue: armed = the host rings on its next update. Lock held.</summary>
+    private void WriteEventIdx(bool armed)
+    {
+        var s = State;
+        if (s.EventIdxBase == 0 || _dma is null)
+        {
+            return;
+        }
+        for (int qid = 1; qid <= NvmeControllerState.MaxQueueId; qid++)
+        {
+            if (s.Sqs[qid] is { } sq)
+            {
+                _dma.TryWriteUInt32(s.EventIdxBase + (ulong)ShadowDoorbell.SqOffset(qid, Capabilities.Dstrd), (ushort)(armed ? sq.Tail : sq.Tail - 1));
+            }
+            if (s.Cqs[qid] is { } cq)
+            {
+                _dma.TryWriteUInt32(s.EventIdxBase + (ulong)ShadowDoorbell.CqOffset(qid, Capabilities.Dstrd), (ushort)(armed ? cq.Head : cq.Head - 1));
+            }
+        }
+    }
+
+    /// <summary>One poll of the shadow doorbells: processes work, fires interrupts. True if any command ran.</summary>
+    internal bool PollShadow()
+    {
+        bool any;
+        lock (_gate)
+        {
+            if (State.ShadowDoorbellBase == 0)
+            {
+                return false;
+            }
+            any = ProcessLocked();
+        }
+        if (any)
+        {
+            FireInterrupts();
+        }
+        return any;
+    }
+
+    /// <summary>Arms EventIdx before the poller sleeps, then polls once more to close the race with a host update.</summary>
+    internal bool ArmAndRecheck()
+    {
+        lock (_gate)
+        {
+            WriteEventIdx(armed: true);
+        }
+        return PollShadow();
+    }
+
+    private void StartPollerLocked()
+    {
+        if (_poller is null)
+        {
+            _poller = new ShadowDoorbellPoller(this, $"nvme-ctrl{Cntlid}-shadow");
+        }
+    }
+
+    private void StopPollerLocked()
+    {
+        var p = _poller;
+        _poller = null;
+        p?.RequestStop();
+    }
+
+    private void StopPoller()
+    {
+        ShadowDoorbellPoller? p;
+        lock (_gate)
+        {
+            p = _poller;
+            _poller = null;
+        }
+        p?.RequestStop();
+        p?.Join();
+    }
+
+    /// <summary>The poller thread of one controller.</summary>
+    private sealed class ShadowDoorbellPoller
+    {
+        private readonly NvmeController _owner;
+        private readonly Thread _thread;
+        private readonly SemaphoreSlim _wake = new(0, int.MaxValue);
+        private volatile bool _stop;
+
+        public ShadowDoorbellPoller(NvmeController owner, string name)
+        {
+            _owner = owner;
+            _thread = new Thread(Run) { IsBackground = true, Name = name };
+            _thread.Start();
+        }
+
+        public void Wake()
+        {
+            if (_wake.CurrentCount == 0)
+            {
+                _wake.Release();
+            }
+        }
+
+        public void RequestStop()
+        {
+            _stop = true;
+            _wake.Release();
+        }
+
+        public void Join()
+        {
+            if (Thread.CurrentThread != _thread)
+            {
+                _thread.Join();
+            }
+        }
+
+        private void Run()
+        {
+            int idle = 0;
+            while (!_stop)
+            {
+                if (_owner.PollShadow())
+                {
+                    idle = 0;
+                    continue;
+                }
+                if (++idle < IdleRoundsBeforeSleep)
+                {
+                    Thread.Yield();
+                    continue;
+                }
+                if (_owner.ArmAndRecheck())
+                {
+                    idle = 0;
+                    continue;
+                }
+                // Armed: the host rings an MMIO doorbell on its next update, which wakes us. The timeout is a safety net.
+                _wake.Wait(50);
+                idle = 0;
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+using System.Buffers.Binary;
+
+namespace Vmig.Spec.Nvme;
+
+/// <summary>Migration Send SEL values (CDW10 [7:0]; reference §5.6.2, libnvme).</summary>
+public enum MigrationSendSelect : byte
+{
+    Suspend = 0,
+    Resume = 1,
+    SetControllerState = 2,
+}
+
+/// <summary>Migration Receive SEL values.</summary>
+public enum MigrationReceiveSelect : byte
+{
+    GetControllerState = 0,
+}
+
+/// <summary>Suspend Type (Migration Send Suspend CDW11 [23:16]).</summary>
+public enum SuspendType : byte
+{
+    /// <summary>Suspend Notification: the controller stops initiating new DMA soon; I/O still completes.</summary>
+    Notification = 0,
+    Suspend = 1,
+}
+
+/// <summary>Set Controller State sequence indicator (MOS [1:0]).</summary>
+public enum SequenceIndicator : byte
+{
+    Middle = 0,
+    First = 1,
+    Last = 2,
+    Only = 3,
+}
+
+/// <summary>Track Send SEL values.</summary>
+public enum TrackSendSelect : byte
+{
+    LogUserDataChanges = 0,
+    TrackMemoryChanges = 1,
+}
+
+/// <summary>Controller Data Queue SEL values.</summary>
+public enum ControllerDataQueueSelect : byte
+{
+    Create = 0,
+    Delete = 1,
+}
+
+/// <summary>
+/// Controller state header returned by Get Controller State (48 bytes; reference §5.6.2 after libnvme types.h):
+/// VER 1:0, CSATTR 2 (bit 0 = suspended), reserved 15:3, NVMECSS 31:16 (size of the NVMe-defined part in dwords,
+/// 128-bit), VSS 47:32 (size of the vendor part in dwords, 128-bit). The NVMe part and then the vendor part follow.
+/// </summary>
+public readonly record struct ControllerStateHeader(ushort Ver, byte Csattr, ulong Nvmecss, ulong Vss)
+{
+    public const int Size = 48;
+
+    public bool Suspended => (Csattr & 1) != 0;
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        BinaryPrimitives.WriteUInt16LittleEndian(d, Ver);
+        d[2] = Csattr;
+        BinaryPrimitives.WriteUInt128LittleEndian(d[16..], Nvmecss);
+        BinaryPrimitives.WriteUInt128LittleEndian(d[32..], Vss);
+    }
+
+    /// <summary>Parses the header; false if short or if a size does not fit in 64 bits.</summary>
+    public static bool TryRead(ReadOnlySpan<byte> s, out ControllerStateHeader v)
+    {
+        v = default;
+        if (s.Length < Size)
+        {
+            return false;
+        }
+        UInt128 a = BinaryPrimitives.ReadUInt128LittleEndian(s[16..]);
+        UInt128 b = BinaryPrimitives.ReadUInt128LittleEndian(s[32..]);
+        if (a > ulong.MaxValue || b > ulong.MaxValue)
+        {
+            return false;
+        }
+        v = new ControllerStateHeader(BinaryPrimitives.ReadUInt16LittleEndian(s), s[2], (ulong)a, (ulong)b);
+        return true;
+    }
+}
+
+/// <summary>
+/// I/O Submission Queue state entry of the NVMe controller state v0 (24 bytes): PRP1 7:0, QSIZE 9:8 (0's based),
+/// QID 11:10, CQID 13:12, ATTRS 15:14 (bit 0 PC, bits 2:1 priority), HEAD 17:16, TAIL 19:18, reserved 23:20.
+/// </summary>
+public readonly record struct IoSubmissionQueueState(ulong Prp1, ushort Qsize, ushort Qid, ushort Cqid, ushort Attrs, ushort Head, ushort Tail)
+{
+    public const int Size = 24;
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        BinaryPrimitives.WriteUInt64LittleEndian(d, Prp1);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[8..], Qsize);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[10..], Qid);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[12..], Cqid);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[14..], Attrs);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[16..], Head);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[18..], Tail);
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out IoSubmissionQueueState v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        v = new IoSubmissionQueueState(
+            BinaryPrimitives.ReadUInt64LittleEndian(s),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[8..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[10..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[12..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[14..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[16..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[18..]));
+        return true;
+    }
+}
+
+/// <summary>
+/// I/O Completion Queue state entry (24 bytes): PRP1 7:0, QSIZE 9:8, QID 11:10, HEAD 13:12, TAIL 15:14,
+/// ATTRS 19:16 (bit 0 PC, bit 1 IEN, bit 2 phase tag of the next slot to post, bits 31:16 interrupt vector), reserved.
+/// </summary>
+public readonly record struct IoCompletionQueueState(ulong Prp1, ushort Qsize, ushort Qid, ushort Head, ushort Tail, uint Attrs)
+{
+    public const int Size = 24;
+
+    public bool Pc => (Attrs & 1) != 0;
+    public bool Ien => (Attrs & 2) != 0;
+    public bool Phase => (Attrs & 4) != 0;
+    public ushort Iv => (ushort)(Attrs >> 16);
+
+    public static uint EncodeAttrs(bool pc, bool ien, bool phase, ushort iv) =>
+        (pc ? 1u : 0) | (ien ? 2u : 0) | (phase ? 4u : 0) | ((uint)iv << 16);
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        BinaryPrimitives.WriteUInt64LittleEndian(d, Prp1);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[8..], Qsize);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[10..], Qid);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[12..], Head);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[14..], Tail);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[16..], Attrs);
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out IoCompletionQueueState v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        v = new IoCompletionQueueState(
+            BinaryPrimitives.ReadUInt64LittleEndian(s),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[8..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[10..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[12..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[14..]),
+            BinaryPrimitives.ReadUInt32LittleEndian(s[16..]));
+        return true;
+    }
+}
+
+/// <summary>NVMe controller state v0 prologue (8 bytes): VER, NIOSQ, NIOCQ, reserved; then the SQ and CQ entries.</summary>
+public readonly record struct NvmeControllerStateV0Header(ushort Ver, ushort Niosq, ushort Niocq)
+{
+    public const int Size = 8;
+
+    /// <summary>Total bytes of the NVMe part including entries.</summary>
+    public int TotalSize => Size + (Niosq * IoSubmissionQueueState.Size) + (Niocq * IoCompletionQueueState.Size);
+
+    public void WriteTo(Span<byte> d)
+    {
+        BinaryPrimitives.WriteUInt16LittleEndian(d, Ver);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[2..], Niosq);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[4..], Niocq);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[6..], 0);
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out NvmeControllerStateV0Header v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        v = new NvmeControllerStateV0Header(
+            BinaryPrimitives.ReadUInt16LittleEndian(s),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[2..]),
+            BinaryPrimitives.ReadUInt16LittleEndian(s[4..]));
+        return true;
+    }
+}

@@ -1,0 +1,100 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Vmig.Guest.Workloads;
+
+namespace Vmig.Vmm.Migration;
+
+/// <summary>Migration phases, in order.</summary>
+public enum MigrationPhase
+{
+    Handshake,
+    PreCopy,
+    Switchover,
+    StopCopy,
+    WaitingForTarget,
+    Cleanup,
+    Completed,
+    RolledBack,
+    InDoubt,
+}
+
+/// <summary>A progress event.</summary>
+/// <param name="Phase">Current phase.</param>
+/// <param name="Round">Pre-copy round (1-based; 0 before the first).</param>
+/// <param name="BytesSent">Stream bytes sent so far (all connections).</param>
+/// <param name="BytesRemaining">Estimated bytes still to send (dirty RAM + device pending).</param>
+/// <param name="DirtyRateBytesPerSecond">RAM dirtied per second during the last round.</param>
+/// <param name="BandwidthBytesPerSecond">Measured send rate of the last round.</param>
+/// <param name="ExpectedDowntime">Remaining ÷ bandwidth.</param>
+public sealed record MigrationProgress(
+    MigrationPhase Phase, int Round, long BytesSent, long BytesRemaining,
+    double DirtyRateBytesPerSecond, double BandwidthBytesPerSecond, TimeSpan ExpectedDowntime);
+
+/// <summary>One pre-copy (or the final) round.</summary>
+/// <param name="Round">1-based round number; the final (paused) round is last.</param>
+/// <param name="Pages">RAM pages sent.</param>
+/// <param name="ZeroPages">Of those, sent as ZERO records.</param>
+/// <param name="Bytes">Stream bytes of the round (RAM and device data).</param>
+/// <param name="DeviceBytes">Device migration bytes of the round.</param>
+/// <param name="Milliseconds">Duration.</param>
+/// <param name="BandwidthBytesPerSecond">Bytes ÷ duration.</param>
+public sealed record RoundReport(int Round, long Pages, long ZeroPages, long Bytes, long DeviceBytes, double Milliseconds, double BandwidthBytesPerSecond);
+
+/// <summary>The final report of a migration or snapshot (serializable with <see cref="ToJson"/>).</summary>
+public sealed class MigrationReport
+{
+    /// <summary>"completed", "refused" (target said no), "not-started" (no connection/handshake), "rolled-back" (source resumed) or "in-doubt" (source stays paused).</summary>
+    public string Outcome { get; set; } = "running";
+
+    /// <summary>Why it did not complete.</summary>
+    public string? Error { get; set; }
+
+    public DateTimeOffset StartedAt { get; set; }
+
+    public double TotalMilliseconds { get; set; }
+
+    /// <summary>Source vCPU pause → target's "running" result received by the source (an upper bound of the guest-visible pause).</summary>
+    public double DowntimeMilliseconds { get; set; }
+
+    /// <summary>The target's own measure: switchover start received → its vCPUs running.</summary>
+    public double TargetDowntimeMilliseconds { get; set; }
+
+    /// <summary>Duration per phase name.</summary>
+    public Dictionary<string, double> PhaseMilliseconds { get; } = [];
+
+    /// <summary>Stream bytes per section type name (headers included, all connections).</summary>
+    public Dictionary<string, long> BytesBySection { get; } = [];
+
+    public long TotalBytes { get; set; }
+
+    public List<RoundReport> Rounds { get; } = [];
+
+    public int Connections { get; set; }
+
+    public bool Tls { get; set; }
+
+    /// <summary>Devices that went through pre-copy.</summary>
+    public int PrecopyDevices { get; set; }
+
+    /// <summary>Filled by the caller after a verify pass (null if none ran).</summary>
+    public VerifierCounts? Verifier { get; set; }
+
+    /// <summary>Indented JSON (System.Text.Json, enums as strings).</summary>
+    public string ToJson() => JsonSerializer.Serialize(this, JsonOptions);
+
+    internal static readonly JsonSerializerOptions JsonOptions = new()
+    {
+        WriteIndented = true,
+        Converters = { new JsonStringEnumConverter() },
+    };
+}
+
+/// <summary>A migration that did not complete. <see cref="Report"/> says how far it got and whether the source resumed.</summary>
+public sealed class VmMigrationException : IOException
+{
+    public VmMigrationException(string message, MigrationReport report, Exception? inner = null)
+        : base(message, inner) => Report = report;
+
+    /// <summary>The report (Outcome "refused", "rolled-back" or "in-doubt").</summary>
+    public MigrationReport Report { get; }
+}

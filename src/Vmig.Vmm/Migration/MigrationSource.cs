@@ -1,0 +1,532 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Net;
+using Vmig.Migration;
+using Vmig.Vmm.Stream;
+
+namespace Vmig.Vmm.Migration;
+
+/// <summary>
+/// Live-migrates a running <see cref="Vm"/> to a target VMM (ARCHITECTURE §4): handshake, RAM and device
+/// pre-copy rounds with dirty logging, convergence against the downtime limit, switchover-ack, P2P-safe
+/// switchover, final state, and the target's result. Any failure before the target runs returns every device
+/// to RUNNING and resumes the vCPUs.
+/// </summary>
+public static class MigrationSource
+{
+    /// <summary>Migrates <paramref name="vm"/> to the target listening at <paramref name="target"/>.</summary>
+    /// <returns>The report (Outcome "completed"); the source VM is then <see cref="VmRunState.MigratedAway"/>.</returns>
+    /// <exception cref="VmMigrationException">
+    /// Refused at handshake (nothing touched), rolled back (source running again; the report says why), or in
+    /// doubt (the whole state was sent but no result came back: the source stays paused, because the target may be
+    /// running; resume it only if you know the target is not).
+    /// </exception>
+    public static Task<MigrationReport> RunAsync(Vm vm, EndPoint target, MigrationOptions? options = null,
+        IProgress<MigrationProgress>? progress = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(vm);
+        ArgumentNullException.ThrowIfNull(target);
+        var o = options ?? new MigrationOptions();
+        ArgumentOutOfRangeException.ThrowIfLessThan(o.ParallelConnections, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(o.ParallelConnections, 16);
+        ArgumentOutOfRangeException.ThrowIfLessThan(o.MaxRounds, 1);
+        return Task.Factory.StartNew(
+            () => new SourceSession(vm, o, progress, cancellationToken).Run(target),
+            CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+    }
+}
+
+/// <summary>Sends a VM's state to a set of section writers; shared by live migration and snapshots.</summary>
+internal sealed class StateSender
+{
+    private readonly Vm _vm;
+    private readonly IReadOnlyList<SectionWriter> _channels;
+    private readonly Throttle? _throttle;
+    private readonly long[] _channelPages;
+    private readonly byte[] _deviceBuffer;
+
+    public StateSender(Vm vm, IReadOnlyList<SectionWriter> channels, Throttle? throttle, int deviceChunk)
+    {
+        _vm = vm;
+        _channels = channels;
+        _throttle = throttle;
+        _channelPages = new long[channels.Count];
+        _deviceBuffer = new byte[deviceChunk + 4];
+    }
+
+    public SectionWriter Main => _channels[0];
+
+    public long PagesOnChannel(int i) => _channelPages[i];
+
+    public long BytesWritten => _channels.Sum(c => c.BytesWritten);
+
+    /// <summary>Sends the pages set in <paramref name="dirty"/>, spread over the channels. Returns (pages, zero pages).</summary>
+    public (long Pages, long ZeroPages) SendRam(PageBitmap dirty, uint round)
+    {
+        var runs = dirty.Runs(RamPages.MaxPagesPerSection).ToList();
+        long pages = 0, zeros = 0;
+        if (_channels.Count == 1 || runs.Count < 2)
+        {
+            (pages, zeros) = SendRuns(0, runs, 0, 1, round);
+        }
+        else
+        {
+            var tasks = new Task<(long, long)>[_channels.Count];
+            for (int k = 0; k < tasks.Length; k++)
+            {
+                int ch = k;
+                tasks[k] = Task.Factory.StartNew(() => SendRuns(ch, runs, ch, tasks.Length, round), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+            }
+            try
+            {
+                Task.WaitAll(tasks);
+            }
+            catch (AggregateException e)
+            {
+                throw e.InnerExceptions[0] is IOException io ? new IOException(io.Message, io) : new IOException("a RAM channel failed", e.InnerExceptions[0]);
+            }
+            foreach (var t in tasks)
+            {
+                pages += t.Result.Item1;
+                zeros += t.Result.Item2;
+            }
+        }
+        return (pages, zeros);
+    }
+
+    /// <summary>Sends every vCPU's register block (vCPUs must be paused).</summary>
+    public void SendVcpus()
+    {
+        foreach (var v in _vm.Vcpus)
+        {
+            byte[] regs = v.Registers;
+            var payload = new byte[4 + regs.Length];
+            BinaryPrimitives.WriteUInt32LittleEndian(payload, (uint)v.Index);
+            regs.CopyTo(payload, 4);
+            Main.Write(SectionType.VcpuState, payload);
+        }
+    }
+
+    /// <summary>Device pre-copy data of device <paramref name="index"/> on the main channel.</summary>
+    public long SendDevicePrecopy(int index, long cap) =>
+        DeviceControl.SendDeviceData(_vm.Devices[index], index, 0, Main, _deviceBuffer, cap, _throttle);
+
+    /// <summary>Device stop-copy data until the end of its stream, then DeviceEnd, for every device.</summary>
+    public long SendDeviceStopCopy()
+    {
+        long total = 0;
+        for (int i = 0; i < _vm.Devices.Count; i++)
+        {
+            total += DeviceControl.SendDeviceData(_vm.Devices[i], i, 1, Main, _deviceBuffer, long.MaxValue, _throttle);
+            Main.Write(SectionType.DeviceEnd, SectionIo.DeviceIndexPayload(i));
+        }
+        return total;
+    }
+
+    /// <summary>ChannelEnd on every extra channel, then EndOfState on the main one; flushes all.</summary>
+    public void SendEnd()
+    {
+        for (int i = 1; i < _channels.Count; i++)
+        {
+            var p = new byte[8];
+            BinaryPrimitives.WriteInt64LittleEndian(p, _channelPages[i]);
+            _channels[i].Write(SectionType.ChannelEnd, p);
+            _channels[i].Flush();
+        }
+        Main.Write(SectionType.EndOfState, []);
+        Main.Flush();
+    }
+
+    private (long, long) SendRuns(int channel, List<(long FirstPage, int Count)> runs, int start, int step, uint round)
+    {
+        var w = _channels[channel];
+        var buffer = new byte[RamPages.MaxPayload];
+        long pages = 0, zeros = 0;
+        for (int i = start; i < runs.Count; i += step)
+        {
+            var (first, count) = runs[i];
+            int len = RamPages.Encode(_vm.Memory, round, first, count, buffer, out int z);
+            w.Write(SectionType.RamPages, buffer.AsSpan(0, len));
+            _throttle?.Consume(len + SectionHeader.Size);
+            pages += count;
+            zeros += z;
+        }
+        w.Flush();
+        _channelPages[channel] += pages;
+        return (pages, zeros);
+    }
+}
+
+internal sealed class SourceSession
+{
+    private readonly Vm _vm;
+    private readonly MigrationOptions _o;
+    private readonly IProgress<MigrationProgress>? _progress;
+    private readonly CancellationToken _ct;
+    private readonly MigrationReport _report = new();
+    private readonly List<MigrationConnection> _connections = [];
+    private readonly List<IVmDevice> _logging = [];
+    private readonly Stopwatch _total = new();
+    private readonly Stopwatch _phase = new();
+    private bool _anyDeviceWithoutLog;
+
+    public SourceSession(Vm vm, MigrationOptions o, IProgress<MigrationProgress>? progress, CancellationToken ct)
+    {
+        _vm = vm;
+        _o = o;
+        _progress = progress;
+        _ct = ct;
+    }
+
+    public MigrationReport Run(EndPoint target)
+    {
+        _report.StartedAt = DateTimeOffset.UtcNow;
+        _report.Connections = _o.ParallelConnections;
+        _report.Tls = _o.Tls is not null;
+        _total.Start();
+        _phase.Start();
+        bool wasRunning = _vm.State == VmRunState.Running;
+        bool touched = false, committed = false;
+        long pauseTicks = 0;
+        using var reg = _ct.Register(CloseAll);
+        try
+        {
+            if (_vm.State == VmRunState.MigratedAway)
+            {
+                throw new InvalidOperationException("this VM already migrated away");
+            }
+            // --- handshake: nothing on the source changes until the target says yes.
+            Report(MigrationPhase.Handshake, 0, 0, 0, 0, 0);
+            var main = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
+            _connections.Add(main);
+            var hello = new MigrationHello(Guid.NewGuid(), _o.ParallelConnections, _vm.Description);
+            main.Writer.WriteStreamHeader();
+            main.Writer.Write(SectionType.VmDescription, hello.ToUtf8());
+            main.Writer.Flush();
+            main.Reader.ReadStreamHeader();
+            main.Reader.Expect(SectionType.HandshakeReply);
+            var (status, reason) = SectionIo.ReadStatus(main.Reader.Payload);
+            if (status != 0)
+            {
+                _report.Outcome = "refused";
+                _report.Error = reason;
+                throw new VmMigrationException($"target refused the migration: {reason}", _report);
+            }
+            for (int i = 1; i < _o.ParallelConnections; i++)
+            {
+                var c = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
+                _connections.Add(c);
+                c.Writer.WriteStreamHeader();
+                var p = new byte[24];
+                hello.SessionId.TryWriteBytes(p);
+                BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(16), (uint)i);
+                BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(20), (uint)_o.ParallelConnections);
+                c.Writer.Write(SectionType.ChannelHello, p);
+                c.Writer.Flush();
+            }
+            EndPhase("handshake");
+
+            touched = true;
+            var throttle = _o.MaxBandwidth > 0 ? new Throttle(_o.MaxBandwidth) : null;
+            var sender = new StateSender(_vm, _connections.Select(c => c.Writer).ToArray(), throttle, _o.DeviceReadChunk);
+            var dirty = new PageBitmap(_vm.Memory.PageCount);
+            var (round, precopy) = PreCopy(sender, dirty);
+
+            // --- switchover-ack: every pre-copy device's initial bytes are loaded on the target.
+            WaitSwitchoverAcks(main, precopy.Count);
+
+            // --- switchover (downtime starts).
+            main.Writer.Write(SectionType.SwitchoverStart, []);
+            pauseTicks = Stopwatch.GetTimestamp();
+            _vm.Pause();
+            Report(MigrationPhase.Switchover, round, sender.BytesWritten, 0, 0, 0);
+            DeviceControl.QuiesceAndStopCopy(_vm.Devices);
+            EndPhase("switchover");
+
+            var sw = Stopwatch.StartNew();
+            long before = sender.BytesWritten;
+            CollectDirty(dirty);
+            foreach (var d in _logging)
+            {
+                DeviceControl.StopLoggingQuietly(d);
+            }
+            _logging.Clear();
+            var (pages, zeros) = sender.SendRam(dirty, (uint)(round + 1));
+            dirty.Clear();
+            sender.SendVcpus();
+            long devBytes = sender.SendDeviceStopCopy();
+            sender.SendEnd();
+            committed = true;
+            AddRound(round + 1, pages, zeros, sender.BytesWritten - before, devBytes, sw.Elapsed);
+            Report(MigrationPhase.StopCopy, round + 1, sender.BytesWritten, 0, 0, 0);
+            EndPhase("stop-copy");
+
+            // --- the target's result decides: running there (we never resume) or failed before running (we resume).
+            Report(MigrationPhase.WaitingForTarget, round + 1, sender.BytesWritten, 0, 0, 0);
+            main.Reader.Expect(SectionType.TargetResult);
+            var payload = main.Reader.Payload;
+            if (payload.Length < 12)
+            {
+                throw new StreamFormatException("TargetResult shorter than 12 bytes");
+            }
+            uint result = BinaryPrimitives.ReadUInt32LittleEndian(payload);
+            _report.TargetDowntimeMilliseconds = BinaryPrimitives.ReadUInt64LittleEndian(payload[4..]) / 1000.0;
+            string why = System.Text.Encoding.UTF8.GetString(payload[12..]);
+            _report.DowntimeMilliseconds = Stopwatch.GetElapsedTime(pauseTicks).TotalMilliseconds;
+            EndPhase("target-resume");
+            if (result != 0)
+            {
+                committed = false;
+                throw new IOException($"target failed before running the VM: {why}");
+            }
+
+            _vm.MarkMigratedAway();
+            // Outside the downtime (as QEMU's save_cleanup): STOP_COPY → STOP ends the device sessions.
+            foreach (var d in _vm.Devices)
+            {
+                try
+                {
+                    d.SetState(DeviceState.Stop);
+                }
+                catch (Exception e) when (e is IOException or MigrationException)
+                {
+                    // The VM lives on the target now; a source device that fails to stop is released anyway.
+                }
+            }
+            EndPhase("cleanup");
+            _report.Outcome = "completed";
+            Report(MigrationPhase.Completed, round + 1, sender.BytesWritten, 0, 0, 0);
+            return _report;
+        }
+        catch (VmMigrationException)
+        {
+            throw;
+        }
+        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException or System.Security.Authentication.AuthenticationException)
+        {
+            _report.Error = _ct.IsCancellationRequested ? $"cancelled ({e.Message})" : e.Message;
+            if (committed)
+            {
+                _report.Outcome = "in-doubt";
+                Report(MigrationPhase.InDoubt, 0, 0, 0, 0, 0);
+                throw new VmMigrationException($"migration in doubt: the whole state was sent but the target's result did not arrive ({e.Message}); the source stays paused", _report, e);
+            }
+            if (touched)
+            {
+                string? problem = Rollback(wasRunning);
+                if (problem is not null)
+                {
+                    _report.Error += "; " + problem;
+                }
+            }
+            _report.Outcome = touched ? "rolled-back" : "not-started";
+            Report(MigrationPhase.RolledBack, 0, 0, 0, 0, 0);
+            throw new VmMigrationException($"migration failed, source {(wasRunning ? "running again" : "unchanged")}: {e.Message}", _report, e);
+        }
+        finally
+        {
+            _total.Stop();
+            _report.TotalMilliseconds = _total.Elapsed.TotalMilliseconds;
+            foreach (var c in _connections)
+            {
+                _report.TotalBytes += c.Writer.BytesWritten;
+                foreach (var (t, n) in c.Writer.BytesByType)
+                {
+                    _report.BytesBySection[t.ToString()] = _report.BytesBySection.GetValueOrDefault(t.ToString()) + n;
+                }
+            }
+            CloseAll();
+        }
+    }
+
+    private (int Round, List<int> Precopy) PreCopy(StateSender sender, PageBitmap dirty)
+    {
+        // Start own logging from a clean slate, and every device's DMA logging over all of RAM.
+        _vm.Memory.FetchAndClearDirty(new PageBitmap(_vm.Memory.PageCount));
+        foreach (var d in _vm.Devices)
+        {
+            if (d.SupportsDirtyLogging)
+            {
+                d.StartDirtyLogging(GuestRam.PageSize, [(0UL, _vm.Memory.Size)]);
+                _logging.Add(d);
+            }
+            else
+            {
+                _anyDeviceWithoutLog = true;
+            }
+        }
+        var precopy = new List<int>();
+        for (int i = 0; i < _vm.Devices.Count; i++)
+        {
+            if (DeviceControl.HasPreCopy(_vm.Devices[i]))
+            {
+                _vm.Devices[i].SetState(DeviceState.PreCopy);
+                precopy.Add(i);
+            }
+        }
+        _report.PrecopyDevices = precopy.Count;
+        var initialSent = new bool[_vm.Devices.Count];
+        dirty.SetAll();
+        int round = 0;
+        double bandwidth = 0;
+        while (true)
+        {
+            _ct.ThrowIfCancellationRequested();
+            round++;
+            var sw = Stopwatch.StartNew();
+            long before = sender.BytesWritten;
+            if (round > 1)
+            {
+                CollectDirty(dirty);
+            }
+            var (pages, zeros) = sender.SendRam(dirty, (uint)round);
+            dirty.Clear();
+            long devBytes = 0;
+            foreach (int i in precopy)
+            {
+                devBytes += sender.SendDevicePrecopy(i, _o.MaxDevicePrecopyBytesPerRound);
+                if (!initialSent[i] && (!_vm.Devices[i].SupportsPrecopyInfo || _vm.Devices[i].GetPrecopyInfo().InitialBytes == 0))
+                {
+                    sender.Main.Write(SectionType.DeviceInitialDataSent, SectionIo.DeviceIndexPayload(i));
+                    initialSent[i] = true;
+                }
+            }
+            long bytes = sender.BytesWritten - before;
+            double secs = Math.Max(sw.Elapsed.TotalSeconds, 1e-6);
+            // Rounds with little data measure latency, not bandwidth: keep the best rate seen on a large round.
+            if (bytes >= (1 << 20) || bandwidth == 0)
+            {
+                bandwidth = Math.Max(bandwidth, bytes / secs);
+            }
+            long dirtyNow = _vm.Memory.DirtyPageCount() * GuestRam.PageSize;
+            double dirtyRate = dirtyNow / secs;
+            long remaining = dirtyNow + DevicePending(precopy) + (_anyDeviceWithoutLog ? (long)_vm.Memory.Size : 0);
+            var info = new byte[32];
+            BinaryPrimitives.WriteUInt32LittleEndian(info, (uint)round);
+            BinaryPrimitives.WriteInt64LittleEndian(info.AsSpan(8), dirtyNow / GuestRam.PageSize);
+            BinaryPrimitives.WriteInt64LittleEndian(info.AsSpan(16), bytes);
+            BinaryPrimitives.WriteInt64LittleEndian(info.AsSpan(24), (long)(secs * 1e6));
+            sender.Main.Write(SectionType.RoundInfo, info);
+            sender.Main.Flush();
+            AddRound(round, pages, zeros, bytes, devBytes, sw.Elapsed);
+            double expected = bandwidth > 0 ? remaining / bandwidth : double.PositiveInfinity;
+            Report(MigrationPhase.PreCopy, round, sender.BytesWritten, remaining, dirtyRate, bandwidth, expected);
+            bool allInitial = precopy.All(i => initialSent[i]);
+            if ((allInitial && expected <= _o.DowntimeLimit.TotalSeconds) || (round >= _o.MaxRounds && allInitial) || round >= _o.MaxRounds * 4)
+            {
+                if (!allInitial)
+                {
+                    throw new IOException("a pre-copy device never finished its initial data");
+                }
+                EndPhase("pre-copy");
+                return (round, precopy);
+            }
+        }
+    }
+
+    private long DevicePending(List<int> precopy)
+    {
+        long sum = 0;
+        for (int i = 0; i < _vm.Devices.Count; i++)
+        {
+            var d = _vm.Devices[i];
+            if (precopy.Contains(i) && d.SupportsPrecopyInfo)
+            {
+                var p = d.GetPrecopyInfo();
+                sum += (long)Math.Min(p.InitialBytes + p.DirtyBytes, long.MaxValue / 4);
+            }
+            else if (d.SupportsStopCopySize)
+            {
+                sum += (long)Math.Min(d.GetStopCopySize(), long.MaxValue / 4);
+            }
+        }
+        return sum;
+    }
+
+    private void CollectDirty(PageBitmap dirty)
+    {
+        _vm.Memory.FetchAndClearDirty(dirty);
+        if (_anyDeviceWithoutLog)
+        {
+            // A device that cannot log its DMA may have written anywhere (QEMU treats all of RAM as dirty too).
+            dirty.SetAll();
+            return;
+        }
+        if (_logging.Count == 0)
+        {
+            return;
+        }
+        var bitmap = new ulong[(_vm.Memory.PageCount + 63) / 64];
+        foreach (var d in _logging)
+        {
+            Array.Clear(bitmap);
+            d.ReportDirty(0, _vm.Memory.Size, GuestRam.PageSize, bitmap);
+            dirty.OrRange(0, bitmap);
+        }
+    }
+
+    private void WaitSwitchoverAcks(MigrationConnection main, int count)
+    {
+        var acked = new HashSet<int>();
+        while (acked.Count < count)
+        {
+            if (!main.Reader.ReadNext())
+            {
+                throw new EndOfStreamException("target closed the connection before acknowledging switchover");
+            }
+            if (main.Reader.Type == SectionType.TargetResult)
+            {
+                throw new IOException($"target failed: {System.Text.Encoding.UTF8.GetString(main.Reader.Payload[Math.Min(12, main.Reader.Payload.Length)..])}");
+            }
+            if (main.Reader.Type != SectionType.SwitchoverAck)
+            {
+                throw new StreamFormatException($"expected SwitchoverAck, got {main.Reader.Type}");
+            }
+            acked.Add(SectionIo.ReadDeviceIndex(main.Reader.Payload, _vm.Devices.Count));
+        }
+    }
+
+    private string? Rollback(bool wasRunning)
+    {
+        CloseAll();
+        string? problem = null;
+        foreach (var d in _logging)
+        {
+            DeviceControl.StopLoggingQuietly(d);
+        }
+        _logging.Clear();
+        foreach (var d in _vm.Devices)
+        {
+            problem ??= DeviceControl.RecoverToRunning(d);
+        }
+        if (wasRunning)
+        {
+            _vm.Resume();
+        }
+        return problem;
+    }
+
+    private void CloseAll()
+    {
+        lock (_connections)
+        {
+            foreach (var c in _connections)
+            {
+                c.Dispose();
+            }
+        }
+    }
+
+    private void AddRound(int round, long pages, long zeros, long bytes, long devBytes, TimeSpan t) =>
+        _report.Rounds.Add(new RoundReport(round, pages, zeros, bytes, devBytes, t.TotalMilliseconds, bytes / Math.Max(t.TotalSeconds, 1e-6)));
+
+    private void EndPhase(string name)
+    {
+        _report.PhaseMilliseconds[name] = _phase.Elapsed.TotalMilliseconds;
+        _phase.Restart();
+    }
+
+    private void Report(MigrationPhase phase, int round, long sent, long remaining, double dirtyRate, double bandwidth, double expectedSeconds = 0) =>
+        _progress?.Report(new MigrationProgress(phase, round, sent, remaining, dirtyRate, bandwidth,
+            double.IsFinite(expectedSeconds) ? TimeSpan.FromSeconds(expectedSeconds) : TimeSpan.MaxValue));
+}

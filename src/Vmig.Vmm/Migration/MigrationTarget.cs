@@ -1,0 +1,427 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Net.Sockets;
+using Vmig.Migration;
+using Vmig.Vmm.Stream;
+
+namespace Vmig.Vmm.Migration;
+
+/// <summary>
+/// Receives a live migration (ARCHITECTURE §4 steps 1, 4): checks the VM description and every device before any
+/// state moves, loads RAM/vCPU/device state, commits the devices (RESUMING→STOP for all, →RUNNING_P2P for all,
+/// →RUNNING), runs the vCPUs, and tells the source. On any failure it tells the source (if it can), resets and
+/// releases its devices and throws; nothing of the incoming VM survives.
+/// </summary>
+public static class MigrationTarget
+{
+    /// <summary>Accepts one migration on <paramref name="listener"/> (plus its extra connections).</summary>
+    /// <param name="listener">A started listener; the source connects its main and extra connections to it.</param>
+    /// <param name="guest">Guest software (program registry, guest setup); sizes come from the source.</param>
+    /// <param name="deviceFactory">
+    /// Opens this host's device for a described one (e.g. connects to the VF's vfio-user socket). It may throw or
+    /// return a device whose description differs: both refuse the migration with the reason.
+    /// </param>
+    /// <param name="options">Target parameters.</param>
+    /// <param name="cancellationToken">Cancels the wait and the transfer (the incoming VM is discarded).</param>
+    /// <returns>The running (or, with StartVcpus=false, paused) VM.</returns>
+    /// <exception cref="VmMigrationException">Refused or failed; the report says why.</exception>
+    public static Task<Vm> AcceptAsync(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> deviceFactory,
+        MigrationTargetOptions? options = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(listener);
+        ArgumentNullException.ThrowIfNull(guest);
+        ArgumentNullException.ThrowIfNull(deviceFactory);
+        var o = options ?? new MigrationTargetOptions();
+        return AcceptCore(listener, guest, deviceFactory, o, cancellationToken);
+    }
+
+    private static async Task<Vm> AcceptCore(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> deviceFactory,
+        MigrationTargetOptions o, CancellationToken ct)
+    {
+        var main = await MigrationConnection.AcceptAsync(listener, o.Tls, o.ReceiveTimeout, ct).ConfigureAwait(false);
+        return await Task.Factory.StartNew(
+            () => new TargetSession(listener, guest, deviceFactory, o, ct).Run(main),
+            CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default).ConfigureAwait(false);
+    }
+}
+
+/// <summary>Applies an incoming state stream to an incoming <see cref="Vm"/>; shared by the target and restore.</summary>
+internal sealed class StateLoader
+{
+    private readonly Vm _vm;
+    private readonly VmDescription _description;
+    private readonly byte[]?[] _vcpus;
+    private readonly bool[] _deviceEnded;
+
+    public StateLoader(Vm vm, VmDescription description)
+    {
+        _vm = vm;
+        _description = description;
+        _vcpus = new byte[description.Vcpus.Count][];
+        _deviceEnded = new bool[description.Devices.Count];
+        PageRounds = new PageRounds(vm.Memory.PageCount);
+    }
+
+    public PageRounds PageRounds { get; }
+
+    public long Pages { get; private set; }
+
+    /// <summary>Timestamp of SwitchoverStart (0 if none came).</summary>
+    public long SwitchoverTicks { get; private set; }
+
+    /// <summary>
+    /// Handles the current section of <paramref name="r"/>. Returns true on EndOfState. Calls
+    /// <paramref name="onInitialDataSent"/> for DeviceInitialDataSent (the target acks).
+    /// </summary>
+    public bool Handle(SectionReader r, Action<int>? onInitialDataSent)
+    {
+        var p = r.Payload;
+        switch (r.Type)
+        {
+            case SectionType.RamPages:
+                Pages += RamPages.Apply(_vm.Memory, p, PageRounds);
+                return false;
+            case SectionType.DeviceData:
+                {
+                    int d = SectionIo.ReadDeviceIndex(p, _deviceEnded.Length);
+                    if (_deviceEnded[d])
+                    {
+                        throw new StreamFormatException($"device {d}: data after its end");
+                    }
+                    _vm.Devices[d].WriteMigrationData(p[4..]);
+                    return false;
+                }
+            case SectionType.DeviceInitialDataSent:
+                {
+                    int d = SectionIo.ReadDeviceIndex(p, _deviceEnded.Length);
+                    if ((_description.Devices[d].MigrationFlags & MigrationFlags.PreCopy) == 0)
+                    {
+                        throw new StreamFormatException($"device {d}: initial-data marker for a device without PRE_COPY");
+                    }
+                    onInitialDataSent?.Invoke(d);
+                    return false;
+                }
+            case SectionType.DeviceEnd:
+                _deviceEnded[SectionIo.ReadDeviceIndex(p, _deviceEnded.Length)] = true;
+                return false;
+            case SectionType.VcpuState:
+                {
+                    if (p.Length < 4)
+                    {
+                        throw new StreamFormatException("VcpuState shorter than 4 bytes");
+                    }
+                    uint i = BinaryPrimitives.ReadUInt32LittleEndian(p);
+                    if (i >= _vcpus.Length || p.Length - 4 != Guest.GuestEnvironment.RegisterSize)
+                    {
+                        throw new StreamFormatException($"VcpuState for vCPU {i} with {p.Length - 4} register bytes is invalid");
+                    }
+                    _vcpus[i] = p[4..].ToArray();
+                    return false;
+                }
+            case SectionType.SwitchoverStart:
+                SwitchoverTicks = Stopwatch.GetTimestamp();
+                return false;
+            case SectionType.RoundInfo:
+                return false;
+            case SectionType.EndOfState:
+                return true;
+            default:
+                throw new StreamFormatException($"unexpected section {r.Type} in the state stream");
+        }
+    }
+
+    /// <summary>
+    /// After EndOfState: checks completeness, commits devices (RESUMING→STOP all, →RUNNING_P2P, →RUNNING) and
+    /// re-creates the guest programs.
+    /// </summary>
+    public void Commit()
+    {
+        for (int i = 0; i < _vcpus.Length; i++)
+        {
+            if (_vcpus[i] is null)
+            {
+                throw new StreamFormatException($"the stream ended without state for vCPU {i}");
+            }
+        }
+        for (int d = 0; d < _deviceEnded.Length; d++)
+        {
+            if (!_deviceEnded[d])
+            {
+                throw new StreamFormatException($"the stream ended without the end of device {d}'s data");
+            }
+        }
+        DeviceControl.CommitAndRun(_vm.Devices);
+        _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
+    }
+
+    /// <summary>
+    /// Checks a description against this host and opens its devices; returns the devices, or null with a reason.
+    /// Devices opened before a refusal are released.
+    /// </summary>
+    public static List<IVmDevice>? OpenDevices(VmDescription d, VmConfig guest, Func<DeviceDescription, IVmDevice> factory, ulong maxMemory, out string reason)
+    {
+        reason = "";
+        if (d.MemorySize > maxMemory)
+        {
+            reason = $"guest RAM {d.MemorySize} bytes exceeds this host's limit of {maxMemory}";
+            return null;
+        }
+        foreach (string kind in d.Vcpus)
+        {
+            if (!guest.Programs.Contains(kind))
+            {
+                reason = $"unknown guest program kind '{kind}'";
+                return null;
+            }
+        }
+        var devices = new List<IVmDevice>();
+        try
+        {
+            foreach (var want in d.Devices)
+            {
+                IVmDevice dev = factory(want);
+                devices.Add(dev);
+                string? why = want.IncompatibilityWith(dev.Description);
+                if (why is not null)
+                {
+                    throw new InvalidOperationException(why);
+                }
+                if (!string.Equals(dev.Description.Name, want.Name, StringComparison.Ordinal))
+                {
+                    throw new InvalidOperationException($"device factory returned '{dev.Description.Name}' for '{want.Name}'");
+                }
+                dev.SetState(DeviceState.Resuming);
+            }
+            return devices;
+        }
+        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or ArgumentException or KeyNotFoundException)
+        {
+            reason = e.Message;
+            Release(devices);
+            return null;
+        }
+    }
+
+    /// <summary>Resets and disposes devices of a discarded incoming VM.</summary>
+    public static void Release(IEnumerable<IVmDevice> devices)
+    {
+        foreach (var dev in devices)
+        {
+            try
+            {
+                dev.Reset();
+            }
+            catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException)
+            {
+                // Released anyway; the device host resets a VF whose client goes away.
+            }
+            dev.Dispose();
+        }
+    }
+}
+
+internal sealed class TargetSession
+{
+    private readonly TcpListener _listener;
+    private readonly VmConfig _guest;
+    private readonly Func<DeviceDescription, IVmDevice> _factory;
+    private readonly MigrationTargetOptions _o;
+    private readonly CancellationToken _ct;
+    private readonly List<MigrationConnection> _connections = [];
+    private readonly MigrationReport _report = new();
+
+    public TargetSession(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> factory, MigrationTargetOptions o, CancellationToken ct)
+    {
+        _listener = listener;
+        _guest = guest;
+        _factory = factory;
+        _o = o;
+        _ct = ct;
+    }
+
+    public Vm Run(MigrationConnection main)
+    {
+        _connections.Add(main);
+        Vm? vm = null;
+        List<IVmDevice>? devices = null;
+        using var reg = _ct.Register(CloseAll);
+        try
+        {
+            main.Reader.ReadStreamHeader();
+            main.Reader.Expect(SectionType.VmDescription);
+            var hello = MigrationHello.Parse(main.Reader.Payload);
+            devices = StateLoader.OpenDevices(hello.Vm, _guest, _factory, _o.MaxMemorySize, out string reason);
+            main.Writer.WriteStreamHeader();
+            if (devices is null)
+            {
+                main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(1, reason));
+                main.Writer.Flush();
+                _report.Outcome = "refused";
+                _report.Error = reason;
+                throw new VmMigrationException($"refused incoming migration: {reason}", _report);
+            }
+            vm = Vm.CreateIncoming(hello.Vm, _guest, devices);
+            devices = null;
+            main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
+            main.Writer.Flush();
+
+            var loader = new StateLoader(vm, hello.Vm);
+            var receivers = AcceptChannels(hello, vm, loader);
+
+            bool ended = false;
+            while (!ended)
+            {
+                if (!main.Reader.ReadNext())
+                {
+                    throw new EndOfStreamException("source closed the stream before the end of state");
+                }
+                ended = loader.Handle(main.Reader, d =>
+                {
+                    main.Writer.Write(SectionType.SwitchoverAck, SectionIo.DeviceIndexPayload(d));
+                    main.Writer.Flush();
+                });
+            }
+            foreach (var t in receivers)
+            {
+                if (!t.Wait(_o.ReceiveTimeout))
+                {
+                    throw new TimeoutException("a RAM connection did not finish");
+                }
+            }
+            loader.Commit();
+            if (_o.StartVcpus)
+            {
+                vm.Start();
+            }
+            else
+            {
+                vm.Pause();
+            }
+            ulong downUs = loader.SwitchoverTicks == 0 ? 0 : (ulong)(Stopwatch.GetElapsedTime(loader.SwitchoverTicks).TotalMilliseconds * 1000);
+            SendResult(main, 0, downUs, null);
+            // The VM runs here now; a source that misses this result stays paused (in doubt), never resumes.
+            CloseAll();
+            return vm;
+        }
+        catch (VmMigrationException)
+        {
+            Discard(vm, devices);
+            throw;
+        }
+        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or SocketException
+            or ObjectDisposedException or TimeoutException or AggregateException or KeyNotFoundException or System.Security.Authentication.AuthenticationException)
+        {
+            _report.Outcome = "failed";
+            _report.Error = e.Message;
+            try
+            {
+                SendResult(main, 1, 0, e.Message);
+            }
+            catch (Exception e2) when (e2 is IOException or ObjectDisposedException or SocketException or NotSupportedException)
+            {
+                // The source is gone; it rolls back on its own when the connection drops.
+            }
+            Discard(vm, devices);
+            throw new VmMigrationException($"incoming migration failed: {e.Message}", _report, e);
+        }
+    }
+
+    private List<Task> AcceptChannels(MigrationHello hello, Vm vm, StateLoader loader)
+    {
+        var tasks = new List<Task>();
+        for (int i = 1; i < hello.Connections; i++)
+        {
+            using var cts = CancellationTokenSource.CreateLinkedTokenSource(_ct);
+            cts.CancelAfter(_o.ReceiveTimeout);
+            var c = MigrationConnection.AcceptAsync(_listener, _o.Tls, _o.ReceiveTimeout, cts.Token).GetAwaiter().GetResult();
+            lock (_connections)
+            {
+                _connections.Add(c);
+            }
+            c.Reader.ReadStreamHeader();
+            c.Reader.Expect(SectionType.ChannelHello);
+            var p = c.Reader.Payload;
+            if (p.Length < 24 || new Guid(p[..16]) != hello.SessionId)
+            {
+                throw new StreamFormatException("an extra connection belongs to another migration session");
+            }
+            tasks.Add(Task.Factory.StartNew(() => ReceiveChannel(c, vm, loader), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
+        }
+        return tasks;
+    }
+
+    private void ReceiveChannel(MigrationConnection c, Vm vm, StateLoader loader)
+    {
+        try
+        {
+            while (true)
+            {
+                if (!c.Reader.ReadNext())
+                {
+                    throw new EndOfStreamException("a RAM connection closed before its end");
+                }
+                if (c.Reader.Type == SectionType.ChannelEnd)
+                {
+                    return;
+                }
+                if (c.Reader.Type != SectionType.RamPages)
+                {
+                    throw new StreamFormatException($"unexpected {c.Reader.Type} on a RAM connection");
+                }
+                RamPages.Apply(vm.Memory, c.Reader.Payload, loader.PageRounds);
+            }
+        }
+        catch
+        {
+            // Unblock the main loop: the migration is failing.
+            CloseAll();
+            throw;
+        }
+    }
+
+    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, string? reason)
+    {
+        byte[] text = System.Text.Encoding.UTF8.GetBytes(reason ?? "");
+        var p = new byte[12 + text.Length];
+        BinaryPrimitives.WriteUInt32LittleEndian(p, status);
+        BinaryPrimitives.WriteUInt64LittleEndian(p.AsSpan(4), downtimeUs);
+        text.CopyTo(p, 12);
+        main.Writer.Write(SectionType.TargetResult, p);
+        main.Writer.Flush();
+    }
+
+    private void Discard(Vm? vm, List<IVmDevice>? devices)
+    {
+        CloseAll();
+        if (vm is not null)
+        {
+            foreach (var d in vm.Devices)
+            {
+                try
+                {
+                    d.Reset();
+                }
+                catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException)
+                {
+                    // Released below regardless.
+                }
+            }
+            vm.Dispose();
+        }
+        if (devices is not null)
+        {
+            StateLoader.Release(devices);
+        }
+    }
+
+    private void CloseAll()
+    {
+        lock (_connections)
+        {
+            foreach (var c in _connections)
+            {
+                c.Dispose();
+            }
+        }
+    }
+}

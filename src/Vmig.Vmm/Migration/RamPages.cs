@@ -1,0 +1,163 @@
+using System.Buffers.Binary;
+using Vmig.Vmm.Stream;
+
+namespace Vmig.Vmm.Migration;
+
+/// <summary>
+/// RamPages payload codec (docs/stream-format.md §3.3): u32 round, u32 0, then records
+/// { u64 gpa (page aligned), u32 page count (≥ 1), u32 flags (bit 0 ZERO: no data follows) } each followed by
+/// count × 4096 data bytes unless ZERO.
+/// </summary>
+internal static class RamPages
+{
+    public const int PayloadHeaderSize = 8;
+    public const int RecordHeaderSize = 16;
+    public const uint ZeroFlag = 1;
+
+    /// <summary>Pages per section: 256 × 4 KiB = 1 MiB of data at most.</summary>
+    public const int MaxPagesPerSection = 256;
+
+    /// <summary>Largest payload a RamPages section can have.</summary>
+    public const int MaxPayload = PayloadHeaderSize + (MaxPagesPerSection * (RecordHeaderSize + GuestRam.PageSize));
+
+    /// <summary>
+    /// Encodes pages [first, first+count) (count ≤ <see cref="MaxPagesPerSection"/>) of <paramref name="ram"/> into
+    /// <paramref name="buffer"/>, with all-zero pages as ZERO records. Returns the payload length and counts.
+    /// </summary>
+    public static int Encode(GuestRam ram, uint round, long first, int count, byte[] buffer, out int zeroPages)
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer, round);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(4), 0);
+        int pos = PayloadHeaderSize;
+        zeroPages = 0;
+        int i = 0;
+        while (i < count)
+        {
+            bool zero = IsZero(ram, first + i);
+            int j = i + 1;
+            while (j < count && IsZero(ram, first + j) == zero)
+            {
+                j++;
+            }
+            int n = j - i;
+            ulong gpa = (ulong)(first + i) << GuestRam.PageShift;
+            BinaryPrimitives.WriteUInt64LittleEndian(buffer.AsSpan(pos), gpa);
+            BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 8), (uint)n);
+            BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 12), zero ? ZeroFlag : 0);
+            pos += RecordHeaderSize;
+            if (zero)
+            {
+                zeroPages += n;
+            }
+            else
+            {
+                int bytes = n * GuestRam.PageSize;
+                // A page a vCPU is writing right now may be copied torn; its dirty bit is set again, so the
+                // next round (at the latest the final, paused one) resends it.
+                ram.GetHostSpan(gpa, bytes).CopyTo(buffer.AsSpan(pos));
+                pos += bytes;
+            }
+            i = j;
+        }
+        return pos;
+    }
+
+    /// <summary>
+    /// Applies a RamPages payload to <paramref name="ram"/>. A page is written only if <paramref name="pageRounds"/>
+    /// says no later round already wrote it (parallel channels may deliver rounds out of order).
+    /// </summary>
+    /// <returns>Pages carried by the payload.</returns>
+    /// <exception cref="StreamFormatException">Malformed payload or a range outside RAM.</exception>
+    public static long Apply(GuestRam ram, ReadOnlySpan<byte> payload, PageRounds pageRounds)
+    {
+        if (payload.Length < PayloadHeaderSize)
+        {
+            throw new StreamFormatException("RamPages payload shorter than its 8-byte header");
+        }
+        uint round = BinaryPrimitives.ReadUInt32LittleEndian(payload);
+        int pos = PayloadHeaderSize;
+        long pages = 0;
+        while (pos < payload.Length)
+        {
+            if (payload.Length - pos < RecordHeaderSize)
+            {
+                throw new StreamFormatException("RamPages record header truncated");
+            }
+            ulong gpa = BinaryPrimitives.ReadUInt64LittleEndian(payload[pos..]);
+            uint n = BinaryPrimitives.ReadUInt32LittleEndian(payload[(pos + 8)..]);
+            uint flags = BinaryPrimitives.ReadUInt32LittleEndian(payload[(pos + 12)..]);
+            pos += RecordHeaderSize;
+            if ((gpa & (GuestRam.PageSize - 1)) != 0 || n == 0 || n > MaxPagesPerSection || (flags & ~ZeroFlag) != 0
+                || gpa >= ram.Size || (ulong)n * GuestRam.PageSize > ram.Size - gpa)
+            {
+                throw new StreamFormatException($"RamPages record gpa={gpa:#x} pages={n} flags={flags:#x} is invalid for {ram.Size} bytes of RAM");
+            }
+            bool zero = (flags & ZeroFlag) != 0;
+            int bytes = (int)n * GuestRam.PageSize;
+            if (!zero && payload.Length - pos < bytes)
+            {
+                throw new StreamFormatException("RamPages record data truncated");
+            }
+            long firstPage = (long)(gpa >> GuestRam.PageShift);
+            for (int k = 0; k < n; k++)
+            {
+                ulong pageGpa = gpa + ((ulong)k * GuestRam.PageSize);
+                lock (pageRounds.LockFor(firstPage + k))
+                {
+                    if (!pageRounds.TryClaim(firstPage + k, round))
+                    {
+                        continue;
+                    }
+                    Span<byte> dst = ram.GetHostSpan(pageGpa, GuestRam.PageSize);
+                    if (zero)
+                    {
+                        dst.Clear();
+                    }
+                    else
+                    {
+                        payload.Slice(pos + (k * GuestRam.PageSize), GuestRam.PageSize).CopyTo(dst);
+                    }
+                }
+            }
+            if (!zero)
+            {
+                pos += bytes;
+            }
+            pages += n;
+        }
+        return pages;
+    }
+
+    private static bool IsZero(GuestRam ram, long page) =>
+        !ram.GetHostSpan((ulong)page << GuestRam.PageShift, GuestRam.PageSize).ContainsAnyExcept((byte)0);
+}
+
+/// <summary>The latest round that wrote each page on the target, with striped locks for concurrent channels.</summary>
+internal sealed class PageRounds
+{
+    private readonly uint[] _rounds;
+    private readonly object[] _locks;
+
+    public PageRounds(long pageCount)
+    {
+        _rounds = new uint[pageCount];
+        _locks = new object[256];
+        for (int i = 0; i < _locks.Length; i++)
+        {
+            _locks[i] = new object();
+        }
+    }
+
+    public object LockFor(long page) => _locks[page & 255];
+
+    /// <summary>Under <see cref="LockFor"/>: true (and records the round) unless a later round already wrote the page.</summary>
+    public bool TryClaim(long page, uint round)
+    {
+        if (_rounds[page] > round)
+        {
+            return false;
+        }
+        _rounds[page] = round;
+        return true;
+    }
+}

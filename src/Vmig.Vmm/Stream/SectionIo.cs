@@ -1,0 +1,231 @@
+using System.Buffers.Binary;
+
+namespace Vmig.Vmm.Stream;
+
+/// <summary>
+/// Writes the stream header and framed sections to a <see cref="System.IO.Stream"/> (socket, TLS stream, file).
+/// Not thread-safe: one writer per stream. Counts bytes per section type for the report.
+/// </summary>
+public sealed class SectionWriter
+{
+    private readonly System.IO.Stream _stream;
+    private readonly byte[] _header = new byte[SectionHeader.Size];
+    private readonly Dictionary<SectionType, long> _bytesByType = [];
+
+    public SectionWriter(System.IO.Stream stream) => _stream = stream ?? throw new ArgumentNullException(nameof(stream));
+
+    /// <summary>Total bytes written (headers included).</summary>
+    public long BytesWritten { get; private set; }
+
+    /// <summary>Bytes written per section type (12-byte headers included).</summary>
+    public IReadOnlyDictionary<SectionType, long> BytesByType => _bytesByType;
+
+    /// <summary>Writes the 16-byte stream header.</summary>
+    public void WriteStreamHeader(ushort major = StreamHeader.CurrentMajor, ushort minor = StreamHeader.CurrentMinor)
+    {
+        Span<byte> h = stackalloc byte[StreamHeader.Size];
+        new StreamHeader(major, minor).WriteTo(h);
+        _stream.Write(h);
+        BytesWritten += StreamHeader.Size;
+    }
+
+    /// <summary>Writes a section of a known type; mandatory unless the type is optional by definition.</summary>
+    public void Write(SectionType type, ReadOnlySpan<byte> payload) =>
+        WriteRaw((ushort)type, SectionIo.IsOptional(type) ? SectionFlags.None : SectionFlags.Mandatory, payload);
+
+    /// <summary>Writes any section (tests use it to forge unknown types).</summary>
+    public void WriteRaw(ushort type, SectionFlags flags, ReadOnlySpan<byte> payload)
+    {
+        new SectionHeader(type, flags, (uint)payload.Length, SectionHeader.ComputeCrc(type, flags, payload)).WriteTo(_header);
+        _stream.Write(_header);
+        _stream.Write(payload);
+        long n = SectionHeader.Size + payload.Length;
+        BytesWritten += n;
+        var t = (SectionType)type;
+        _bytesByType[t] = _bytesByType.GetValueOrDefault(t) + n;
+    }
+
+    /// <summary>Flushes the underlying stream (at sync points: handshake, switchover, end).</summary>
+    public void Flush() => _stream.Flush();
+}
+
+/// <summary>
+/// Reads the stream header and sections, checking every CRC and bounding every length before allocating.
+/// Unknown optional sections are skipped; unknown mandatory sections, bad CRCs, reserved flag bits and
+/// over-long payloads throw <see cref="StreamFormatException"/>. Not thread-safe.
+/// </summary>
+public sealed class SectionReader
+{
+    /// <summary>Hard ceiling on a payload: 16 MiB.</summary>
+    public const int MaxPayloadLimit = 16 << 20;
+
+    private readonly System.IO.Stream _stream;
+    private readonly byte[] _header = new byte[SectionHeader.Size];
+    private byte[] _payload = new byte[4096];
+    private int _length;
+
+    /// <param name="stream">The source.</param>
+    /// <param name="maxPayload">Largest payload accepted (≤ <see cref="MaxPayloadLimit"/>).</param>
+    public SectionReader(System.IO.Stream stream, int maxPayload = 4 << 20)
+    {
+        _stream = stream ?? throw new ArgumentNullException(nameof(stream));
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(maxPayload);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(maxPayload, MaxPayloadLimit);
+        MaxPayload = maxPayload;
+    }
+
+    /// <summary>Largest payload accepted.</summary>
+    public int MaxPayload { get; }
+
+    /// <summary>Type of the current section.</summary>
+    public SectionType Type { get; private set; }
+
+    /// <summary>Payload of the current section; valid until the next read.</summary>
+    public ReadOnlySpan<byte> Payload => _payload.AsSpan(0, _length);
+
+    /// <summary>Unknown optional sections skipped so far.</summary>
+    public int SkippedSections { get; private set; }
+
+    /// <summary>Bytes read so far.</summary>
+    public long BytesRead { get; private set; }
+
+    /// <summary>Reads and checks the 16-byte stream header.</summary>
+    /// <exception cref="StreamFormatException">Bad magic, CRC or an unsupported major version.</exception>
+    /// <exception cref="EndOfStreamException">The stream ended inside the header.</exception>
+    public StreamHeader ReadStreamHeader()
+    {
+        Span<byte> h = stackalloc byte[StreamHeader.Size];
+        _stream.ReadExactly(h);
+        BytesRead += StreamHeader.Size;
+        if (!StreamHeader.TryRead(h, out var header))
+        {
+            throw new StreamFormatException("not a vmig migration stream (bad magic or header CRC)");
+        }
+        if (header.Major != StreamHeader.CurrentMajor)
+        {
+            throw new StreamFormatException($"stream version {header.Major}.{header.Minor} is not supported (this reader: {StreamHeader.CurrentMajor}.x)");
+        }
+        return header;
+    }
+
+    /// <summary>
+    /// Reads the next known section into <see cref="Type"/>/<see cref="Payload"/>. Returns false on a clean end of
+    /// stream (no byte of a next header).
+    /// </summary>
+    /// <exception cref="StreamFormatException">Malformed section (see class remarks).</exception>
+    /// <exception cref="EndOfStreamException">The stream ended inside a section.</exception>
+    public bool ReadNext()
+    {
+        while (true)
+        {
+            int got = _stream.ReadAtLeast(_header, SectionHeader.Size, throwOnEndOfStream: false);
+            if (got == 0)
+            {
+                return false;
+            }
+            if (got < SectionHeader.Size)
+            {
+                throw new EndOfStreamException($"stream ended inside a section header ({got} of {SectionHeader.Size} bytes)");
+            }
+            SectionHeader.TryRead(_header, out var h);
+            if ((h.Flags & ~SectionFlags.Mandatory) != 0)
+            {
+                throw new StreamFormatException($"section type {h.Type}: reserved flag bits set ({(ushort)h.Flags:#x})");
+            }
+            if (h.Length > (uint)MaxPayload)
+            {
+                throw new StreamFormatException($"section type {h.Type}: payload of {h.Length} bytes exceeds the limit of {MaxPayload}");
+            }
+            int len = (int)h.Length;
+            if (_payload.Length < len)
+            {
+                _payload = new byte[Math.Max(len, Math.Min(MaxPayload, _payload.Length * 2))];
+            }
+            _stream.ReadExactly(_payload, 0, len);
+            BytesRead += SectionHeader.Size + len;
+            if (SectionHeader.ComputeCrc(h.Type, h.Flags, _payload.AsSpan(0, len)) != h.Crc)
+            {
+                throw new StreamFormatException($"section type {h.Type}: CRC-32C mismatch");
+            }
+            if (!SectionIo.IsKnown(h.Type))
+            {
+                if ((h.Flags & SectionFlags.Mandatory) != 0)
+                {
+                    throw new StreamFormatException($"unknown mandatory section type {h.Type}");
+                }
+                SkippedSections++;
+                continue;
+            }
+            Type = (SectionType)h.Type;
+            _length = len;
+            return true;
+        }
+    }
+
+    /// <summary>Reads the next section and requires it to be <paramref name="expected"/>.</summary>
+    /// <exception cref="StreamFormatException">Another type came, or the stream ended.</exception>
+    public void Expect(SectionType expected)
+    {
+        if (!ReadNext())
+        {
+            throw new StreamFormatException($"stream ended; expected section {expected}");
+        }
+        if (Type != expected)
+        {
+            throw new StreamFormatException($"expected section {expected}, got {Type}");
+        }
+    }
+}
+
+/// <summary>Type tables and small payload codecs (docs/stream-format.md §3).</summary>
+public static class SectionIo
+{
+    /// <summary>True for types this version defines.</summary>
+    public static bool IsKnown(ushort type) => type is >= 1 and <= 14;
+
+    /// <summary>True for types written without the mandatory flag.</summary>
+    public static bool IsOptional(SectionType type) => type is SectionType.RoundInfo or SectionType.SwitchoverStart;
+
+    /// <summary>4-byte payload: u16 device index, u16 0.</summary>
+    public static byte[] DeviceIndexPayload(int device)
+    {
+        var b = new byte[4];
+        BinaryPrimitives.WriteUInt16LittleEndian(b, checked((ushort)device));
+        return b;
+    }
+
+    /// <summary>Parses a device-index payload (≥ 4 bytes) and bounds it by <paramref name="deviceCount"/>.</summary>
+    public static int ReadDeviceIndex(ReadOnlySpan<byte> payload, int deviceCount)
+    {
+        if (payload.Length < 4)
+        {
+            throw new StreamFormatException($"device section of {payload.Length} bytes is shorter than 4");
+        }
+        int d = BinaryPrimitives.ReadUInt16LittleEndian(payload);
+        if (d >= deviceCount)
+        {
+            throw new StreamFormatException($"device index {d} but the VM has {deviceCount} devices");
+        }
+        return d;
+    }
+
+    /// <summary>Status payload: u32 status, UTF-8 text.</summary>
+    public static byte[] StatusPayload(uint status, string? reason)
+    {
+        byte[] text = System.Text.Encoding.UTF8.GetBytes(reason ?? "");
+        var b = new byte[4 + text.Length];
+        BinaryPrimitives.WriteUInt32LittleEndian(b, status);
+        text.CopyTo(b, 4);
+        return b;
+    }
+
+    /// <summary>Parses a status payload.</summary>
+    public static (uint Status, string Reason) ReadStatus(ReadOnlySpan<byte> payload)
+    {
+        if (payload.Length < 4)
+        {
+            throw new StreamFormatException("status section shorter than 4 bytes");
+        }
+        return (BinaryPrimitives.ReadUInt32LittleEndian(payload), System.Text.Encoding.UTF8.GetString(payload[4..]));
+    }
+}

@@ -1,0 +1,187 @@
+using System.Buffers.Binary;
+using System.Numerics;
+
+namespace Vmig.Vmm.Stream;
+
+/// <summary>
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78, init 0xFFFFFFFF, final XOR 0xFFFFFFFF — the iSCSI /
+/// RFC 3720 variant; "123456789" → 0xE3069283), computed with the CPU's crc32 instruction through
+/// <see cref="BitOperations.Crc32C(uint, ulong)"/>.
+/// </summary>
+public static class Crc32C
+{
+    /// <summary>CRC of <paramref name="data"/>.</summary>
+    public static uint Compute(ReadOnlySpan<byte> data) => Finish(Append(Start, data));
+
+    /// <summary>The running value to start with.</summary>
+    public const uint Start = 0xFFFFFFFF;
+
+    /// <summary>Feeds <paramref name="data"/> into a running value.</summary>
+    public static uint Append(uint crc, ReadOnlySpan<byte> data)
+    {
+        while (data.Length >= 8)
+        {
+            crc = BitOperations.Crc32C(crc, BinaryPrimitives.ReadUInt64LittleEndian(data));
+            data = data[8..];
+        }
+        foreach (byte b in data)
+        {
+            crc = BitOperations.Crc32C(crc, b);
+        }
+        return crc;
+    }
+
+    /// <summary>Final XOR of a running value.</summary>
+    public static uint Finish(uint crc) => ~crc;
+}
+
+/// <summary>
+/// Section types of the migration stream (docs/stream-format.md §3). Direction: S→T source to target (or to a
+/// snapshot file), T→S target back to source.
+/// </summary>
+public enum SectionType : ushort
+{
+    /// <summary>S→T, mandatory: the VM description, UTF-8 JSON.</summary>
+    VmDescription = 1,
+    /// <summary>T→S, mandatory: u32 status (0 accept, 1 refuse), UTF-8 reason.</summary>
+    HandshakeReply = 2,
+    /// <summary>S→T, mandatory: RAM page runs of one round.</summary>
+    RamPages = 3,
+    /// <summary>S→T, mandatory: u16 device index, u8 phase, u8 0, device migration bytes.</summary>
+    DeviceData = 4,
+    /// <summary>S→T, mandatory: u16 device index, u16 0 — the device's initial pre-copy bytes are all sent.</summary>
+    DeviceInitialDataSent = 5,
+    /// <summary>T→S, mandatory: u16 device index, u16 0 — the target loaded the initial bytes (switchover-ack).</summary>
+    SwitchoverAck = 6,
+    /// <summary>S→T, mandatory: u32 vCPU index, register block.</summary>
+    VcpuState = 7,
+    /// <summary>S→T, mandatory: u16 device index, u16 0 — the device's stop-copy stream ended.</summary>
+    DeviceEnd = 8,
+    /// <summary>S→T, mandatory, empty: the whole VM state has been sent.</summary>
+    EndOfState = 9,
+    /// <summary>T→S, mandatory: u32 status (0 running, 1 failed), u64 target downtime µs, UTF-8 reason.</summary>
+    TargetResult = 10,
+    /// <summary>S→T on an extra RAM channel, mandatory: 16-byte session id, u32 channel index, u32 channel count.</summary>
+    ChannelHello = 11,
+    /// <summary>S→T on an extra RAM channel, mandatory: u64 RAM pages sent on this channel.</summary>
+    ChannelEnd = 12,
+    /// <summary>S→T, optional: u32 round, u32 0, u64 dirty pages, u64 bytes sent, u64 round µs.</summary>
+    RoundInfo = 13,
+    /// <summary>S→T, optional, empty: the source paused its vCPUs (downtime starts).</summary>
+    SwitchoverStart = 14,
+}
+
+/// <summary>Section flags (u16).</summary>
+[Flags]
+public enum SectionFlags : ushort
+{
+    None = 0,
+    /// <summary>A reader that does not know the type must fail rather than skip it.</summary>
+    Mandatory = 1,
+}
+
+/// <summary>
+/// The 16-byte stream header: 0 "VMIGSTRM" (8 ASCII bytes); 8 u16 major; 10 u16 minor; 12 u32 CRC-32C of
+/// bytes 0-11. All little-endian.
+/// </summary>
+public readonly struct StreamHeader
+{
+    public const int Size = 16;
+    public const ushort CurrentMajor = 1;
+    public const ushort CurrentMinor = 0;
+
+    private static ReadOnlySpan<byte> MagicBytes => "VMIGSTRM"u8;
+
+    public StreamHeader(ushort major, ushort minor)
+    {
+        Major = major;
+        Minor = minor;
+    }
+
+    public ushort Major { get; }
+    public ushort Minor { get; }
+
+    /// <summary>Writes the 16 bytes.</summary>
+    public void WriteTo(Span<byte> destination)
+    {
+        MagicBytes.CopyTo(destination);
+        BinaryPrimitives.WriteUInt16LittleEndian(destination[8..], Major);
+        BinaryPrimitives.WriteUInt16LittleEndian(destination[10..], Minor);
+        BinaryPrimitives.WriteUInt32LittleEndian(destination[12..], Crc32C.Compute(destination[..12]));
+    }
+
+    /// <summary>Parses; false if short, wrong magic or CRC mismatch (never throws).</summary>
+    public static bool TryRead(ReadOnlySpan<byte> source, out StreamHeader header)
+    {
+        header = default;
+        if (source.Length < Size || !source[..8].SequenceEqual(MagicBytes)
+            || BinaryPrimitives.ReadUInt32LittleEndian(source[12..]) != Crc32C.Compute(source[..12]))
+        {
+            return false;
+        }
+        header = new StreamHeader(BinaryPrimitives.ReadUInt16LittleEndian(source[8..]), BinaryPrimitives.ReadUInt16LittleEndian(source[10..]));
+        return true;
+    }
+}
+
+/// <summary>
+/// The 12-byte section header: 0 u16 type; 2 u16 flags; 4 u32 payload length; 8 u32 CRC-32C over header bytes
+/// 0-7 followed by the payload. Little-endian.
+/// </summary>
+public readonly struct SectionHeader
+{
+    public const int Size = 12;
+
+    public SectionHeader(ushort type, SectionFlags flags, uint length, uint crc)
+    {
+        Type = type;
+        Flags = flags;
+        Length = length;
+        Crc = crc;
+    }
+
+    public ushort Type { get; }
+    public SectionFlags Flags { get; }
+    public uint Length { get; }
+    public uint Crc { get; }
+
+    /// <summary>CRC the header should carry for <paramref name="payload"/>.</summary>
+    public static uint ComputeCrc(ushort type, SectionFlags flags, ReadOnlySpan<byte> payload)
+    {
+        Span<byte> first = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt16LittleEndian(first, type);
+        BinaryPrimitives.WriteUInt16LittleEndian(first[2..], (ushort)flags);
+        BinaryPrimitives.WriteUInt32LittleEndian(first[4..], (uint)payload.Length);
+        return Crc32C.Finish(Crc32C.Append(Crc32C.Append(Crc32C.Start, first), payload));
+    }
+
+    public void WriteTo(Span<byte> destination)
+    {
+        BinaryPrimitives.WriteUInt16LittleEndian(destination, Type);
+        BinaryPrimitives.WriteUInt16LittleEndian(destination[2..], (ushort)Flags);
+        BinaryPrimitives.WriteUInt32LittleEndian(destination[4..], Length);
+        BinaryPrimitives.WriteUInt32LittleEndian(destination[8..], Crc);
+    }
+
+    /// <summary>Parses 12 bytes; false if short (never throws).</summary>
+    public static bool TryRead(ReadOnlySpan<byte> source, out SectionHeader header)
+    {
+        header = default;
+        if (source.Length < Size)
+        {
+            return false;
+        }
+        header = new SectionHeader(
+            BinaryPrimitives.ReadUInt16LittleEndian(source),
+            (SectionFlags)BinaryPrimitives.ReadUInt16LittleEndian(source[2..]),
+            BinaryPrimitives.ReadUInt32LittleEndian(source[4..]),
+            BinaryPrimitives.ReadUInt32LittleEndian(source[8..]));
+        return true;
+    }
+}
+
+/// <summary>The stream is malformed (bad magic/version, CRC mismatch, bad length, unknown mandatory section, bad payload).</summary>
+public sealed class StreamFormatException : IOException
+{
+    public StreamFormatException(string message) : base(message) { }
+}

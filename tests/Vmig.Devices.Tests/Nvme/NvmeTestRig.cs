@@ -1,0 +1,207 @@
+using System.Buffers.Binary;
+using Vmig.Devices.Nvme;
+using Vmig.Guest;
+using Vmig.Native;
+using Vmig.VfioUser.Server;
+
+namespace Vmig.Devices.Tests.Nvme;
+
+/// <summary>Guest RAM for tests: one memfd mapped twice, as the guest's <see cref="IGuestMemory"/> and as the device's DMA window at IOVA 0.</summary>
+internal sealed class TestGuestRam : IGuestMemory, IDisposable
+{
+    private readonly UnixFd _fd;
+    private readonly Mapping _map;
+
+    public TestGuestRam(long size)
+    {
+        _fd = MemFd.Create("test-guest-ram", size);
+        _map = Mapping.Map(_fd, 0, size);
+        Dma = new DmaSpace();
+        int rc = Dma.Map(0, (ulong)size, DmaProt.Read | DmaProt.Write, Mapping.Map(_fd, 0, size));
+        if (rc != 0)
+        {
+            throw new InvalidOperationException($"DMA map failed: {rc}");
+        }
+        Size = (ulong)size;
+    }
+
+    public DmaSpace Dma { get; }
+    public ulong Size { get; }
+
+    /// <summary>Counts every guest write (so tests can assert the driver keeps its state in RAM).</summary>
+    public long Writes;
+
+    public void Read(ulong gpa, Span<byte> destination) => _map.GetSpan(Check(gpa, destination.Length), destination.Length).CopyTo(destination);
+
+    public void Write(ulong gpa, ReadOnlySpan<byte> source)
+    {
+        Interlocked.Increment(ref Writes);
+        source.CopyTo(_map.GetSpan(Check(gpa, source.Length), source.Length));
+    }
+
+    public uint ReadUInt32(ulong gpa) => _map.ReadUInt32Volatile(Check(gpa, 4));
+
+    public void WriteUInt32(ulong gpa, uint value)
+    {
+        Interlocked.Increment(ref Writes);
+        _map.WriteUInt32Volatile(Check(gpa, 4), value);
+    }
+
+    public ulong ReadUInt64(ulong gpa) => (ulong)_map.ReadInt64Volatile(Check(gpa, 8));
+
+    public void WriteUInt64(ulong gpa, ulong value)
+    {
+        Interlocked.Increment(ref Writes);
+        BinaryPrimitives.WriteUInt64LittleEndian(_map.GetSpan(Check(gpa, 8), 8), value);
+    }
+
+    private long Check(ulong gpa, int len)
+    {
+        if (gpa > Size || (ulong)len > Size - gpa)
+        {
+            throw new ArgumentOutOfRangeException(nameof(gpa), $"0x{gpa:X}+{len} outside guest RAM");
+        }
+        return (long)gpa;
+    }
+
+    public void Dispose()
+    {
+        Dma.Dispose();
+        _map.Dispose();
+        _fd.Dispose();
+    }
+}
+
+/// <summary>
+/// A guest's view of one NVMe controller without the PCI layer: BAR0 accesses call the controller directly,
+/// MSI-X vectors are real eventfds the controller signals. Config space is a plain 256-byte array with no capabilities.
+/// </summary>
+internal sealed class DirectNvmeFunction : IGuestPciFunction, IDisposable
+{
+    private readonly NvmeController _ctrl;
+    private readonly EventFd[] _vectors;
+    private readonly byte[] _config = new byte[256];
+
+    public DirectNvmeFunction(NvmeController ctrl, IDmaSpace dma, int vectors)
+    {
+        _ctrl = ctrl;
+        _vectors = new EventFd[vectors];
+        for (int i = 0; i < vectors; i++)
+        {
+            _vectors[i] = EventFd.Create();
+        }
+        ctrl.Attach(dma, v =>
+        {
+            Interlocked.Increment(ref Interrupts);
+            if (v < _vectors.Length)
+            {
+                _vectors[v].Signal();
+            }
+        });
+    }
+
+    public long MmioWrites;
+    public long DoorbellWrites;
+    public long Interrupts;
+
+    public int MsixVectorCount => _vectors.Length;
+
+    public void ReadConfig(int offset, Span<byte> data) => _config.AsSpan(offset, data.Length).CopyTo(data);
+
+    public void WriteConfig(int offset, ReadOnlySpan<byte> data) => data.CopyTo(_config.AsSpan(offset));
+
+    public void MmioRead(int bar, ulong offset, Span<byte> data)
+    {
+        Assert.Equal(0, bar);
+        Assert.Equal(0, _ctrl.ReadBar0((long)offset, data));
+    }
+
+    public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+    {
+        Assert.Equal(0, bar);
+        Interlocked.Increment(ref MmioWrites);
+        if (offset >= 0x1000)
+        {
+            Interlocked.Increment(ref DoorbellWrites);
+        }
+        Assert.Equal(0, _ctrl.WriteBar0((long)offset, data));
+    }
+
+    public bool WaitInterrupt(int vector, int timeoutMs) => _vectors[vector].Wait(timeoutMs) > 0;
+
+    public void Dispose()
+    {
+        _ctrl.Detach();
+        foreach (var v in _vectors)
+        {
+            v.Dispose();
+        }
+    }
+}
+
+/// <summary>A subsystem with one namespace file in a temp dir, and helpers to attach a guest to any controller.</summary>
+internal sealed class NvmeRig : IDisposable
+{
+    public const long NamespaceBytes = 4 << 20;
+
+    private readonly List<IDisposable> _owned = [];
+
+    public NvmeRig(int lbaSize = 512, int vfs = 2, NvmeSubsystemOptions? options = null)
+    {
+        Dir = Directory.CreateTempSubdirectory("vmig-nvme-");
+        NamespacePath = Path.Combine(Dir.FullName, "ns1.img");
+        using (var f = File.Create(NamespacePath))
+        {
+            f.SetLength(NamespaceBytes);
+        }
+        Subsystem = new NvmeSubsystem((options ?? new NvmeSubsystemOptions()) with { MaxSecondaryControllers = vfs });
+        Nsid = Subsystem.AddNamespace(NamespacePath, lbaSize);
+        LbaSize = lbaSize;
+    }
+
+    public DirectoryInfo Dir { get; }
+    public string NamespacePath { get; }
+    public NvmeSubsystem Subsystem { get; }
+    public uint Nsid { get; }
+    public int LbaSize { get; }
+
+    /// <summary>Guest RAM + function for a controller (primary if cntlid 0).</summary>
+    public (TestGuestRam Ram, DirectNvmeFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9)
+    {
+        var ram = new TestGuestRam(ramBytes);
+        var fn = new DirectNvmeFunction(Subsystem.GetController(cntlid)!, ram.Dma, vectors);
+        _owned.Add(fn);
+        _owned.Add(ram);
+        return (ram, fn);
+    }
+
+    /// <summary>Provisions secondary <paramref name="cntlid"/> (queues, vectors, online) and attaches the namespace to it.</summary>
+    public void ProvisionVf(ushort cntlid, ushort queues = 5, ushort vectors = 5, bool attach = true)
+    {
+        Subsystem.SetEnabledVfs(Math.Max(Subsystem.EnabledVfs, cntlid));
+        Subsystem.ProvisionSecondary(cntlid, queues, vectors);
+        if (attach)
+        {
+            Assert.True(Subsystem.AttachNamespace(Nsid, [cntlid]).IsSuccess);
+        }
+    }
+
+    public byte[] ReadFile(long offset, int count)
+    {
+        using var f = new FileStream(NamespacePath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        f.Position = offset;
+        byte[] b = new byte[count];
+        f.ReadExactly(b);
+        return b;
+    }
+
+    public void Dispose()
+    {
+        for (int i = _owned.Count - 1; i >= 0; i--)
+        {
+            _owned[i].Dispose();
+        }
+        Subsystem.Dispose();
+        Dir.Delete(recursive: true);
+    }
+}
