@@ -98,6 +98,8 @@ public sealed class NvmeSubsystem : IDisposable
     /// </summary>
     public NvmeFunction? GetVfFunction(int vfIndex) => vfIndex >= 0 && vfIndex < EnabledVfs ? _vfFunctions[vfIndex] : null;
 
+    internal NvmeFunction? SecondaryFunction(ushort cntlid) => cntlid is >= 1 && cntlid <= _vfFunctions.Length ? _vfFunctions[cntlid - 1] : null;
+
     /// <summary>
     /// What a host PF driver does to create <paramref name="count"/> VFs: clear VF Enable if set, write NumVFs, set
     /// VF Enable and VF MSE, through the PF's config space (so the SR-IOV capability and <see cref="EnabledVfs"/> agree).
