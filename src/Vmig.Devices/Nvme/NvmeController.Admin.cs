@@ -59,7 +59,8 @@ public sealed partial class NvmeController
                 return NamespaceAttachment(in c);
             case NvmeAdminOpcode.VirtualizationManagement when IsPrimary:
                 return VirtualizationManagement(in c, out dw0);
-            case NvmeAdminOpcode.MigrationSend or NvmeAdminOpcode.MigrationReceive or NvmeAdminOpcode.TrackSend or NvmeAdminOpcode.TrackReceive when IsPrimary:
+            case NvmeAdminOpcode.MigrationSend or NvmeAdminOpcode.MigrationReceive or NvmeAdminOpcode.TrackSend or NvmeAdminOpcode.TrackReceive
+                or NvmeAdminOpcode.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.Execute(this, in c, out dw0);
             default:
                 return NvmeStatus.InvalidOpcode;

@@ -580,6 +580,12 @@ public sealed partial class NvmeController : IDisposable
 /// <summary>Migration hooks used by <see cref="NvmeMigrationController"/> (primary-driven, never by the secondary's own host).</summary>
 public sealed partial class NvmeController
 {
+    /// <summary>
+    /// Writes this controller's host memory outside a command (the primary posting Controller Data Queue entries).
+    /// False if no host is attached or the address is outside its DMA windows.
+    /// </summary>
+    internal bool TryWriteHost(ulong address, ReadOnlySpan<byte> data) => Volatile.Read(ref _dma)?.TryWrite(address, data) ?? false;
+
     internal NvmeStatus Suspend()
     {
         lock (_gate)

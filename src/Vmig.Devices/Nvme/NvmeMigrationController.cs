@@ -19,7 +19,13 @@ public sealed class NvmeMigrationController
     private readonly Dictionary<ushort, byte[]> _saved = [];
     private readonly Dictionary<ushort, MemoryStream> _incoming = [];
 
-    internal NvmeMigrationController(NvmeSubsystem subsystem) => _subsystem = subsystem;
+    internal NvmeMigrationController(NvmeSubsystem subsystem)
+    {
+        _subsystem = subsystem;
+        DataQueues = new ControllerDataQueues(subsystem);
+    }
+
+    internal ControllerDataQueues DataQueues { get; }
 
     /// <summary>The profile a target must match: resources, MQES and the namespaces attached to <paramref name="cntlid"/>.</summary>
     public NvmeMigrationProfile ProfileOf(ushort cntlid)
@@ -235,6 +241,14 @@ public sealed class NvmeMigrationController
         dw0 = 0;
         byte sel = (byte)c.Cdw10;
         ushort cntlid = (ushort)c.Cdw11;
+        if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.ControllerDataQueue)
+        {
+            return DataQueues.Execute(primary, in c, out dw0);
+        }
+        if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.TrackSend && (TrackSendSelect)sel == TrackSendSelect.LogUserDataChanges)
+        {
+            return DataQueues.TrackUserData(primary, in c);
+        }
         if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.TrackSend)
         {
             // SEL 1 Track Memory Changes: TACT = MOS[3:0] (0 stop, 1 start), CNTLID in CDW11[15:0]; MRTG in DW0 = RPMPG.
@@ -254,7 +268,15 @@ public sealed class NvmeMigrationController
             switch ((MigrationSendSelect)sel)
             {
                 case MigrationSendSelect.Suspend:
-                    return Suspend(cntlid, (SuspendType)(byte)(c.Cdw11 >> 16));
+                    {
+                        var st = Suspend(cntlid, (SuspendType)(byte)(c.Cdw11 >> 16));
+                        if (st.IsSuccess && (SuspendType)(byte)(c.Cdw11 >> 16) == SuspendType.Suspend)
+                        {
+                            // DUDMQ (CDW11 bit 31): delete the user data migration queues of this controller.
+                            DataQueues.OnSuspend(cntlid, deleteQueues: (c.Cdw11 & (1u << 31)) != 0);
+                        }
+                        return st;
+                    }
                 case MigrationSendSelect.Resume:
                     return Resume(cntlid);
                 case MigrationSendSelect.SetControllerState:
@@ -397,13 +419,9 @@ public sealed class NvmeMigrationController
         return SetControllerState(cntlid, whole.AsSpan(0, (int)size), out _);
     }
 
-    internal NvmeStatus SetCdqFeature(in SubmissionQueueEntry c) => NvmeStatus.InvalidField;
+    internal NvmeStatus SetCdqFeature(in SubmissionQueueEntry c) => DataQueues.SetFeature(in c);
 
-    internal NvmeStatus GetCdqFeature(NvmeController primary, in SubmissionQueueEntry c, out uint dw0)
-    {
-        dw0 = 0;
-        return NvmeStatus.InvalidField;
-    }
+    internal NvmeStatus GetCdqFeature(NvmeController primary, in SubmissionQueueEntry c, out uint dw0) => DataQueues.GetFeature(primary, in c, out dw0);
 
     /// <summary>Identify CNS 20h: NV = 1 (NVMe-defined format version 0), NUUID = 0. Vendor state rides inside that format.</summary>
     internal static void WriteSupportedFormats(Span<byte> page)

@@ -260,3 +260,44 @@ public readonly record struct TrackedMemoryChange(ulong Saddr, uint Length)
         return true;
     }
 }
+
+/// <summary>
+/// User Data Migration Queue entry (Controller Data Queue type 0, 32 bytes; reference §5.6.2 after libvfn): NSID 3:0,
+/// NLB 7:4 (blocks), SLBA 15:8, reserved 30:16, attribute byte 31: bit 0 phase tag, bits 3:1 ESA (0 = a range,
+/// 1 first, 2 last: logging stopped, 3 last: suspended, 7 last: queue full), bits 7:6 LBACIR (0 this range changed,
+/// 1 all LBAs changed, 2 no range reported).
+/// </summary>
+public readonly record struct UserDataChangeEntry(uint Nsid, uint Nlb, ulong Slba, bool Phase, byte Esa, byte Lbacir)
+{
+    public const int Size = 32;
+
+    public const byte EsaRange = 0;
+    public const byte EsaFirst = 1;
+    public const byte EsaLastStopped = 2;
+    public const byte EsaLastSuspended = 3;
+    public const byte EsaLastQueueFull = 7;
+
+    public byte Attr => (byte)((Phase ? 1 : 0) | ((Esa & 7) << 1) | ((Lbacir & 3) << 6));
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        BinaryPrimitives.WriteUInt32LittleEndian(d, Nsid);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[4..], Nlb);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[8..], Slba);
+        d[31] = Attr;
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out UserDataChangeEntry v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        byte a = s[31];
+        v = new UserDataChangeEntry(BinaryPrimitives.ReadUInt32LittleEndian(s), BinaryPrimitives.ReadUInt32LittleEndian(s[4..]),
+            BinaryPrimitives.ReadUInt64LittleEndian(s[8..]), (a & 1) != 0, (byte)((a >> 1) & 7), (byte)(a >> 6));
+        return true;
+    }
+}

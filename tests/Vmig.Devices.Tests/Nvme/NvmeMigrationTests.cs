@@ -256,4 +256,56 @@ public sealed class NvmeMigrationTests
         Assert.True(mig.Resume(1).IsSuccess);
         Assert.True(drv.Wait(0, cid, 2000).Status.IsSuccess); // the event raised while suspended is delivered after resume
     }
+
+    [Fact]
+    public void Controller_data_queue_logs_the_lba_ranges_a_secondary_changes()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        var (vram, vfn) = rig.Connect(1, vectors: 5);
+        var vf = NvmeDriver.Initialize(vram, vfn, Region, RegionSize);
+        Assert.True(rig.Subsystem.AttachNamespace(rig.Nsid, [0]).IsSuccess);
+        var (pram, pfn) = rig.Connect(0);
+        var pf = NvmeDriver.Initialize(pram, pfn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
+        ulong cdq = pf.Allocate(4096);
+        var create = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.ControllerDataQueue, Cdw11 = 1 | (1u << 16), Cdw12 = 64, Prp1 = cdq }; // 8 entries
+        Assert.Equal(NvmeStatus.InvalidControllerIdentifier, pf.ExecuteRaw(0, create with { Cdw11 = 1 }).Status);
+        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, create with { Cdw11 = 1u << 16 }).Status);
+        uint cdqid = pf.Execute(0, create).Dw0;
+        var track = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.TrackSend, Cdw10 = 0 | (1u << 16), Cdw11 = cdqid };
+        pf.Execute(0, track);
+
+        vram.Write(Buf, Pattern(4096, 1));
+        Assert.True(vf.Write(1, rig.Nsid, 100, 8, 512, Buf).IsSuccess);
+        Assert.True(vf.ExecuteRaw(1, NvmeDriver.ReadWrite(NvmeIoOpcode.WriteZeroes, rig.Nsid, 500, 4)).Status.IsSuccess);
+        Assert.True(vf.Read(1, rig.Nsid, 100, 8, 512, Buf).IsSuccess); // reads are not logged
+        UserDataChangeEntry Entry(int i)
+        {
+            byte[] b = new byte[32];
+            pram.Read(cdq + (ulong)(i * 32), b);
+            UserDataChangeEntry.TryRead(b, out var e);
+            return e;
+        }
+        Assert.Equal(new UserDataChangeEntry(rig.Nsid, 8, 100, true, 0, 0), Entry(0));
+        Assert.Equal(new UserDataChangeEntry(rig.Nsid, 4, 500, true, 0, 0), Entry(1));
+        Assert.False(Entry(2).Phase);
+
+        // Consume two, then fill the queue: the last free slot gets the "queue full" marker and logging stops.
+        pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.SetFeatures, Cdw10 = (uint)FeatureId.ControllerDataQueue, Cdw11 = cdqid, Cdw12 = 2 });
+        Assert.Equal(2u, pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.GetFeatures, Cdw10 = (uint)FeatureId.ControllerDataQueue, Cdw11 = cdqid }).Dw0);
+        for (int i = 0; i < 10; i++)
+        {
+            Assert.True(vf.ExecuteRaw(1, NvmeDriver.ReadWrite(NvmeIoOpcode.WriteZeroes, rig.Nsid, (ulong)(1000 + i), 1)).Status.IsSuccess);
+        }
+        Assert.Equal(new UserDataChangeEntry(rig.Nsid, 1, 1000, true, 0, 0), Entry(2));
+        Assert.Equal(UserDataChangeEntry.EsaLastQueueFull, Entry(0).Esa); // slot 0 after wrap: phase flipped
+        Assert.False(Entry(0).Phase);
+
+        // Restart logging after consuming everything; a suspend ends it with the "suspended" marker and DUDMQ deletes the queue.
+        pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.SetFeatures, Cdw10 = (uint)FeatureId.ControllerDataQueue, Cdw11 = cdqid, Cdw12 = 1 });
+        pf.Execute(0, track);
+        pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 0, Cdw11 = 1 | (1u << 16) | (1u << 31) });
+        Assert.Equal((UserDataChangeEntry.EsaLastSuspended, false), (Entry(1).Esa, Entry(1).Phase));
+        Assert.Equal(NvmeStatus.InvalidQueueIdentifier, pf.ExecuteRaw(0, track).Status);
+    }
 }

@@ -278,6 +278,7 @@ public sealed class NvmePciTests
         Assert.True(pf.ExecuteRaw(0, start with { Cdw10 = 1 }).Status.IsSuccess);
         Assert.Equal(NvmeStatus.CommandSequenceError, pf.ExecuteRaw(0, recv, page, 4096).Status);
         Assert.Equal(NvmeStatus.InvalidControllerIdentifier, pf.ExecuteRaw(0, start with { Cdw11 = 7 }).Status);
-        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, start with { Cdw10 = 0 }).Status);
+        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, start with { Cdw10 = 5 }).Status);
+        Assert.Equal(NvmeStatus.InvalidQueueIdentifier, pf.ExecuteRaw(0, start with { Cdw10 = 1u << 16 }).Status); // SEL 0 names a CDQ that does not exist
     }
 }
