@@ -106,6 +106,9 @@ public sealed partial class NvmeController
         {
             WriteEventIdx(armed: true);
         }
+        // EventIdx store before the shadow loads (the host does the mirror image: shadow store, fence, EventIdx load),
+        // so one side always sees the other's update.
+        Interlocked.MemoryBarrier();
         return PollShadow();
     }
 

@@ -305,13 +305,28 @@ public sealed class NvmeDriver
             int vector = msix ? q % vectors : 0;
             SetupQueue(q, entries, vector, msix);
             ulong qd = QueueDesc(q);
-            Admin(new SubmissionQueueEntry
+            while (true)
             {
-                Opcode = (byte)NvmeAdminOpcode.CreateIoCompletionQueue,
-                Prp1 = _mem.ReadUInt64(qd + QCqBase),
-                Cdw10 = (uint)q | ((uint)(entries - 1) << 16),
-                Cdw11 = 1u | (msix ? 2u : 0u) | ((uint)vector << 16),
-            });
+                var cq = ExecuteRaw(0, new SubmissionQueueEntry
+                {
+                    Opcode = (byte)NvmeAdminOpcode.CreateIoCompletionQueue,
+                    Prp1 = _mem.ReadUInt64(qd + QCqBase),
+                    Cdw10 = (uint)q | ((uint)(entries - 1) << 16),
+                    Cdw11 = 1u | (msix ? 2u : 0u) | ((uint)vector << 16),
+                });
+                if (cq.Status.IsSuccess)
+                {
+                    break;
+                }
+                if (cq.Status != NvmeStatus.InvalidInterruptVector || vector == 0)
+                {
+                    throw new NvmeDriverException($"Create I/O CQ {q} failed", cq.Status);
+                }
+                // A secondary may have fewer interrupt resources than its MSI-X table has entries: share lower vectors.
+                vectors = vector;
+                vector = q % vectors;
+                _mem.WriteUInt32(qd + QVector, (uint)vector);
+            }
             Admin(new SubmissionQueueEntry
             {
                 Opcode = (byte)NvmeAdminOpcode.CreateIoSubmissionQueue,

@@ -71,6 +71,24 @@ public sealed class NvmePciTests
     }
 
     [Fact]
+    public void Driver_shares_vectors_when_a_vf_has_fewer_interrupt_resources_than_msix_entries()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1, queues: 9, vectors: 3);
+        var f = rig.Subsystem.GetVfFunction(0)!;
+        var (ram, fn) = Attach(f);
+        using var _ = ram;
+        Assert.Equal(9, fn.MsixVectorCount);
+        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 8 });
+        Assert.Equal(8, drv.IoQueueCount);
+        Assert.All(f.Controller.WithLock(s => s.Cqs.Where(c => c is not null).Select(c => c!.Vector).ToList()), v => Assert.True(v < 3));
+        for (int q = 1; q <= 8; q++)
+        {
+            Assert.True(drv.Read(q, rig.Nsid, (ulong)q, 1, 512, Buf).IsSuccess);
+        }
+    }
+
+    [Fact]
     public void Clearing_bus_master_enable_stops_all_dma_and_the_controller_reports_fatal_status()
     {
         using var rig = new NvmeRig();
