@@ -46,7 +46,7 @@ public sealed class NvmeDriverException : Exception
 /// commands that were in flight.
 /// </summary>
 /// <remarks>One thread per queue at a time (a per-queue lock enforces it); different queues may be used concurrently.</remarks>
-public sealed class NvmeDriver
+public sealed partial class NvmeDriver
 {
     private const ulong Page = 4096;
 
@@ -686,14 +686,16 @@ public sealed class NvmeDriver
 
     // ---- admin helpers ----
 
-    private ulong ScratchPage()
+    private ulong ScratchPage() => ReservedBuffer(OffScratchPage, Page);
+
+    /// <summary>A buffer reserved on first use, its address kept in the state block at <paramref name="slot"/>.</summary>
+    private ulong ReservedBuffer(int slot, ulong size)
     {
-        // One page reserved on first use, its address kept in the state block.
-        ulong p = _mem.ReadUInt64(_state + OffScratchPage);
+        ulong p = _mem.ReadUInt64(_state + (ulong)slot);
         if (p == 0)
         {
-            p = Allocate(Page);
-            _mem.WriteUInt64(_state + OffScratchPage, p);
+            p = Allocate(size);
+            _mem.WriteUInt64(_state + (ulong)slot, p);
         }
         return p;
     }

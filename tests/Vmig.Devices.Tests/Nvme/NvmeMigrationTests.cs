@@ -97,43 +97,18 @@ public sealed class NvmeMigrationTests
         byte[] fmt = pf.IdentifyRaw(IdentifyCns.SupportedControllerStateFormats, 0, 0);
         Assert.Equal(1, fmt[0]);
 
-        SubmissionQueueEntry Send(MigrationSendSelect sel, uint cdw11, uint mos = 0) =>
-            new() { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = (uint)sel | (mos << 16), Cdw11 = cdw11 };
-        pf.Execute(0, Send(MigrationSendSelect.Suspend, 1 | (1u << 16)));
-
-        ulong buf = pf.Allocate(64 * 1024);
-        var recv = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationReceive, Cdw11 = 1, Cdw15 = 1024 / 4 - 1 };
-        var c = pf.Execute(0, recv, buf, 1024);
-        Assert.Equal(1u, c.Dw0 & 1); // CSUP
-        byte[] head = new byte[1024];
-        pram.Read(buf, head);
-        Assert.True(ControllerStateHeader.TryRead(head, out var hdr));
+        Assert.True(pf.SuspendSecondary(1).IsSuccess);
+        byte[] viaAdmin = pf.GetSecondaryState(1, out bool csup);
+        Assert.True(csup);
+        Assert.True(ControllerStateHeader.TryRead(viaAdmin, out var hdr));
         Assert.True(hdr.Suspended);
-        int size = (int)(ControllerStateHeader.Size + (hdr.Nvmecss + hdr.Vss) * 4);
-        byte[] viaAdmin = new byte[size];
-        for (int off = 0; off < size; off += 1024)
-        {
-            pf.Execute(0, recv with { Cdw12 = (uint)off }, buf, 1024);
-            byte[] chunk = new byte[1024];
-            pram.Read(buf, chunk);
-            chunk.AsSpan(0, Math.Min(1024, size - off)).CopyTo(viaAdmin.AsSpan(off));
-        }
         Assert.True(rig.Subsystem.Migration.GetControllerState(1, out byte[] viaHost).IsSuccess);
         Assert.Equal(viaHost, viaAdmin);
 
-        // Set Controller State in SEQIND chunks through the admin queue, then Resume; the VF carries on.
-        int padded = (size + 1023) / 1024 * 1024;
-        byte[] send = new byte[padded];
-        viaAdmin.CopyTo(send, 0);
-        int chunks = padded / 1024;
-        for (int i = 0; i < chunks; i++)
-        {
-            uint seq = chunks == 1 ? 3u : i == 0 ? 1u : i == chunks - 1 ? 2u : 0u;
-            pram.Write(buf, send.AsSpan(i * 1024, 1024));
-            var set = Send(MigrationSendSelect.SetControllerState, 1, seq) with { Cdw12 = (uint)(i * 1024), Cdw15 = 1024 / 4 - 1 };
-            Assert.True(pf.ExecuteRaw(0, set, buf, 1024).Status.IsSuccess);
-        }
-        pf.Execute(0, Send(MigrationSendSelect.Resume, 1));
+        // Set Controller State through the admin queue (SEQIND chunks when larger than one transfer), then Resume.
+        Assert.True(pf.SetSecondaryState(1, viaAdmin).IsSuccess);
+        Assert.True(pf.ResumeSecondary(1).IsSuccess);
+        Assert.Equal(NvmeStatus.ControllerNotSuspended, pf.ResumeSecondary(1));
         Assert.True(vf.Read(2, rig.Nsid, 5, 1, 512, Buf + 4096).IsSuccess);
         byte[] back = new byte[512];
         vram.Read(Buf + 4096, back);
@@ -307,5 +282,36 @@ public sealed class NvmeMigrationTests
         pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 0, Cdw11 = 1 | (1u << 16) | (1u << 31) });
         Assert.Equal((UserDataChangeEntry.EsaLastSuspended, false), (Entry(1).Esa, Entry(1).Phase));
         Assert.Equal(NvmeStatus.InvalidQueueIdentifier, pf.ExecuteRaw(0, track).Status);
+    }
+
+    [Fact]
+    public void Set_controller_state_in_first_middle_last_chunks_through_the_admin_queue()
+    {
+        var (rig, state) = SavedState();
+        using var owner = rig;
+        var (pram, pfn) = rig.Connect(0);
+        var pf = NvmeDriver.Initialize(pram, pfn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
+        ulong buf = pf.Allocate(4096);
+        const int Chunk = 128;
+        byte[] padded = new byte[(state.Length + Chunk - 1) / Chunk * Chunk];
+        state.CopyTo(padded, 0);
+        int chunks = padded.Length / Chunk;
+        Assert.True(chunks >= 3);
+        for (int i = 0; i < chunks; i++)
+        {
+            uint seq = i == 0 ? 1u : i == chunks - 1 ? 2u : 0u;
+            pram.Write(buf, padded.AsSpan(i * Chunk, Chunk));
+            var set = new SubmissionQueueEntry
+            {
+                Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (seq << 16), Cdw11 = 1, Cdw12 = (uint)(i * Chunk), Cdw15 = (Chunk / 4) - 1,
+            };
+            Assert.True(pf.ExecuteRaw(0, set, buf, Chunk).Status.IsSuccess);
+        }
+        Assert.True(rig.Subsystem.Migration.GetControllerState(1, out var after).IsSuccess);
+        Assert.Equal(state, after);
+        // A last chunk whose offset does not continue the sequence is refused.
+        pram.Write(buf, padded.AsSpan(0, Chunk));
+        Assert.True(pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (1u << 16), Cdw11 = 1, Cdw15 = (Chunk / 4) - 1 }, buf, Chunk).Status.IsSuccess);
+        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (2u << 16), Cdw11 = 1, Cdw12 = 4 * Chunk, Cdw15 = (Chunk / 4) - 1 }, buf, Chunk).Status);
     }
 }
