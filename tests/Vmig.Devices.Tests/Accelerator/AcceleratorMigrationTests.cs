@@ -283,6 +283,30 @@ public sealed class AcceleratorMigrationTests
     }
 
     [Fact]
+    public void LargeSparseDeviceMemory_JobsAndPrecopyInfoBeyond4GiB()
+    {
+        const ulong size = 5UL << 30; // sparse memfd: only touched pages are allocated
+        using var rig = new AcceleratorRig(deviceMemory: size);
+        Assert.Equal(size, rig.D.DeviceMemorySize);
+        ulong high = (9UL << 29) + 8; // 4.5 GiB + 8
+        Assert.Equal(AcceleratorJobStatus.Success, rig.Run(AcceleratorOpcode.Fill, 0, high, 16, 0x0123_4567_89AB_CDEF).Status);
+        Assert.Equal(0x0123_4567_89AB_CDEFul, BinaryPrimitives.ReadUInt64LittleEndian(rig.Vf.Memory.GetSpan((long)high, 8)));
+        Assert.Equal(AcceleratorJobStatus.Success, rig.Run(AcceleratorOpcode.CopyFromDevice, AcceleratorRig.BufferArea, high, 16).Status);
+        Assert.Equal(0x0123_4567_89AB_CDEFul, rig.Ram.ReadUInt64(AcceleratorRig.BufferArea));
+        Assert.Equal(AcceleratorJobStatus.DeviceRangeError, rig.Run(AcceleratorOpcode.Fill, 0, size - 8, 16, 1).Status);
+
+        rig.Step(DeviceState.Running, DeviceState.PreCopy);
+        long pages = (long)(size / Page);
+        Assert.Equal((ulong)(RecordOverhead + AcceleratorProfile.Size + (long)size + pages / 256 * RecordOverhead), rig.Migration.GetPrecopyInfo().InitialBytes);
+        // The first record header names the profile; nothing beyond it needs the whole memory in a buffer.
+        var head = new byte[AcceleratorRecordHeader.Size];
+        Assert.Equal(head.Length, rig.Migration.ReadData(head));
+        Assert.True(AcceleratorRecordHeader.TryRead(head, out var h));
+        Assert.Equal(AcceleratorRecordType.Profile, h.Type);
+        rig.Step(DeviceState.PreCopy, DeviceState.Running);
+    }
+
+    [Fact]
     public void PreCopyAbandoned_BackToRunning_AndResetDropsTheSession()
     {
         using var rig = new AcceleratorRig(deviceMemory: 1 << 20);
