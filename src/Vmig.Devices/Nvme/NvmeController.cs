@@ -439,10 +439,15 @@ public sealed partial class NvmeController : IDisposable
                 status = ExecuteIo(in sqe, out dw0);
             }
         }
-        catch (IOException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             // The backing file failed (EIO, ENOSPC): the host sees an internal error; the device host carries on.
             status = NvmeStatus.InternalError;
+        }
+        catch (ObjectDisposedException)
+        {
+            // The namespace was deleted by the primary while this command was running.
+            status = NvmeStatus.InvalidNamespaceOrFormat;
         }
         if (!status.IsSuccess)
         {
