@@ -305,7 +305,9 @@ internal sealed class SourceSession
         {
             throw;
         }
-        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException or System.Security.Authentication.AuthenticationException)
+        // Whatever went wrong (socket, stream format, a device step, a bug in a device adapter), the source VM must come
+        // back: every failure before the commit point rolls back.
+        catch (Exception e) when (e is not OutOfMemoryException)
         {
             _report.Error = _ct.IsCancellationRequested ? $"cancelled ({e.Message})" : e.Message;
             if (committed)
