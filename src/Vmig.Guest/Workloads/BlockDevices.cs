@@ -59,7 +59,12 @@ public sealed class NvmeBlockDevice : IGuestBlockDevice
     {
         ArgumentNullException.ThrowIfNull(driver);
         var id = driver.IdentifyNamespace(nsid);
-        return new NvmeBlockDevice(driver, qid, nsid, NvmeDriverState.BlockSize, id.Nsze);
+        int lbaSize = id.FormattedLbaSize;
+        if (lbaSize < 512 || id.Nsze == 0)
+        {
+            throw new NvmeDriverException($"namespace {nsid} has no usable LBA format (size {lbaSize}, NSZE {id.Nsze})");
+        }
+        return new NvmeBlockDevice(driver, qid, nsid, lbaSize, id.Nsze);
     }
 
     public int BlockSize { get; }

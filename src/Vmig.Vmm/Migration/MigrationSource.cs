@@ -198,6 +198,12 @@ internal sealed class SourceSession
             {
                 throw new InvalidOperationException("this VM already migrated away");
             }
+            // STOP_COPY is mandatory (reference §1.2): a device without it blocks migration, as in QEMU.
+            var blocker = _vm.Devices.FirstOrDefault(d => (d.Description.MigrationFlags & MigrationFlags.StopCopy) == 0);
+            if (blocker is not null)
+            {
+                throw new InvalidOperationException($"device {blocker.Description.Name} is not migratable (no STOP_COPY)");
+            }
             // --- handshake: nothing on the source changes until the target says yes.
             Report(MigrationPhase.Handshake, 0, 0, 0, 0, 0);
             var main = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
