@@ -144,11 +144,12 @@ internal sealed class StateSender
     {
         var w = _channels[channel];
         var buffer = new byte[RamPages.MaxPayload];
+        var scratch = new byte[RamPages.MaxPagesPerSection * GuestRam.PageSize];
         long pages = 0, zeros = 0;
         for (int i = start; i < runs.Count; i += step)
         {
             var (first, count) = runs[i];
-            int len = RamPages.Encode(_vm.Memory, round, first, count, buffer, out int z);
+            int len = RamPages.Encode(_vm.Memory, round, first, count, scratch, buffer, out int z);
             w.Write(SectionType.RamPages, buffer.AsSpan(0, len));
             _throttle?.Consume(len + SectionHeader.Size);
             pages += count;
