@@ -1,3 +1,5 @@
+using System.Net;
+using System.Net.Sockets;
 using Vmig.Devices.Nvme;
 using Vmig.Guest;
 using Vmig.Guest.Workloads;
@@ -5,6 +7,7 @@ using Vmig.Migration;
 using Vmig.Native;
 using Vmig.VfioUser.Server;
 using Vmig.Vmm;
+using Vmig.Vmm.Migration;
 
 namespace Vmig.Vmm.Tests;
 
@@ -95,7 +98,7 @@ public sealed class NvmeGuestTests : IDisposable
         }
         using var sub = new NvmeSubsystem(new NvmeSubsystemOptions { MaxSecondaryControllers = 2 });
         uint nsid = sub.AddNamespace(ns, 512);
-        sub.SetEnabledVfs(1);
+        sub.EnableVfs(sub.Secondaries.Count);
         sub.ProvisionSecondary(1, 5, 5);
         Assert.True(sub.AttachNamespace(nsid, [1]).IsSuccess);
 
@@ -133,5 +136,78 @@ public sealed class NvmeGuestTests : IDisposable
         var me = Assert.IsType<Vmig.Vmm.Migration.VmMigrationException>(e.InnerException);
         Assert.Equal("not-started", me.Report.Outcome);
         Assert.Contains("not migratable", me.Report.Error, StringComparison.Ordinal);
+    }
+
+    /// <summary>One "host": a subsystem on the shared namespace file with VF 0 (CNTLID 1) served over vfio-user.</summary>
+    private static (NvmeSubsystem Sub, VfioUserServer Server, uint Nsid) Host(string ns, string socket)
+    {
+        var sub = new NvmeSubsystem(new NvmeSubsystemOptions { MaxSecondaryControllers = 2 });
+        uint nsid = sub.AddNamespace(ns, 512);
+        Assert.True(sub.AttachNamespace(nsid, [1]).IsSuccess);
+        sub.ProvisionSecondary(1, 3, 3);
+        sub.EnableVfs(1);
+        var server = new VfioUserServer(sub.GetVfFunction(0)!, socket);
+        server.Start();
+        return (sub, server, nsid);
+    }
+
+    [Fact]
+    public async Task NvmeVfOverVfioUser_FioWithVerifier_MigratedThereAndBack_NoLostOrCorruptWrites()
+    {
+        string ns = Path.Combine(_dir, "shared.img"); // shared storage: both hosts serve the same file
+        using (var f = File.Create(ns))
+        {
+            f.SetLength(8 << 20);
+        }
+        var (subA, serverA, nsid) = Host(ns, Path.Combine(_dir, "a.sock"));
+        var (subB, serverB, _) = Host(ns, Path.Combine(_dir, "b.sock"));
+        using var la = new TcpListener(IPAddress.Loopback, 0);
+        using var lb = new TcpListener(IPAddress.Loopback, 0);
+        la.Start();
+        lb.Start();
+        VmConfig Config(bool boot) => new()
+        {
+            Name = "nvme-vm",
+            MemorySize = 16 << 20,
+            Vcpus = boot ? [new VcpuConfig("fio", "device=nvme0-q1,gpa=0x800000\n[w]\nrw=randrw\nrwmixread=30\nbs=4k\niodepth=16\nsize=2M\nruntime=60s\ntime_based\nverify=crc32c")] : [],
+            Programs = new GuestProgramRegistry().Add(FioWorkload.Factory),
+            SetupGuest = GuestSetup.Nvme("nvme0", "nvme0", 0x200000, 0x400000, nsid, ioQueues: 2),
+        };
+        var vm = Vm.Create(Config(true), [VfioUserVmDevice.Connect(serverA.SocketPath, "nvme0", "nvme", "q=2")]);
+        try
+        {
+            vm.Start();
+            TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50);
+            (string Sock, TcpListener L)[] hops = [(serverB.SocketPath, lb), (serverA.SocketPath, la)];
+            foreach (var (sock, l) in hops)
+            {
+                var target = MigrationTarget.AcceptAsync(l, Config(false), d => VfioUserVmDevice.Connect(sock, d.Name, "nvme", "q=2"));
+                var report = await MigrationSource.RunAsync(vm, l.LocalEndpoint, new MigrationOptions { MaxRounds = 5 });
+                Assert.Equal("completed", report.Outcome);
+                var next = await target;
+                long before = FioWorkload.Counters(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers)).Writes;
+                vm.Dispose();
+                vm = next;
+                TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50);
+                vm.Pause();
+                Assert.Null(vm.Vcpus[0].Fault);
+                long after = FioWorkload.Counters(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers)).Writes;
+                Assert.True(after > before, $"writes {before} -> {after}");
+                vm.Resume();
+            }
+            vm.Pause();
+            ulong state = FioWorkload.StateGpa(vm.Vcpus[0].Registers);
+            var counts = FioWorkload.Verify(vm.Memory, state, vm.Guest.GetService<IGuestBlockDevice>("nvme0-q1"));
+            Assert.True(counts.Clean && counts.Verified > 100, counts.ToString());
+            Assert.Equal(0, FioWorkload.Counters(vm.Memory, state).ReadMismatches);
+        }
+        finally
+        {
+            vm.Dispose();
+            serverA.Dispose();
+            serverB.Dispose();
+            subA.Dispose();
+            subB.Dispose();
+        }
     }
 }
