@@ -392,7 +392,8 @@ run_part2() {
 }
 
 if [ "$TARGET" = vmig ]; then
-  resolve_vmig || skip_all "cannot build or find the vmig command (set VMIG)"
+  command -v dotnet >/dev/null || [ -n "$VMIG" ] || skip_all "no dotnet SDK on this machine and VMIG not set"
+  resolve_vmig || { result FAIL "host/build" "building the device host failed (see $OUT/build-*.log)"; exit 1; }
   if [ "$HOST_IMPL" != standin ]; then
     $VMIG host --help > "$OUT/vmig-host-help.txt" 2>&1
     grep -q -- '--config' "$OUT/vmig-host-help.txt" \
