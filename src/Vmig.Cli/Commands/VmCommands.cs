@@ -89,6 +89,21 @@ internal static class VmCommands
                 AnsiConsole.MarkupLineInterpolated($"vm [bold]{vm.Name}[/] {vm.State} ({vm.Memory.Size >> 20} MiB, {vm.Vcpus.Count} vCPUs, {vm.Devices.Count} devices); control socket {control.SocketPath}");
                 var serve = control.RunAsync();
                 Task.WaitAny(control.Finished, serve);
+                if (vm.State == VmRunState.MigratedAway)
+                {
+                    // The VM runs elsewhere now: hand the VFs back clean, as closing a VFIO device resets it.
+                    foreach (var d in vm.Devices)
+                    {
+                        try
+                        {
+                            d.Reset();
+                        }
+                        catch (IOException e)
+                        {
+                            log.LogWarning("reset of {Device} after migration failed: {Error}", d.Description.Name, e.Message);
+                        }
+                    }
+                }
                 AnsiConsole.MarkupLineInterpolated($"vm {vm.Name}: {vm.State}; exiting");
             }
             return 0;

@@ -59,7 +59,13 @@ public sealed class NvmeBlockDevice : IGuestBlockDevice
     {
         ArgumentNullException.ThrowIfNull(driver);
         var id = driver.IdentifyNamespace(nsid);
-        return new NvmeBlockDevice(driver, qid, nsid, NvmeDriverState.BlockSize, id.Nsze);
+        // The LBA data size of the formatted LBA format (Identify Namespace FLBAS → LBAF[n].LBADS), not a page.
+        int lba = id.FormattedLbaSize;
+        if (lba is < 512 or > 65536)
+        {
+            throw new NvmeDriverException($"namespace {nsid} reports an LBA size of {lba} bytes");
+        }
+        return new NvmeBlockDevice(driver, qid, nsid, lba, id.Nsze);
     }
 
     public int BlockSize { get; }
