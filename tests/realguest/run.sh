@@ -33,24 +33,26 @@ PF_SOCK_NAME=nvme0-pf.sock              # host-only socket of the primary contro
 HOST_START_TIMEOUT=${HOST_START_TIMEOUT:-120}   # seconds for vmig host to listen (includes JIT start-up)
 # The device host's configuration. $1 = config file, $2 = run dir (sockets), $3 = namespace file.
 write_host_config() {
+  # vmig host's HostConfig (src/Vmig.Cli/Host/HostConfig.cs; unknown members are rejected): sockets are
+  # runtimeDir/<nvme name>-pf.sock and runtimeDir/<nvme name>-vf<i>.sock.
   cat > "$1" <<EOF
 {
-  "runDir": "$2",
-  "subsystems": [
+  "name": "realguest",
+  "runtimeDir": "$2",
+  "nvme": [
     {
       "name": "nvme0",
-      "kind": "nvme",
-      "nqn": "nqn.2026-11.io.vmig:realguest",
-      "serial": "VMIGRG0001",
-      "namespaces": [ { "nsid": 1, "file": "$3", "lbaSize": 512 } ],
-      "secondaryControllers": 1,
-      "pfSocket": "$PF_SOCK_NAME"${PCI_IDS_JSON:-}
+      "namespaces": [ { "path": "$3", "lbaSize": 512 } ],
+      "vfs": 1,
+      "queuesPerVf": 4,
+      "vectorsPerVf": 4${PCI_IDS_JSON:-}
     }
   ]
 }
 EOF
 }
-# Extra subsystem members, e.g. PCI_IDS_JSON=', "pfDeviceId": "10f0", "vfDeviceId": "10f1"' (the stand-in reads them).
+# Extra nvme members, e.g. PCI_IDS_JSON=', "pfDeviceId": "10f0", "vfDeviceId": "10f1"' (stand-in only: vmig host
+# rejects unknown members).
 vmig_host_cmd() { echo "$VMIG host --config $1"; }   # $1 = config file
 # ----------------------------------------------------------------------------------------------------
 

@@ -9,11 +9,11 @@ namespace Vmig.RealguestHost;
 
 /// <summary>
 /// Stand-in for `vmig host --config FILE` (realguest suite, until the real one serves NVMe): reads the JSON that
-/// tests/realguest/run.sh writes (runDir, subsystems[0].namespaces[0].file/lbaSize, secondaryControllers,
-/// pfSocket, optional pfDeviceId/vfDeviceId hex), builds an <see cref="NvmeSubsystem"/>, enables the VFs through
+/// tests/realguest/run.sh writes for `vmig host` (runtimeDir, nvme[0].name/namespaces[0].path+lbaSize/vfs/
+/// queuesPerVf/vectorsPerVf, plus optional pfDeviceId/vfDeviceId hex), builds an <see cref="NvmeSubsystem"/>, enables the VFs through
 /// the PF's SR-IOV capability, provisions and onlines each secondary controller, attaches namespace 1 to the
-/// secondaries, and serves the project's own <see cref="NvmeFunction"/>s — the PF on runDir/pfSocket, VF n on
-/// runDir/nvme0-vf{n}.sock — until SIGTERM. It adds no device behaviour (except the RG_MSIX_UNMASK diagnosis aid).
+/// secondaries, and serves the project's own <see cref="NvmeFunction"/>s — the PF on runtimeDir/NAME-pf.sock, VF n
+/// on runtimeDir/NAME-vf{n}.sock — until SIGTERM. It adds no device behaviour (except the RG_MSIX_UNMASK diagnosis aid).
 /// </summary>
 internal static class Program
 {
@@ -28,23 +28,26 @@ internal static class Program
         var log = loggers.CreateLogger("realguest-host");
         using var doc = JsonDocument.Parse(File.ReadAllText(args[2]));
         var root = doc.RootElement;
-        string runDir = root.GetProperty("runDir").GetString()!;
-        var sub = root.GetProperty("subsystems")[0];
+        string runDir = root.GetProperty("runtimeDir").GetString()!;
+        var sub = root.GetProperty("nvme")[0];
+        string name = sub.GetProperty("name").GetString()!;
         var ns = sub.GetProperty("namespaces")[0];
-        int vfs = sub.GetProperty("secondaryControllers").GetInt32();
-        string pfSocket = Path.Combine(runDir, sub.GetProperty("pfSocket").GetString()!);
+        int vfs = sub.GetProperty("vfs").GetInt32();
+        ushort queues = (ushort)(sub.GetProperty("queuesPerVf").GetInt32() + 1);
+        ushort vectors = (ushort)sub.GetProperty("vectorsPerVf").GetInt32();
+        string pfSocket = Path.Combine(runDir, name + "-pf.sock");
 
         var defaults = new NvmeSubsystemOptions();
         using var subsystem = new NvmeSubsystem(defaults with
         {
-            SerialNumber = sub.GetProperty("serial").GetString()!,
-            Subnqn = sub.GetProperty("nqn").GetString()!,
+            SerialNumber = $"VMIG-{name}",
+            Subnqn = $"nqn.2026-11.io.vmig:nvme:{name}",
             // Optional overrides: the defaults 1B36:0010/0011 are QEMU's NVMe (Linux applies its quirks) and
             // QEMU's pvpanic-pci (Linux binds pvpanic-pci to the VF, not nvme).
             DeviceId = sub.TryGetProperty("pfDeviceId", out var pd) ? Convert.ToUInt16(pd.GetString(), 16) : defaults.DeviceId,
             VfDeviceId = sub.TryGetProperty("vfDeviceId", out var vd) ? Convert.ToUInt16(vd.GetString(), 16) : defaults.VfDeviceId,
         });
-        uint nsid = subsystem.AddNamespace(ns.GetProperty("file").GetString()!, ns.GetProperty("lbaSize").GetInt32(), ns.GetProperty("nsid").GetUInt32());
+        uint nsid = subsystem.AddNamespace(ns.GetProperty("path").GetString()!, ns.GetProperty("lbaSize").GetInt32());
         var opts = subsystem.Options;
         log.LogInformation("PCI ids: PF {Vendor:x4}:{Pf:x4}, VF {Vendor:x4}:{Vf:x4}", opts.VendorId, opts.DeviceId, opts.VendorId, opts.VfDeviceId);
         // What a host PF driver does: VF Enable through the PF's SR-IOV capability, then VQ/VI resources and Online.
@@ -58,9 +61,9 @@ internal static class Program
         for (int i = 0; i < vfs; i++)
         {
             var fn = subsystem.GetVfFunction(i) ?? throw new InvalidOperationException($"VF {i} not enabled");
-            subsystem.ProvisionSecondary(fn.Controller.Cntlid, queues: 5, vectors: 5);
+            subsystem.ProvisionSecondary(fn.Controller.Cntlid, queues, vectors);
             vfCntlids.Add(fn.Controller.Cntlid);
-            servers.Add(new VfioUserServer(Wrap(fn, unmask), Path.Combine(runDir, $"nvme0-vf{i}.sock"), loggers: loggers));
+            servers.Add(new VfioUserServer(Wrap(fn, unmask), Path.Combine(runDir, $"{name}-vf{i}.sock"), loggers: loggers));
         }
         var st = subsystem.AttachNamespace(nsid, vfCntlids);
         log.LogInformation("namespace {Nsid} attached to {Cntlids}: {Status}", nsid, string.Join(",", vfCntlids), st);
