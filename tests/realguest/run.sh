@@ -197,7 +197,7 @@ explain_failures() {   # $1 = console log, $2 = part tag
     tr -d '\r' < "$log" | awk -v n="$n" '$0 ~ "^=== BEGIN "n"( |$)" {on=1} on {print} $0 ~ "^=== END "n" " {on=0}' | tail -n 60
   done
   echo "----- $2: kernel messages about NVMe / PCI / MSI from the serial console ($log)"
-  tr -d '\r' < "$log" | grep -aE '^\[ *[0-9]+\.[0-9]+\] .*(nvme|NVMe|vfio|msi|MSI|pci 0000:00:0[3-9]|AER|I/O error|timeout)' | awk '!seen[$0]++' | tail -n 80
+  tr -d '\r' < "$log" | grep -aE '^\[ *[0-9]+\.[0-9]+\] .*(nvme|NVMe|vfio|msi|MSI|pci 0000:00:0[2-9]|AER|I/O error|timeout)' | grep -av 'ommand line' | awk '!seen[$0]++' | tail -n 80
   [ -n "${HOST_LOG:-}" ] && [ -s "$HOST_LOG" ] && { echo "----- $2: vmig host log ($HOST_LOG), last lines"; tail -n 40 "$HOST_LOG"; }
   [ "$(wc -l < "$log.qemu")" -gt 1 ] && { echo "----- $2: QEMU stderr ($log.qemu)"; tail -n +2 "$log.qemu" | tail -n 20; }
   return 0
@@ -242,7 +242,24 @@ stop_host() {
   wait "$HOST_PID" 2>/dev/null; HOST_RC=$?
   HOST_PID=
 }
-trap 'stop_host' EXIT
+# run-guest.sh runs in its own session, in the background, so that a TERM (ci.sh's budget) interrupts `wait`
+# at once and takes QEMU down with it; then the EXIT trap stops vmig host.
+GUEST_PGID=
+guest_run() {   # guest_run STDERR_FILE RUN-GUEST-ARGS...
+  local err=$1; shift
+  setsid "$HARNESS/run-guest.sh" "$@" 2> "$err" &
+  GUEST_PGID=$!
+  wait "$GUEST_PGID"; local rc=$?
+  GUEST_PGID=
+  return $rc
+}
+on_exit() {
+  # GNU timeout (inside run-guest.sh) moves QEMU into a process group of its own, but it stays in our session.
+  [ -n "$GUEST_PGID" ] && kill -TERM $(ps -eo pid=,sid= | awk -v s="$GUEST_PGID" '$2==s {print $1}') 2>/dev/null
+  stop_host
+}
+trap on_exit EXIT
+trap 'echo "run.sh: interrupted"; exit 143' TERM INT
 
 resolve_vmig() {
   [ -n "$VMIG" ] && return 0
@@ -333,9 +350,9 @@ run_part1() {
   fi
   say "part 1: booting the guest ($desc)"
   local t0=$(date +%s)
-  RG=$RG "$HARNESS/run-guest.sh" "${args[@]}" --script "$(guest_script "$HERE/guest/part1-vf.sh")" \
+  RG=$RG guest_run "$OUT/part1-run-guest.err" "${args[@]}" --script "$(guest_script "$HERE/guest/part1-vf.sh")" \
     --env RUN_ID="$RUN_ID" --env PATTERNS="$PATTERNS" --env CHECKS="$CHECKS" \
-    --log "$log" --timeout "${PART1_TIMEOUT:-900}" 2> "$OUT/part1-run-guest.err"
+    --log "$log" --timeout "${PART1_TIMEOUT:-900}"
   grc=$?
   cat "$OUT/part1-run-guest.err"
   say "part 1: guest finished in $(( $(date +%s) - t0 ))s (script exit $grc)"
@@ -381,10 +398,10 @@ run_part2() {
   say "part 2: booting the sid guest ($desc)"
   local t0=$(date +%s)
   local sid_root=$RG/sid-root
-  RG=$RG_SID SID_ROOT=$sid_root "$HARNESS/run-guest.sh" "${args[@]}" \
+  RG=$RG_SID SID_ROOT=$sid_root guest_run "$OUT/part2-run-guest.err" "${args[@]}" \
     --script "$(guest_script "$HERE/guest/part2-lm.sh")" \
     --append nvme_core.multipath=N \
-    --env CHECKS="$CHECKS" --log "$log" --timeout "${PART2_TIMEOUT:-600}" 2> "$OUT/part2-run-guest.err"
+    --env CHECKS="$CHECKS" --log "$log" --timeout "${PART2_TIMEOUT:-600}"
   grc=$?
   cat "$OUT/part2-run-guest.err"
   say "part 2: guest finished in $(( $(date +%s) - t0 ))s (script exit $grc)"
