@@ -147,10 +147,8 @@ ensure_host_tools() {
   skip_all "cannot install ${missing[*]} with apt-get (package archive unreachable?)"
 }
 
-# ensure_guest CACHE SUITE: QEMU chroot in $RG/sid-root (shared), guest image in CACHE/image.
-ensure_guest() {
-  local cache=$1 suite=$2 stamp
-  stamp=$(stamp_of)
+# ensure_qemu: the QEMU 11.1 chroot in $RG/sid-root (shared by both guests).
+ensure_qemu() {
   if [ ! -x "$RG/sid-root/usr/bin/qemu-system-x86_64" ]; then
     ensure_host_tools
     archive_reachable sid || skip_all "Debian's archive ($MIRROR) is unreachable; no cached harness in $RG"
@@ -158,6 +156,12 @@ ensure_guest() {
     build_step sid-qemu "QEMU 11.1 chroot ($RG/sid-root)" sid env RG="$RG" "$HARNESS/setup-sid-qemu.sh" \
       || { rm -rf "$RG/sid-root"; return 1; }
   fi
+}
+
+# ensure_guest CACHE SUITE: the guest image in CACHE/image (rebuilt when the stamp changed).
+ensure_guest() {
+  local cache=$1 suite=$2 stamp
+  stamp=$(stamp_of)
   if [ ! -r "$cache/image/rootfs.img" ] || [ "$(cat "$cache/.rg-stamp" 2>/dev/null)" != "$stamp" ]; then
     ensure_host_tools
     [ -x "$cache/guest-root/usr/bin/fio" ] || {
@@ -177,11 +181,23 @@ ensure_host_tools
 NEED_SID=0; { [ "$PART" = 2 ] || [ "$PART" = all ]; } && NEED_SID=1
 NEED_BOOKWORM=0; { [ "$PART" = 1 ] || [ "$PART" = all ]; } && NEED_BOOKWORM=1
 T_BUILD0=$(date +%s)
-if [ $NEED_BOOKWORM = 1 ]; then
-  ensure_guest "$RG" bookworm || { result FAIL harness "building the bookworm guest failed (see $OUT/build-*.log)"; exit 1; }
-fi
+ensure_qemu || { result FAIL harness "building the QEMU chroot failed (see $OUT/build-sid-qemu.log)"; exit 1; }
+# The two guests are independent (mostly download + dpkg): build them side by side. A skip_all inside the
+# background job has already printed and recorded SKIPPED; its status 77 is passed on.
+SID_JOB=
 if [ $NEED_SID = 1 ]; then
-  ensure_guest "$RG_SID" sid || { result FAIL harness "building the sid guest failed (see $OUT/build-*.log)"; exit 1; }
+  if [ $NEED_BOOKWORM = 1 ]; then ( ensure_guest "$RG_SID" sid ) & SID_JOB=$!
+  else ensure_guest "$RG_SID" sid || { result FAIL harness "building the sid guest failed (see $OUT/build-*.log)"; exit 1; }
+  fi
+fi
+if [ $NEED_BOOKWORM = 1 ]; then
+  ensure_guest "$RG" bookworm || { [ -n "$SID_JOB" ] && wait "$SID_JOB"
+    result FAIL harness "building the bookworm guest failed (see $OUT/build-*.log)"; exit 1; }
+fi
+if [ -n "$SID_JOB" ]; then
+  wait "$SID_JOB"; rc=$?
+  [ $rc = $EXIT_SKIP ] && exit $EXIT_SKIP
+  [ $rc = 0 ] || { result FAIL harness "building the sid guest failed (see $OUT/build-*.log)"; exit 1; }
 fi
 flock -u 9
 say "harness ready in $(( $(date +%s) - T_BUILD0 ))s ($("$HARNESS/sid-chroot.sh" qemu-system-x86_64 --version 2>/dev/null | head -n1))"
