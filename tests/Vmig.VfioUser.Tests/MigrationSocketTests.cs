@@ -228,6 +228,22 @@ public sealed class MigrationSocketTests
     }
 
     [Fact]
+    public void A_failed_load_fails_the_same_way_when_retried_and_never_turns_into_eio()
+    {
+        using var s = new TestServer();
+        using var c = VfioUserClient.Connect(s.Path);
+        c.SetState(DeviceState.Resuming);
+        c.WriteMigrationData([1, 2, 3]);
+        for (int i = 0; i < 3; i++)
+        {
+            var e = Assert.Throws<VfioUserMigrationException>(() => c.SetState(DeviceState.Stop));
+            Assert.Equal((Errno.EINVAL, DeviceState.Resuming), (e.Errno, e.ReachedState));
+        }
+        c.Reset();
+        Assert.Equal(DeviceState.Running, c.GetState());
+    }
+
+    [Fact]
     public void Reset_during_pre_copy_ends_the_stream_and_returns_running()
     {
         using var s = new TestServer();
