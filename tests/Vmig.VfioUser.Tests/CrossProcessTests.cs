@@ -76,6 +76,30 @@ public sealed class CrossProcessTests : IDisposable
     }
 
     [Fact]
+    public void A_dma_window_past_the_end_of_its_file_is_refused_so_device_dma_cannot_sigbus_the_server()
+    {
+        string sock = Path.Combine(_dir, "bus.sock");
+        using var peer = PeerProcess.Start(["serve", sock]);
+        using var c = VfioUserClient.Connect(sock);
+        using var small = MemFd.Create("small", 64 * 1024);
+        // 1 MiB window over a 64 KiB file: mmap would succeed, and a device access past 64 KiB would raise SIGBUS.
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VfioUserException>(() => c.DmaMap(0, 1 << 20, small, 0, DmaProt.Read | DmaProt.Write)).Errno);
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VfioUserException>(() => c.DmaMap(0, 64 * 1024, small, 4096, DmaProt.Read | DmaProt.Write)).Errno);
+        c.DmaMap(0, 64 * 1024, small, 0, DmaProt.Read | DmaProt.Write);
+        Span<byte> v = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x8000);
+        c.WriteRegion(0, SampleDevice.RegSrc, v);
+        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x1000);
+        c.WriteRegion(0, SampleDevice.RegDst, v);
+        BinaryPrimitives.WriteUInt64LittleEndian(v, 4096);
+        c.WriteRegion(0, SampleDevice.RegLen, v);
+        c.WriteRegion(0, SampleDevice.RegDoorbell, [2]);
+        c.ReadRegion(0, SampleDevice.RegStatus, v[..4]);
+        Assert.Equal(0u, BinaryPrimitives.ReadUInt32LittleEndian(v));
+        Assert.False(peer.HasExited);
+    }
+
+    [Fact]
     public void Device_state_migrates_between_two_server_processes_byte_identical()
     {
         string a = Path.Combine(_dir, "a.sock"), b = Path.Combine(_dir, "b.sock");

@@ -381,6 +381,21 @@ public sealed class MigrationSocketTests
     }
 
     [Fact]
+    public void Dirty_logging_ignores_a_huge_window_served_by_messages_instead_of_allocating_a_bitmap_for_it()
+    {
+        using var s = new TestServer();
+        using var c = VfioUserClient.Connect(s.Path);
+        // 4 EiB without an fd: DMA to it goes through messages and is tracked by the client (libvfio-user #751).
+        c.DmaMap(1UL << 62, 1UL << 62, null, 0, DmaProt.Read | DmaProt.Write);
+        using var mem = MemFd.Create("guest", 1 << 20);
+        c.DmaMap(0x4000_0000, 1 << 20, mem, 0, DmaProt.Read | DmaProt.Write);
+        Assert.Equal(4096UL, c.StartDirtyLogging(4096, []));
+        DeviceWrites(c, 0x4000_0000 + (2 * 4096), 8);
+        Assert.Equal([0x4000_0000UL + (2 * 4096)], c.ReportDirty(0x4000_0000, 1 << 20, 4096).EnumerateDirtyPages());
+        c.StopDirtyLogging();
+    }
+
+    [Fact]
     public void P2P_states_are_invisible_to_a_client_that_did_not_negotiate_them()
     {
         using var s = new TestServer();
