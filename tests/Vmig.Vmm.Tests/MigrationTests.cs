@@ -309,6 +309,53 @@ public sealed class MigrationTests : IDisposable
         Assert.True(discarded!.Disposed);
     }
 
+    [Fact]
+    public async Task MaxBandwidth_CapsTheSendRate()
+    {
+        using var src = TestVms.Dirtier(16, "gpa=0,size=1M,rate=1");
+        var fill = Enumerable.Repeat((byte)0x77, (int)TestVms.MiB).ToArray();
+        for (ulong m = 2; m < 16; m++)
+        {
+            src.Memory.Write(m * TestVms.MiB, fill);
+        }
+        src.Start();
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices);
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxBandwidth = 40L << 20 });
+        using var dst = await target;
+        // ≥ 14 MiB of page data at 40 MiB/s takes ≥ 350 ms; unthrottled loopback does it in a few tens of ms.
+        Assert.True(report.TotalBytes > 14 * (long)TestVms.MiB);
+        Assert.True(report.TotalMilliseconds >= 330, $"{report.TotalMilliseconds} ms");
+        Assert.All(report.Rounds.Where(r => r.Bytes > (4 << 20)), r => Assert.True(r.BandwidthBytesPerSecond < 48 << 20, r.ToString()));
+    }
+
+    [Fact]
+    public async Task NonConvergingVm_StopsAtMaxRoundsAndStillMigratesConsistently()
+    {
+        // Unthrottled dirtying of 8 MiB with a 0 ms downtime limit never converges: switchover is forced by MaxRounds.
+        using var src = TestVms.Dirtier(16, "gpa=0,size=8M,rate=0");
+        src.Start();
+        TestVms.WaitUntil(() => src.Vcpus[0].Slices > 20);
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices, new MigrationTargetOptions { StartVcpus = false });
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3, DowntimeLimit = TimeSpan.Zero });
+        using var dst = await target;
+        Assert.Equal(4, report.Rounds.Count); // 3 pre-copy rounds + the final one
+        Assert.True(report.Rounds[^1].Pages > 0);
+        Assert.True(src.Memory.GetHostSpan(0, 16 << 20).SequenceEqual(dst.Memory.GetHostSpan(0, 16 << 20)));
+        TestVms.PauseAndVerify(dst);
+    }
+
+    [Fact]
+    public async Task IdleVm_ConvergesAfterTheFirstRound()
+    {
+        using var src = TestVms.Dirtier(16, "gpa=0,size=1M,rate=1");
+        src.Start();
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices);
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 30, DowntimeLimit = TimeSpan.FromMilliseconds(300) });
+        using var dst = await target;
+        Assert.InRange(report.Rounds.Count, 2, 3);
+        Assert.True(report.Rounds[^1].Pages < 64, report.ToJson());
+    }
+
     private sealed class SyncProgress(List<MigrationProgress> sink) : IProgress<MigrationProgress>
     {
         public void Report(MigrationProgress value)

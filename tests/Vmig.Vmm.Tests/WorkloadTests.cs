@@ -1,6 +1,9 @@
+using System.Net;
+using System.Net.Sockets;
 using Vmig.Guest;
 using Vmig.Guest.Workloads;
 using Vmig.Vmm;
+using Vmig.Vmm.Migration;
 
 namespace Vmig.Vmm.Tests;
 
@@ -75,7 +78,7 @@ public sealed class WorkloadTests : IDisposable
             MemorySize = 8 << 20,
             Vcpus = [new VcpuConfig("fio", "device=blk0,gpa=0x100000\n" + Job)],
             Programs = new GuestProgramRegistry().Add(FioWorkload.Factory),
-            SetupGuest = (env, _) => env.AddService("blk0", dev = new FileBlockDevice(file, env.Memory, 512, 8192)),
+            SetupGuest = (env, _) => env.AddService("blk0", dev = new FileBlockDevice(file, env.Memory, 512, 8192, 0x80000)),
         });
         return (vm, dev!);
     }
@@ -132,7 +135,7 @@ public sealed class WorkloadTests : IDisposable
             MemorySize = 8 << 20,
             Vcpus = [new VcpuConfig("fio", "device=b,gpa=0x100000\n[t]\nrw=write\nsize=1M\nruntime=300ms\ntime_based\nverify=crc32c")],
             Programs = new GuestProgramRegistry().Add(FioWorkload.Factory),
-            SetupGuest = (env, _) => env.AddService("b", dev = new FileBlockDevice(file, env.Memory, 4096, 256)),
+            SetupGuest = (env, _) => env.AddService("b", dev = new FileBlockDevice(file, env.Memory, 4096, 256, 0x80000)),
         });
         using var d = dev!;
         var sw = System.Diagnostics.Stopwatch.StartNew();
@@ -142,5 +145,66 @@ public sealed class WorkloadTests : IDisposable
         vm.Pause();
         var counts = FioWorkload.Verify(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers), d);
         Assert.True(counts.Writes > 256 && counts.Clean, counts.ToString()); // wrapped around the 1 MiB region at least once
+    }
+
+    [Fact]
+    public async Task FioWithVerifier_MigratedTwice_ContinuesWithNoLostOrCorruptWrites()
+    {
+        string file = Path.Combine(_dir, "shared.img"); // both "hosts" see the same file, as with shared storage
+        var devices = new List<FileBlockDevice>();
+        VmConfig Config() => new()
+        {
+            MemorySize = 16 << 20,
+            Vcpus = [new VcpuConfig("fio", "device=blk0,gpa=0x100000\n[w]\nrw=randrw\nrwmixread=30\nbs=4k\niodepth=8\nsize=2M\nruntime=60s\ntime_based\nverify=crc32c")],
+            Programs = new GuestProgramRegistry().Add(FioWorkload.Factory),
+            SetupGuest = (env, resumed) =>
+            {
+                var d = new FileBlockDevice(file, env.Memory, 512, 8192, 0x80000, attach: resumed);
+                lock (devices)
+                {
+                    devices.Add(d);
+                }
+                env.AddService("blk0", d);
+            },
+        };
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        var vm = Vm.Create(Config());
+        try
+        {
+            vm.Start();
+            TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50);
+            MigrationReport? report = null;
+            for (int hop = 0; hop < 2; hop++)
+            {
+                var target = MigrationTarget.AcceptAsync(listener, Config(), d => throw new InvalidOperationException());
+                report = await MigrationSource.RunAsync(vm, listener.LocalEndpoint, new MigrationOptions { MaxRounds = 5 });
+                var next = await target;
+                long before = FioWorkload.Counters(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers)).Writes;
+                vm.Dispose();
+                vm = next;
+                TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50);
+                vm.Pause();
+                Assert.Null(vm.Vcpus[0].Fault);
+                long after = FioWorkload.Counters(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers)).Writes;
+                Assert.True(after > before, $"hop {hop}: writes {before} -> {after}");
+                vm.Resume();
+            }
+            vm.Pause();
+            ulong state = FioWorkload.StateGpa(vm.Vcpus[0].Registers);
+            var counts = FioWorkload.Verify(vm.Memory, state, devices[^1]);
+            Assert.True(counts.Clean && counts.Verified > 100, counts.ToString());
+            Assert.Equal(0, FioWorkload.Counters(vm.Memory, state).ReadMismatches);
+            report!.Verifier = counts;
+            Assert.Contains("\"Corrupt\": 0", report.ToJson(), StringComparison.Ordinal);
+        }
+        finally
+        {
+            vm.Dispose();
+            foreach (var d in devices)
+            {
+                d.Dispose();
+            }
+        }
     }
 }

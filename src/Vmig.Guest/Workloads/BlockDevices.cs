@@ -59,7 +59,13 @@ public sealed class NvmeBlockDevice : IGuestBlockDevice
     {
         ArgumentNullException.ThrowIfNull(driver);
         var id = driver.IdentifyNamespace(nsid);
-        return new NvmeBlockDevice(driver, qid, nsid, NvmeDriverState.BlockSize, id.Nsze);
+        // The LBA data size of the formatted LBA format (Identify Namespace FLBAS → LBAF[n].LBADS), not a page.
+        int lba = id.FormattedLbaSize;
+        if (lba is < 512 or > 65536)
+        {
+            throw new NvmeDriverException($"namespace {nsid} reports an LBA size of {lba} bytes");
+        }
+        return new NvmeBlockDevice(driver, qid, nsid, lba, id.Nsze);
     }
 
     public int BlockSize { get; }
@@ -89,27 +95,53 @@ public sealed class NvmeBlockDevice : IGuestBlockDevice
 }
 
 /// <summary>
-/// A block device stand-in backed by a real file (pread/pwrite): I/O happens at submit, completions queue in
-/// process memory. Not migratable (its completion queue is host state); for verifier tests and local runs.
+/// A block device stand-in backed by a real file (pread/pwrite), emulated inside the guest's own vCPU: I/O happens
+/// at submit and its completion goes into a ring in guest RAM, so — like a paravirtual device whose state is all in
+/// RAM — it migrates with RAM when both hosts see the same file (shared storage).
 /// </summary>
+/// <remarks>
+/// Ring at <c>ringGpa</c>: u32 head (next to reap), u32 tail (next to fill), then capacity entries of
+/// { u64 tag, u32 success, u32 0 }. One ring occupies <see cref="RingBytes"/> bytes.
+/// </remarks>
 public sealed class FileBlockDevice : IGuestBlockDevice, IDisposable
 {
+    private const int EntrySize = 16;
     private readonly SafeFileHandle _file;
     private readonly IGuestMemory _memory;
-    private readonly Queue<BlockCompletion> _done = new();
-    private readonly int _maxInFlight;
+    private readonly ulong _ring;
+    private readonly uint _capacity;
 
-    /// <summary>Creates (or opens) <paramref name="path"/> sized to <paramref name="blockCount"/> × <paramref name="blockSize"/>.</summary>
-    public FileBlockDevice(string path, IGuestMemory memory, int blockSize, ulong blockCount, int maxInFlight = 64)
+    /// <summary>
+    /// Opens (creating if needed) <paramref name="path"/> sized to <paramref name="blockCount"/> × <paramref name="blockSize"/>,
+    /// with its completion ring at <paramref name="ringGpa"/>. <paramref name="attach"/> = true continues a ring that
+    /// is already in RAM (after a migration or restore) instead of emptying it.
+    /// </summary>
+    public FileBlockDevice(string path, IGuestMemory memory, int blockSize, ulong blockCount, ulong ringGpa, bool attach = false, uint capacity = 64)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(blockSize);
+        ArgumentOutOfRangeException.ThrowIfZero(capacity);
         _memory = memory ?? throw new ArgumentNullException(nameof(memory));
+        if (ringGpa % 8 != 0 || ringGpa > memory.Size || RingBytes(capacity) > memory.Size - ringGpa)
+        {
+            throw new ArgumentOutOfRangeException(nameof(ringGpa), "the completion ring must be 8-aligned and inside guest RAM");
+        }
+        _ring = ringGpa;
+        _capacity = capacity;
+        if (!attach)
+        {
+            _memory.WriteUInt64(_ring, 0);
+        }
         _file = File.OpenHandle(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.ReadWrite);
-        RandomAccess.SetLength(_file, checked((long)blockCount * blockSize));
+        if (RandomAccess.GetLength(_file) < checked((long)blockCount * blockSize))
+        {
+            RandomAccess.SetLength(_file, (long)blockCount * blockSize);
+        }
         BlockSize = blockSize;
         BlockCount = blockCount;
-        _maxInFlight = maxInFlight;
     }
+
+    /// <summary>Guest RAM bytes of a ring with <paramref name="capacity"/> entries.</summary>
+    public static ulong RingBytes(uint capacity) => 8 + ((ulong)capacity * EntrySize);
 
     public int BlockSize { get; }
 
@@ -117,11 +149,12 @@ public sealed class FileBlockDevice : IGuestBlockDevice, IDisposable
 
     public bool TrySubmit(ulong tag, bool write, ulong lba, int blocks, ulong bufferGpa)
     {
-        if (_done.Count >= _maxInFlight)
+        uint head = _memory.ReadUInt32(_ring), tail = _memory.ReadUInt32(_ring + 4);
+        if (tail - head >= _capacity)
         {
             return false;
         }
-        bool ok = lba + (ulong)blocks <= BlockCount;
+        bool ok = blocks > 0 && lba < BlockCount && (ulong)blocks <= BlockCount - lba;
         if (ok)
         {
             var buf = new byte[blocks * BlockSize];
@@ -137,16 +170,26 @@ public sealed class FileBlockDevice : IGuestBlockDevice, IDisposable
                 _memory.Write(bufferGpa, buf);
             }
         }
-        _done.Enqueue(new BlockCompletion(tag, ok));
+        ulong e = _ring + 8 + ((ulong)(tail % _capacity) * EntrySize);
+        _memory.WriteUInt64(e, tag);
+        _memory.WriteUInt64(e + 8, ok ? 1UL : 0);
+        _memory.WriteUInt32(_ring + 4, tail + 1);
         return true;
     }
 
     public int Poll(Span<BlockCompletion> completions)
     {
+        uint head = _memory.ReadUInt32(_ring), tail = _memory.ReadUInt32(_ring + 4);
         int n = 0;
-        while (n < completions.Length && _done.TryDequeue(out var c))
+        while (n < completions.Length && head != tail)
         {
-            completions[n++] = c;
+            ulong e = _ring + 8 + ((ulong)(head % _capacity) * EntrySize);
+            completions[n++] = new BlockCompletion(_memory.ReadUInt64(e), _memory.ReadUInt64(e + 8) != 0);
+            head++;
+        }
+        if (n > 0)
+        {
+            _memory.WriteUInt32(_ring, head);
         }
         return n;
     }

@@ -95,6 +95,15 @@ public sealed class FioWorkload : IGuestProgram
             (long)memory.ReadUInt64(stateGpa + HErrors), (long)memory.ReadUInt64(stateGpa + HMismatch));
     }
 
+    /// <summary>The block-device service name a fio state block at <paramref name="stateGpa"/> drives (what the verifier reads back through).</summary>
+    public static string DeviceName(IGuestMemory memory, ulong stateGpa)
+    {
+        ArgumentNullException.ThrowIfNull(memory);
+        var name = new byte[DeviceNameMax];
+        memory.Read(stateGpa + HDevice, name);
+        return Encoding.UTF8.GetString(name).TrimEnd('\0');
+    }
+
     /// <summary>
     /// The verify pass: drains commands in flight (applying acknowledged writes to the ledger), then reads back every
     /// block the ledger has a write for and classifies it. The job must not be running (vCPU paused or finished).
