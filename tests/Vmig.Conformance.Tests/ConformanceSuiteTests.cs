@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using System.Text.Json;
 using System.Xml.Linq;
 using Vmig.Migration;
@@ -12,17 +11,8 @@ namespace Vmig.Conformance.Tests;
 /// <summary>SampleDevice's DMA engine as the dirty-logging stimulus: command 2 copies BAR[0x1000..] to guest memory.</summary>
 internal sealed class SampleDeviceDmaWrites : IDmaWriteStimulus
 {
-    public void MakeDeviceWrite(VfioUserClient client, ulong iova, int length)
-    {
-        Span<byte> v = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt64LittleEndian(v, iova);
-        client.WriteRegion(0, SampleDevice.RegSrc, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x1000);
-        client.WriteRegion(0, SampleDevice.RegDst, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, (ulong)length);
-        client.WriteRegion(0, SampleDevice.RegLen, v);
-        client.WriteRegion(0, SampleDevice.RegDoorbell, [2]);
-    }
+    public void MakeDeviceWrite(VfioUserClient client, ulong iova, int length) =>
+        SampleDeviceDriver.RunDma(client, SampleDeviceDriver.BarToGuest, iova, 0x1000, (ulong)length);
 }
 
 public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposable
