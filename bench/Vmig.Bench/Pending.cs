@@ -1,10 +1,5 @@
 namespace Vmig.Bench;
 
-internal static class NvmeScenario
-{
-    public static void Run(BenchContext ctx) => throw new NotSupportedException("NVMe scenario not written yet");
-}
-
 internal static class AccelScenario
 {
     public static void Run(BenchContext ctx) => throw new NotSupportedException("accelerator scenario not written yet");
