@@ -116,7 +116,7 @@ internal static class PeerMain
                     var devs = new List<BenchStateDevice>();
                     foreach (string path in sock.Split(','))
                     {
-                        var dev = new BenchStateDevice(bytes);
+                        var dev = new BenchStateDevice(bytes, Seed(path));
                         var server = new VfioUserServer(dev, path);
                         server.Start();
                         owned.Add(dev);
@@ -166,6 +166,9 @@ internal static class PeerMain
         }
         return 0;
     }
+
+    /// <summary>A stable per-socket seed, so every served device starts with different content.</summary>
+    private static ulong Seed(string path) => path.Aggregate(0x5EEDu, (c, ch) => System.Numerics.BitOperations.Crc32C(c, (ushort)ch));
 
     private static uint Crc(DeviceMemory m)
     {

@@ -34,6 +34,8 @@ internal static class VmScenario
             var downtimes = new List<double>();
             var rates = new List<double>();
             long bytes = 0;
+            MigrationReport? last = null;
+            var targetDown = new List<double>();
             Migrate(ctx, ram, 1, dev, busy); // warm-up
             for (int i = 0; i < ctx.Options.RunCount; i++)
             {
@@ -44,6 +46,8 @@ internal static class VmScenario
                 downtimes.Add(r.DowntimeMilliseconds);
                 rates.Add(rate);
                 bytes = r.TotalBytes;
+                last = r;
+                targetDown.Add(r.TargetDowntimeMilliseconds);
             }
             var f = Measure.Figure("vm", $"{name}: total time", "ms", ideal, times,
                 "bytes sent ÷ raw TCP loopback throughput (one stream, 1 MiB writes) measured before each migration", 1.3, GoalDirection.AtMost);
@@ -53,6 +57,23 @@ internal static class VmScenario
             f.Extra["downtime ms (max)"] = d.Max;
             f.Extra["bytes sent (last run), MiB"] = bytes / (double)MiB;
             f.Extra["raw TCP loopback MiB/s (median)"] = Summary.Of(rates).Median;
+            f.Extra["target-measured downtime ms (median)"] = Summary.Of(targetDown).Median;
+            foreach (var (phase, ms) in last!.PhaseMilliseconds)
+            {
+                f.Extra[$"last run: phase {phase} ms"] = ms;
+            }
+            foreach (var (section, b) in last.BytesBySection)
+            {
+                f.Extra[$"last run: section {section} MiB"] = b / (double)MiB;
+            }
+            f.Extra["last run: pre-copy rounds"] = last.Rounds.Count;
+            if (last.Rounds.Count > 0)
+            {
+                var fin = last.Rounds[^1];
+                f.Extra["last run: final round pages"] = fin.Pages;
+                f.Extra["last run: final round zero pages"] = fin.ZeroPages;
+                f.Extra["last run: final round ms"] = fin.Milliseconds;
+            }
             ctx.Report.Figures.Add(f);
         }
         Growth(ctx);
@@ -76,6 +97,8 @@ internal static class VmScenario
                 var r = Migrate(ctx, ramBytes, n, devBytes, busy: false);
                 t.Add(r.TotalMilliseconds);
                 dn.Add(r.DowntimeMilliseconds);
+                ctx.Report.Notes.Add(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                    $"vm growth point RAM {ramBytes / MiB} MiB, {n} device(s) × {devBytes / MiB} MiB: total {r.TotalMilliseconds:F0} ms, downtime {r.DowntimeMilliseconds:F1} ms (target {r.TargetDowntimeMilliseconds:F1}), {r.TotalBytes / (double)MiB:F1} MiB sent, phases ms: {string.Join(", ", r.PhaseMilliseconds.Select(kv => $"{kv.Key} {kv.Value:F1}"))}; rounds: {string.Join(" | ", r.Rounds.Select(x => $"{x.Pages}p {x.DeviceBytes / (double)MiB:F1}MiB-dev {x.Milliseconds:F0}ms"))}"));
             }
             return (Summary.Of(t).Median, Summary.Of(dn).Median);
         }
@@ -118,7 +141,7 @@ internal static class VmScenario
             }
             var programs = new GuestProgramRegistry().Add(MemoryDirtier.Factory);
             var vcpus = busy ? new[] { new VcpuConfig("memory-dirtier", $"gpa=0,size={ramBytes / 2},rate=100") } : [];
-            vm = Vm.Create(new VmConfig { Name = "bench", MemorySize = (ulong)ramBytes, Vcpus = vcpus, Programs = programs }, srcDevices);
+            vm = Vm.Create(new VmConfig { Name = "bench", MemorySize = (ulong)ramBytes, Vcpus = vcpus, Programs = programs }, srcDevices.ToArray());
             srcDevices.Clear();
             vm.Start();
             listener.Start();
