@@ -236,6 +236,24 @@ public sealed unsafe class FdSocket : IDisposable
         }
     }
 
+    /// <summary>
+    /// Closes this descriptor WITHOUT shutting the connection down. Use it for an end whose copy was passed to a
+    /// peer with SCM_RIGHTS (twin socket): shutdown(2) acts on the socket, not the descriptor, so <see cref="Dispose"/>
+    /// would cut the peer's copy off too.
+    /// </summary>
+    public void CloseKeepingConnection()
+    {
+        Interlocked.Exchange(ref _shutdown, 1);
+        if (_socket is not null)
+        {
+            _socket.Dispose();
+        }
+        else
+        {
+            _handle.Dispose();
+        }
+    }
+
     public void Dispose()
     {
         Shutdown();

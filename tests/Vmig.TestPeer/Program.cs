@@ -30,7 +30,11 @@ internal static class Program
             }
             return 0;
         }
-        Console.Error.WriteLine("usage: Vmig.TestPeer serve SOCKET [FLAGS]");
+        if (args.Length >= 3 && args[0] == "serve-broken")
+        {
+            return BrokenDevice.Serve(args);
+        }
+        Console.Error.WriteLine("usage: Vmig.TestPeer serve SOCKET [FLAGS] | serve-broken SOCKET MODE [FLAGS]");
         return 2;
     }
 }

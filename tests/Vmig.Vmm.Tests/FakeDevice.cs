@@ -53,6 +53,7 @@ internal sealed class FakeDevice : IVmDevice
     public byte[] Bar0 { get; } = new byte[4096];
     public ulong Counter { get; set; }
     public ulong DmaGpa { get; }
+    public ulong CounterAtCommit { get; private set; }
     public bool FailCommit { get; set; }
     public bool SupportsPrecopyInfo => true;
     public bool SupportsStopCopySize => true;
@@ -266,6 +267,7 @@ internal sealed class FakeDevice : IVmDevice
             {
                 throw new IOException("EINVAL: no final state record");
             }
+            CounterAtCommit = Counter;
         }
     }
 

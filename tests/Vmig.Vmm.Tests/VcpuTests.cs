@@ -42,11 +42,12 @@ public class VcpuTests
     public void Throttle_KeepsTheDirtyRateNearTheSetting()
     {
         using var vm = TestVms.Dirtier(8, "gpa=0,size=4M,rate=20");
+        Thread.Sleep(300); // credit accrued before the vCPU starts must not turn into a burst
         vm.Start();
         Thread.Sleep(500);
         ulong written = TestVms.PauseAndVerify(vm);
-        // 20 MiB/s for ~0.5 s: well under the unthrottled GiB/s, and not stalled.
-        Assert.InRange(written, 4 * TestVms.MiB, 14 * TestVms.MiB);
+        // 20 MiB/s for ~0.5 s (+ one slice of burst): far under the unthrottled GiB/s, and not stalled.
+        Assert.InRange(written, 2 * TestVms.MiB, 11 * TestVms.MiB);
     }
 
     [Fact]

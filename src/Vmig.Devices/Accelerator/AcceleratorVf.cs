@@ -395,10 +395,11 @@ public sealed class AcceleratorVf : PciFunction, IDisposable
         }
     }
 
-    private bool CanFetchLocked() =>
+    private bool HasRingWorkLocked() =>
         _suspended is null && (_regs.Control & AcceleratorRegister.ControlEnable) != 0
-        && (_regs.Status & AcceleratorRegister.StatusRingFault) == 0 && _regs.Head != _regs.Tail
-        && IsBusMasterEnabled && Context is not null;
+        && (_regs.Status & AcceleratorRegister.StatusRingFault) == 0 && _regs.Head != _regs.Tail;
+
+    private bool CanFetchLocked() => HasRingWorkLocked() && IsBusMasterEnabled && Context is not null;
 
     private void WorkerLoop()
     {
@@ -411,8 +412,16 @@ public sealed class AcceleratorVf : PciFunction, IDisposable
             {
                 while (!_shutdown && !CanFetchLocked())
                 {
-                    // Bus Master Enable changes in config space do not pulse us; poll for it now and then.
-                    Monitor.Wait(_gate, 50);
+                    // Every register, migration command and attach change pulses the gate. Bus Master Enable lives in
+                    // config space, which does not, so only work held back by it is polled for.
+                    if (HasRingWorkLocked())
+                    {
+                        Monitor.Wait(_gate, 20);
+                    }
+                    else
+                    {
+                        Monitor.Wait(_gate);
+                    }
                 }
                 if (_shutdown)
                 {

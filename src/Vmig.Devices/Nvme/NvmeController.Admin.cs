@@ -542,9 +542,10 @@ public sealed partial class NvmeController
         var st = ToHost(in c, outBuf);
         if (st.IsSuccess && !rae && clears is { } t)
         {
-            // Reading the log page (without Retain Asynchronous Event) re-enables events of its type.
+            // Reading the log page (without Retain Asynchronous Event) re-enables events of its type; events that
+            // happened meanwhile were kept and are reported now.
             s.MaskedEventTypes &= (byte)~(1 << (int)t);
-            s.PendingEvents.RemoveAll(e => e.Type == t && e.LogPage == lid);
+            _deliverAfterCompletion = true;
         }
         return st;
     }

@@ -40,6 +40,7 @@ public sealed partial class NvmeController : IDisposable
     private IDmaSpace? _dma;
     private Action<int>? _interrupt;
     private ShadowDoorbellPoller? _poller;
+    private bool _deliverAfterCompletion;
 
     internal NvmeController(NvmeSubsystem subsystem, ushort cntlid, bool isPrimary, ushort mqes)
     {
@@ -451,6 +452,12 @@ public sealed partial class NvmeController : IDisposable
         {
             PostCompletion(cq, sq, sqe.Cid, status, dw0);
         }
+        if (_deliverAfterCompletion)
+        {
+            // After the command that unmasked an event type has completed, so its CQE comes first.
+            _deliverAfterCompletion = false;
+            DeliverEventsLocked();
+        }
     }
 
     /// <summary>Writes a CQE at the CQ tail with the current phase, advances the tail and marks the vector. Lock held.</summary>
@@ -531,8 +538,9 @@ public sealed partial class NvmeController : IDisposable
         var s = State;
         var sq = s.Sqs[0];
         var cq = s.Cqs[0];
-        if (sq is null || cq is null || _dma is null)
+        if (sq is null || cq is null || _dma is null || s.Suspended || (s.Csts & ControllerStatus.Cfs) != 0)
         {
+            // A suspended controller writes nothing to host memory; events wait in the state.
             return;
         }
         for (int i = 0; i < s.PendingEvents.Count && s.OutstandingAers.Count > 0 && !cq.IsFull;)
@@ -567,4 +575,57 @@ public sealed partial class NvmeController : IDisposable
     }
 
     public void Dispose() => StopPoller();
+}
+
+/// <summary>Migration hooks used by <see cref="NvmeMigrationController"/> (primary-driven, never by the secondary's own host).</summary>
+public sealed partial class NvmeController
+{
+    internal NvmeStatus Suspend()
+    {
+        lock (_gate)
+        {
+            if (State.Suspended)
+            {
+                return NvmeStatus.ControllerSuspended;
+            }
+            // Under the lock no command is in progress; from now on nothing is fetched.
+            State.Suspended = true;
+        }
+        StopPoller();
+        return NvmeStatus.Success;
+    }
+
+    internal NvmeStatus ResumeFromMigration()
+    {
+        lock (_gate)
+        {
+            if (!State.Suspended)
+            {
+                return NvmeStatus.ControllerNotSuspended;
+            }
+            State.Suspended = false;
+            if (State.ShadowDoorbellBase != 0)
+            {
+                StartPollerLocked();
+            }
+            // Deliver events that were pending and commands whose doorbells rang while suspended (or on the source).
+            DeliverEventsLocked();
+            ProcessLocked();
+        }
+        FireInterrupts();
+        return NvmeStatus.Success;
+    }
+
+    internal NvmeStatus ReplaceState(NvmeControllerState state)
+    {
+        lock (_gate)
+        {
+            if (!State.Suspended)
+            {
+                return NvmeStatus.ControllerNotSuspended;
+            }
+            State = state;
+        }
+        return NvmeStatus.Success;
+    }
 }

@@ -1,4 +1,8 @@
+using System.Buffers.Binary;
+using Vmig.Devices.Pci;
 using Vmig.Spec.Nvme;
+using Vmig.Spec.Pci;
+using Vmig.VfioUser.Server;
 
 namespace Vmig.Devices.Nvme;
 
@@ -76,6 +80,47 @@ public sealed class NvmeSubsystem : IDisposable
             _secondaries[i] = new NvmeController(this, (ushort)(i + 1), isPrimary: false, Options.Mqes);
         }
         Migration = new NvmeMigrationController(this);
+        PrimaryFunction = new NvmeFunction(this, Primary, NvmeFunction.Declare(Options, pf: true, Options.PrimaryVectors));
+        _vfFunctions = [.. _secondaries.Select(c => new NvmeFunction(this, c, NvmeFunction.Declare(Options, pf: false, Options.MaxVectorsPerSecondary)))];
+    }
+
+    private readonly NvmeFunction[] _vfFunctions;
+
+    /// <summary>
+    /// The PF as a vfio-user device: serve it on a host-only socket (a host migration agent or management tool uses
+    /// it; a VM never gets it). Setting NumVFs and VF Enable in its SR-IOV capability creates the VFs.
+    /// </summary>
+    public NvmeFunction PrimaryFunction { get; }
+
+    /// <summary>
+    /// VF <paramref name="vfIndex"/> (0-based; CNTLID = index + 1) as a vfio-user device to serve on its own socket,
+    /// or null while that VF is not enabled (see <see cref="VfEnableChanged"/>).
+    /// </summary>
+    public NvmeFunction? GetVfFunction(int vfIndex) => vfIndex >= 0 && vfIndex < EnabledVfs ? _vfFunctions[vfIndex] : null;
+
+    /// <summary>
+    /// What a host PF driver does to create <paramref name="count"/> VFs: clear VF Enable if set, write NumVFs, set
+    /// VF Enable and VF MSE, through the PF's config space (so the SR-IOV capability and <see cref="EnabledVfs"/> agree).
+    /// </summary>
+    public void EnableVfs(int count)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(count);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(count, _secondaries.Length);
+        Span<byte> b = stackalloc byte[2];
+        const int Cap = PciFunction.SriovCapabilityOffset;
+        if (PrimaryFunction.SriovSettings.VfEnable)
+        {
+            BinaryPrimitives.WriteUInt16LittleEndian(b, 0);
+            PrimaryFunction.WriteConfig(Cap + PciSriov.Control, b);
+        }
+        if (count == 0)
+        {
+            return;
+        }
+        BinaryPrimitives.WriteUInt16LittleEndian(b, (ushort)count);
+        PrimaryFunction.WriteConfig(Cap + PciSriov.NumVfs, b);
+        BinaryPrimitives.WriteUInt16LittleEndian(b, PciSriov.ControlVfEnable | PciSriov.ControlVfMemorySpaceEnable);
+        PrimaryFunction.WriteConfig(Cap + PciSriov.Control, b);
     }
 
     public NvmeSubsystemOptions Options { get; }
@@ -428,14 +473,14 @@ public sealed class NvmeSubsystem : IDisposable
     /// The PF's SR-IOV capability changed VF Enable / NumVFs: <paramref name="numVfs"/> VFs now exist (0 = disabled).
     /// VFs that disappear are reset and their secondaries go offline, as on real hardware when VF Enable clears.
     /// </summary>
-    public void SetEnabledVfs(int numVfs)
+    internal void SetEnabledVfs(int numVfs)
     {
         numVfs = Math.Clamp(numVfs, 0, _secondaries.Length);
         int old = Interlocked.Exchange(ref _enabledVfs, numVfs);
         for (int i = numVfs; i < old; i++)
         {
             VirtualizationManagement(VirtualizationAction.SecondaryOffline, 0, _secondaries[i].Cntlid, 0, out _);
-            _secondaries[i].Reset();
+            _vfFunctions[i].FunctionLevelReset();
         }
         if (old != numVfs)
         {
@@ -445,6 +490,7 @@ public sealed class NvmeSubsystem : IDisposable
 
     public void Dispose()
     {
+        Primary.Detach();
         Primary.Dispose();
         foreach (var s in _secondaries)
         {

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Numerics;
+using System.Runtime.InteropServices;
 
 namespace Vmig.Devices.Pci;
 
@@ -12,12 +13,13 @@ public static class Crc32C
     /// <summary>Continues a raw (non-inverted) CRC-32C register over <paramref name="data"/>; start with ~0u, finish with ~.</summary>
     public static uint Append(uint crc, ReadOnlySpan<byte> data)
     {
-        while (data.Length >= 8)
+        // Whole u64 words through a cast (no per-word slicing); the CRC consumes them least significant byte first.
+        var words = MemoryMarshal.Cast<byte, ulong>(data);
+        foreach (ulong w in words)
         {
-            crc = BitOperations.Crc32C(crc, BinaryPrimitives.ReadUInt64LittleEndian(data));
-            data = data[8..];
+            crc = BitOperations.Crc32C(crc, BitConverter.IsLittleEndian ? w : BinaryPrimitives.ReverseEndianness(w));
         }
-        foreach (byte b in data)
+        foreach (byte b in data[(words.Length * 8)..])
         {
             crc = BitOperations.Crc32C(crc, b);
         }

@@ -73,6 +73,12 @@ public sealed class MemoryDirtier : IGuestProgram
         if (r.Rate != 0)
         {
             ulong allowed = (ulong)(_clock.Elapsed.TotalSeconds * r.Rate);
+            // Credit beyond one slice is dropped: after a pause (or a migration) the job resumes at its rate
+            // instead of catching up in a burst.
+            if (allowed > _bytesSinceClock + MaxBytesPerSlice)
+            {
+                _bytesSinceClock = allowed - MaxBytesPerSlice;
+            }
             if (allowed <= _bytesSinceClock)
             {
                 Thread.Sleep(1);

@@ -172,7 +172,8 @@ internal sealed partial class ServerSession : IMessageDma
         if (twinClientEnd is not null)
         {
             c.SendReply(m.Header, reply, default, [twinClientEnd.Fd]);
-            twinClientEnd.Dispose();
+            // Only close our descriptor: Dispose would shutdown(2) the socket the client now holds.
+            twinClientEnd.CloseKeepingConnection();
             _twin = new VfioUserConnection(twinServerEnd!, c.Name + " twin", _logger);
             // The twin socket carries only server→client commands; anything the client sends on it is refused.
             _twin.Start(static (tc, tm) => tc.SendError(tm.Header, Errno.EINVAL));

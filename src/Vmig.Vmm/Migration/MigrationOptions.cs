@@ -43,7 +43,7 @@ public sealed class MigrationOptions
     /// <summary>Cap on device pre-copy bytes read per device per round (a device may produce data forever). Default 256 MiB.</summary>
     public long MaxDevicePrecopyBytesPerRound { get; init; } = 256L << 20;
 
-    /// <summary>Buffer for one MIG_DATA_READ. Default 1 MiB (as QEMU).</summary>
+    /// <summary>Buffer for one MIG_DATA_READ, 4 KiB to 4 MiB − 4. Default 1 MiB (as QEMU).</summary>
     public int DeviceReadChunk { get; init; } = 1 << 20;
 }
 

@@ -30,6 +30,9 @@ public static class MigrationSource
         ArgumentOutOfRangeException.ThrowIfLessThan(o.ParallelConnections, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(o.ParallelConnections, 16);
         ArgumentOutOfRangeException.ThrowIfLessThan(o.MaxRounds, 1);
+        // A DeviceData section (4-byte header + one read) must fit the target reader's 4 MiB payload limit.
+        ArgumentOutOfRangeException.ThrowIfLessThan(o.DeviceReadChunk, 4096);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(o.DeviceReadChunk, (4 << 20) - 4);
         return Task.Factory.StartNew(
             () => new SourceSession(vm, o, progress, cancellationToken).Run(target),
             CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);

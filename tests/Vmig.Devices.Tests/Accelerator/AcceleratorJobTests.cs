@@ -220,6 +220,22 @@ public sealed class AcceleratorJobTests : IDisposable
     }
 
     [Fact]
+    public void Flr_StopsTheRingAndClearsRegisters_DriverCanReinitialize()
+    {
+        Assert.Equal(AcceleratorJobStatus.Success, _rig.Run(AcceleratorOpcode.Fill, 0, 0, 4096, 0x5555_5555_5555_5555).Status);
+        var b = new byte[2];
+        BinaryPrimitives.WriteUInt16LittleEndian(b, PciExpress.DevCtlInitiateFlr);
+        _rig.Function.WriteConfig(Vmig.Devices.Pci.PciFunction.PcieCapabilityOffset + PciExpress.DeviceControl, b);
+        Assert.Equal(default, _rig.Vf.Registers);
+        Assert.False(_rig.Vf.IsBusMasterEnabled);
+        var d = Vmig.Guest.Accelerator.AcceleratorDriver.Initialize(_rig.Ram, _rig.Function, AcceleratorRig.DriverBlock, 16);
+        var c = d.Run(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, AcceleratorRig.BufferArea, 0, 4096));
+        Assert.Equal(AcceleratorJobStatus.Success, c.Status);
+        Assert.Equal(0u, c.Sequence); // counters restarted
+        Assert.Equal(Vmig.Devices.Pci.Crc32C.Compute(Enumerable.Repeat((byte)0x55, 4096).ToArray()), c.Result); // device memory kept
+    }
+
+    [Fact]
     public void SriovEnable_CreatesVfsWithTheirProfiles_DisableRemovesThem()
     {
         using var pf = new AcceleratorPf(3, AcceleratorProfile.Create(1 << 20));

@@ -48,21 +48,25 @@ public sealed class AcceleratorRig : IDisposable
         }
     }
 
-    /// <summary>Reads the save stream until it says "no more for now" (or the end), appending to <paramref name="wire"/>.</summary>
-    public long Drain(MemoryStream wire, int chunk = 64 * 1024)
+    /// <summary>
+    /// Reads the save stream until it says "no more for now" (or the end), or <paramref name="limit"/> bytes (a VMM
+    /// bounds a pre-copy round: a device that dirties faster than it is read never says "no more").
+    /// </summary>
+    public long Drain(MemoryStream wire, int chunk = 64 * 1024, long limit = long.MaxValue)
     {
         var buf = new byte[chunk];
         long total = 0;
-        while (true)
+        while (total < limit)
         {
-            int n = Migration.ReadData(buf);
+            int n = Migration.ReadData(buf.AsSpan(0, (int)Math.Min(chunk, limit - total)));
             wire.Write(buf, 0, n);
             total += n;
-            if (n < buf.Length)
+            if (n < Math.Min(chunk, limit - total + n))
             {
                 return total;
             }
         }
+        return total;
     }
 
     public void Dispose()

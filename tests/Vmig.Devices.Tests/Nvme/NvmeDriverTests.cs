@@ -1,20 +1,12 @@
 using Vmig.Guest.Nvme;
 using Vmig.Spec.Nvme;
 
+using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
+
 namespace Vmig.Devices.Tests.Nvme;
 
 public sealed class NvmeDriverTests
 {
-    private const ulong Region = 0x100000;
-    private const ulong RegionSize = 8 << 20;
-    private const ulong Buf = 0xA00000;
-
-    private static byte[] Pattern(int len, int seed)
-    {
-        var b = new byte[len];
-        new Random(seed).NextBytes(b);
-        return b;
-    }
 
     [Theory]
     [InlineData(true, true)]

@@ -28,22 +28,27 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
     public DmaSpace Dma { get; }
     public ulong Size { get; }
 
-    /// <summary>Counts every guest write (so tests can assert the driver keeps its state in RAM).</summary>
-    public long Writes;
-
     public void Read(ulong gpa, Span<byte> destination) => _map.GetSpan(Check(gpa, destination.Length), destination.Length).CopyTo(destination);
 
     public void Write(ulong gpa, ReadOnlySpan<byte> source)
     {
-        Interlocked.Increment(ref Writes);
         source.CopyTo(_map.GetSpan(Check(gpa, source.Length), source.Length));
     }
 
     public uint ReadUInt32(ulong gpa) => _map.ReadUInt32Volatile(Check(gpa, 4));
 
+    /// <summary>Copies all of <paramref name="other"/>'s RAM into this one (what RAM migration does).</summary>
+    public void CopyFrom(TestGuestRam other)
+    {
+        const int Chunk = 1 << 20;
+        for (long o = 0; o < (long)Size; o += Chunk)
+        {
+            other._map.GetSpan(o, Chunk).CopyTo(_map.GetSpan(o, Chunk));
+        }
+    }
+
     public void WriteUInt32(ulong gpa, uint value)
     {
-        Interlocked.Increment(ref Writes);
         _map.WriteUInt32Volatile(Check(gpa, 4), value);
     }
 
@@ -51,7 +56,6 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
 
     public void WriteUInt64(ulong gpa, ulong value)
     {
-        Interlocked.Increment(ref Writes);
         BinaryPrimitives.WriteUInt64LittleEndian(_map.GetSpan(Check(gpa, 8), 8), value);
     }
 
@@ -146,12 +150,13 @@ internal sealed class NvmeRig : IDisposable
 
     private readonly List<IDisposable> _owned = [];
 
-    public NvmeRig(int lbaSize = 512, int vfs = 2, NvmeSubsystemOptions? options = null)
+    public NvmeRig(int lbaSize = 512, int vfs = 2, NvmeSubsystemOptions? options = null, string? sharedNamespacePath = null)
     {
         Dir = Directory.CreateTempSubdirectory("vmig-nvme-");
-        NamespacePath = Path.Combine(Dir.FullName, "ns1.img");
-        using (var f = File.Create(NamespacePath))
+        NamespacePath = sharedNamespacePath ?? Path.Combine(Dir.FullName, "ns1.img");
+        if (sharedNamespacePath is null)
         {
+            using var f = File.Create(NamespacePath);
             f.SetLength(NamespaceBytes);
         }
         Subsystem = new NvmeSubsystem((options ?? new NvmeSubsystemOptions()) with { MaxSecondaryControllers = vfs });
@@ -166,10 +171,10 @@ internal sealed class NvmeRig : IDisposable
     public int LbaSize { get; }
 
     /// <summary>Guest RAM + function for a controller (primary if cntlid 0).</summary>
-    public (TestGuestRam Ram, DirectNvmeFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9)
+    public (TestGuestRam Ram, DirectNvmeFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9, Func<IDmaSpace, IDmaSpace>? wrapDma = null)
     {
         var ram = new TestGuestRam(ramBytes);
-        var fn = new DirectNvmeFunction(Subsystem.GetController(cntlid)!, ram.Dma, vectors);
+        var fn = new DirectNvmeFunction(Subsystem.GetController(cntlid)!, wrapDma is null ? ram.Dma : wrapDma(ram.Dma), vectors);
         _owned.Add(fn);
         _owned.Add(ram);
         return (ram, fn);
@@ -178,7 +183,10 @@ internal sealed class NvmeRig : IDisposable
     /// <summary>Provisions secondary <paramref name="cntlid"/> (queues, vectors, online) and attaches the namespace to it.</summary>
     public void ProvisionVf(ushort cntlid, ushort queues = 5, ushort vectors = 5, bool attach = true)
     {
-        Subsystem.SetEnabledVfs(Math.Max(Subsystem.EnabledVfs, cntlid));
+        if (Subsystem.EnabledVfs < cntlid)
+        {
+            Subsystem.EnableVfs(Subsystem.Secondaries.Count);
+        }
         Subsystem.ProvisionSecondary(cntlid, queues, vectors);
         if (attach)
         {
@@ -203,5 +211,54 @@ internal sealed class NvmeRig : IDisposable
         }
         Subsystem.Dispose();
         Dir.Delete(recursive: true);
+    }
+}
+
+/// <summary>Counts every device access to guest memory (to prove migration never goes through the guest's DMA windows).</summary>
+internal sealed class CountingDma(IDmaSpace inner) : IDmaSpace
+{
+    public long Accesses;
+
+    public bool TryRead(ulong iova, Span<byte> destination)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryRead(iova, destination);
+    }
+
+    public bool TryWrite(ulong iova, ReadOnlySpan<byte> source)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryWrite(iova, source);
+    }
+
+    public bool TryReadUInt32(ulong iova, out uint value)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryReadUInt32(iova, out value);
+    }
+
+    public bool TryWriteUInt32(ulong iova, uint value)
+    {
+        Interlocked.Increment(ref Accesses);
+        return inner.TryWriteUInt32(iova, value);
+    }
+}
+
+/// <summary>Guest-physical layout the NVMe tests share: the driver's region, a data buffer area, and test data.</summary>
+internal static class NvmeTestLayout
+{
+    /// <summary>Driver region (state block first).</summary>
+    public const ulong Region = 0x100000;
+    public const ulong RegionSize = 8 << 20;
+
+    /// <summary>Data buffers, above the driver region.</summary>
+    public const ulong Buf = 0xA00000;
+
+    /// <summary>Deterministic test data.</summary>
+    public static byte[] Pattern(int len, int seed)
+    {
+        var b = new byte[len];
+        new Random(seed).NextBytes(b);
+        return b;
     }
 }

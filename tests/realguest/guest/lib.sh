@@ -81,13 +81,14 @@ find_nvme() {
   return 0
 }
 
-# Wait until /sys/class/nvme/$CTRL/state is "live" and the namespace block device exists.
+# wait_live [SECONDS] [any]: wait until /sys/class/nvme/$CTRL/state is "live" and (unless "any") the
+# namespace block device exists. A PF may have no namespace attached: part 2 passes "any".
 wait_live() {
-  local t=${1:-30} i s
+  local t=${1:-30} any=${2:-} i s
   for ((i=0; i<t*10; i++)); do
     find_nvme >/dev/null 2>&1
     s=$(cat /sys/class/nvme/${CTRL:-none}/state 2>/dev/null)
-    [ "$s" = live ] && [ -n "$NS" ] && [ -b "$NS" ] && return 0
+    [ "$s" = live ] && { [ -n "$any" ] || { [ -n "$NS" ] && [ -b "$NS" ]; }; } && return 0
     sleep 0.1
   done
   echo "wait_live: ctrl=${CTRL:-?} state=${s:-?} ns=${NS:-?} after ${t}s"

@@ -14,15 +14,40 @@
 CDQ_DWORDS=${CDQ_DWORDS:-1024}; STATE_DWORDS=${STATE_DWORDS:-1023}
 echo "realguest part 2: kernel $(uname -r), $(nvme version 2>/dev/null | tr '\n' ' ')"
 
+# The guest sees the PF and, when run.sh attaches it too (vmig target), the VF under test. The PF is the
+# controller whose Identify Secondary Controller List is not empty; the VF is the other one.
+VF_CTRL= VF_NS=
 c_enumerate() {
   lspci -nn
-  find_nvme
-  case $? in
-    1) why "no PCI function with class code 0x010802 (NVMe I/O controller) on the PF socket"; return 1;;
-    2) why "$BDF has class 0x010802 but no nvme controller node"; return 1;;
-  esac
-  wait_live 30 || { why "PF controller $CTRL never became live"; return 1; }
-  echo "BDF=$BDF CTRL=$CTRL NS=${NS:-none}"
+  local d c ctrls=()
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/class" 2>/dev/null)" = 0x010802 ] || continue
+    for c in "$d"/nvme/nvme*; do [ -e "$c" ] && ctrls+=("$(basename "$c")"); done
+  done
+  [ ${#ctrls[@]} -ge 1 ] || { why "no NVMe controller (class 0x010802 with the nvme driver) in the guest"; return 1; }
+  local i s
+  for c in "${ctrls[@]}"; do
+    for ((i=0; i<300; i++)); do s=$(cat /sys/class/nvme/$c/state); [ "$s" = live ] && break; sleep 0.1; done
+    [ "$s" = live ] || { why "controller $c never became live (state $s)"; return 1; }
+    echo "$c: cntlid=$(cat /sys/class/nvme/$c/cntlid) pci=$(basename "$(readlink -f /sys/class/nvme/$c/device)")"
+  done
+  CTRL=
+  for c in "${ctrls[@]}"; do
+    n=$(nvme list-secondary /dev/$c 2>/dev/null | awk -F: '/NUMID/ {gsub(/ /,"",$NF); print $NF; exit}')
+    [ "$((${n:-0}))" -ge 1 ] && { CTRL=$c; break; }
+  done
+  [ -n "$CTRL" ] || CTRL=${ctrls[0]}   # no controller lists secondaries: list-secondary will say so
+  CDEV=/dev/$CTRL; BDF=$(basename "$(readlink -f /sys/class/nvme/$CTRL/device)")
+  for c in "${ctrls[@]}"; do [ "$c" != "$CTRL" ] && VF_CTRL=$c; done
+  if [ -n "$VF_CTRL" ]; then
+    # run.sh boots with nvme_core.multipath=N, so each controller has its own nvme<ctrl>n<nsid>;
+    # the multipath naming is handled in case that changes. The namespace may appear after "live".
+    for ((i=0; i<100; i++)); do ls -d /sys/class/nvme/$VF_CTRL/nvme*n* >/dev/null 2>&1 && break; sleep 0.1; done
+    local p; p=$(ls -d /sys/class/nvme/$VF_CTRL/nvme*c*n* 2>/dev/null | head -n1)
+    if [ -n "$p" ]; then p=$(basename "$p"); VF_NS=/dev/${p%%c*}n${p##*n}
+    else VF_NS=$(ls -d /sys/class/nvme/$VF_CTRL/${VF_CTRL}n* 2>/dev/null | head -n1 | sed 's,.*/,/dev/,'); fi
+  fi
+  echo "PF: $CTRL ($BDF)  VF: ${VF_CTRL:-not attached} ${VF_NS:+namespace $VF_NS}"
 }
 
 c_lm_plugin() {
@@ -45,9 +70,16 @@ c_secondary() {
   nvme list-secondary "$CDEV" > /tmp/sec 2>&1; local rc=$?
   cat /tmp/sec
   [ $rc = 0 ] || { why "nvme list-secondary (Identify CNS 15h) failed"; return 1; }
-  if [ -z "${VF_CNTLID:-}" ]; then
-    VF_CNTLID=$(sed -n 's/.*SCID *: *\(0x[0-9a-fA-F]*\|[0-9][0-9]*\).*/\1/p' /tmp/sec | head -n1)
+  # nvme-cli prints "SCID      : Secondary Controller Identifier : 0x0001": take the last field.
+  local scids= x
+  for x in $(awk -F: '$1 ~ /^ *SCID *$/ {gsub(/ /,"",$NF); print $NF}' /tmp/sec); do scids="$scids$((x)) "; done
+  echo "secondary controllers (SCID): ${scids:-none}"
+  if [ -z "${VF_CNTLID:-}" ] && [ -n "$VF_CTRL" ]; then
+    VF_CNTLID=$(cat /sys/class/nvme/$VF_CTRL/cntlid)
+    [[ " $scids " == *" $VF_CNTLID "* ]] \
+      || { why "the attached VF ($VF_CTRL) has CNTLID $VF_CNTLID, which the PF's secondary controller list ($scids) lacks"; return 1; }
   fi
+  [ -n "${VF_CNTLID:-}" ] || VF_CNTLID=${scids%% *}
   [ -n "${VF_CNTLID:-}" ] || { why "no secondary controller listed; cannot pick a VF CNTLID"; return 1; }
   VF_CNTLID=$((VF_CNTLID)); echo "VF CNTLID=$VF_CNTLID"
 }
@@ -111,12 +143,77 @@ c_delete_cdq() {
   lm delete-cdq "$CDEV" --cdqid="$CDQID" || { why "Delete CDQ $CDQID failed: $(tail -n1 /tmp/lm.out)"; return 1; }
 }
 
+# --- the VF under suspend/resume, seen from its own driver (only when run.sh attached the VF too).
+# Reads only while a CDQ exists: nvme-cli's create-cdq hands the controller a buffer that is unpinned when
+# the command completes, so a logged user-data change would be written into freed guest memory.
+need_vf() {
+  [ -n "$VF_CTRL" ] || { why "no VF attached to this guest (run.sh attaches it on the vmig target)"; return 77; }
+  rg-wait "$VF_NS" 20 || { why "VF namespace $VF_NS never appeared"; return 1; }
+}
+VF_PAT=/tmp/vf-pattern VF_OFF=$((32<<20))
+c_vf_io() {
+  need_vf || return
+  [ "$(cat /sys/class/nvme/$VF_CTRL/cntlid)" = "$VF_CNTLID" ] \
+    || { why "the attached VF has CNTLID $(cat /sys/class/nvme/$VF_CTRL/cntlid), the PF lists $VF_CNTLID"; return 1; }
+  head -c $((64<<10)) /dev/urandom > $VF_PAT
+  dd if=$VF_PAT of="$VF_NS" bs=64k seek=$((VF_OFF/65536)) oflag=direct conv=fsync status=none || { why "write to VF failed"; return 1; }
+  cmp <(dd if="$VF_NS" bs=64k skip=$((VF_OFF/65536)) count=1 iflag=direct status=none) $VF_PAT \
+    || { why "VF read-back differs"; return 1; }
+  echo "VF $VF_CTRL ($VF_NS): 64 KiB written at byte $VF_OFF and read back"
+}
+BG_PID=
+c_vf_stalled() {   # TP4159 Suspend: the suspended controller processes no further commands until Resume
+  need_vf || return
+  ( dd if="$VF_NS" of=/tmp/vf-bg bs=64k skip=$((VF_OFF/65536)) count=1 iflag=direct status=none; echo $? > /tmp/vf-bg.rc ) &
+  BG_PID=$!
+  sleep 3
+  if [ -s /tmp/vf-bg.rc ]; then
+    why "a read submitted to the suspended VF completed (rc $(cat /tmp/vf-bg.rc)) before Resume"; return 1
+  fi
+  echo "read on suspended VF still outstanding after 3 s (as it must be)"
+}
+c_vf_resumed() {
+  need_vf || return
+  [ -n "$BG_PID" ] || { why "no outstanding read (vf-suspended-stalls-io did not run)"; return 1; }
+  local i
+  for ((i=0; i<100; i++)); do [ -s /tmp/vf-bg.rc ] && break; sleep 0.1; done
+  [ -s /tmp/vf-bg.rc ] || { why "the read outstanding on the VF did not complete within 10 s of Resume"; dmesg | grep -i "$VF_CTRL" | tail -n 5; return 1; }
+  [ "$(cat /tmp/vf-bg.rc)" = 0 ] || { why "the read outstanding across Suspend/Resume failed (dd rc $(cat /tmp/vf-bg.rc))"; return 1; }
+  cmp -s /tmp/vf-bg $VF_PAT || { why "the read outstanding across Suspend/Resume returned wrong data"; return 1; }
+  dmesg | grep -iE "$VF_CTRL.*(timeout|reset|abort)" && { why "the kernel timed out or reset the VF around Suspend/Resume"; return 1; }
+  echo "outstanding read completed after Resume with the right data; no timeouts"
+}
+
 c_bad_cntlid() {   # a CNTLID that names no secondary controller must be refused, not acted on
   if lm migration-send "$CDEV" --sel=0 --cntlid=65534 --stype=1; then
     why "Migration Send Suspend of nonexistent CNTLID 0xfffe succeeded"; return 1
   fi
-  grep -qiE 'NVMe status|Invalid|status' /tmp/lm.out || { why "refused, but without an NVMe status: $(tail -n1 /tmp/lm.out)"; return 1; }
+  grep -qi 'NVMe status' /tmp/lm.out || { why "refused, but without an NVMe status: $(tail -n1 /tmp/lm.out)"; return 1; }
+  if grep -qi 'Invalid Command Opcode' /tmp/lm.out; then
+    # Refusing the opcode proves nothing about CNTLID checking; with HMLMS set it is itself a bug.
+    [ "${RG_VERDICT[hmlms]:-}" = PASS ] && { why "HMLMS is set but Migration Send (opcode 41h) is an invalid opcode"; return 1; }
+    why "the controller has no Migration Send at all (no HMLMS): CNTLID checking not testable"; return 77
+  fi
 }
+
+# Only with --target qemu-nvme: QEMU's SR-IOV NVMe starts with its VFs offline. Give secondary controller 1
+# flexible resources, set it online (Virtualization Management, nvme virt-mgmt) and enable one VF, so the
+# guest has a PF + VF pair like vmig's (this exercises the VF-side checks against a second implementation).
+c_qemu_sriov() {
+  find_nvme || { why "no NVMe PF"; return 1; }
+  wait_live 30 any || { why "PF not live"; return 1; }
+  local d=/sys/bus/pci/devices/$BDF
+  echo 0 > $d/sriov_drivers_autoprobe
+  echo 1 > $d/sriov_numvfs || { why "enabling 1 VF failed"; return 1; }
+  nvme virt-mgmt "$CDEV" -c 1 -r 1 -a 8 -n 1 && nvme virt-mgmt "$CDEV" -c 1 -r 0 -a 8 -n 2 \
+    && nvme virt-mgmt "$CDEV" -c 1 -r 0 -a 9 -n 0 || { why "nvme virt-mgmt (assign VI/VQ, online) failed"; return 1; }
+  local vf; vf=$(basename "$(readlink -f $d/virtfn0)")
+  # With sriov_drivers_autoprobe=0 the PCI core only probes a VF that has a driver_override.
+  echo nvme > /sys/bus/pci/devices/$vf/driver_override
+  echo "$vf" > /sys/bus/pci/drivers/nvme/bind || { why "bind of VF $vf failed"; return 1; }
+  nvme list-secondary "$CDEV" | grep -E 'SCID|SCS'
+}
+[ "${QEMU_SRIOV:-0}" = 1 ] && run qemu-sriov-prep c_qemu_sriov
 
 run enumerate c_enumerate
 REQUIRES=enumerate
@@ -124,17 +221,22 @@ run lm-plugin c_lm_plugin
 run hmlms c_hmlms
 run list-secondary c_secondary
 REQUIRES="enumerate lm-plugin list-secondary"
+run vf-io-before c_vf_io
 run create-cdq c_create_cdq
 REQUIRES="enumerate lm-plugin list-secondary create-cdq"
 run track-send-start c_track_start
 REQUIRES="enumerate lm-plugin list-secondary"
 run migration-send-suspend c_suspend
 REQUIRES="enumerate lm-plugin list-secondary migration-send-suspend"
+run vf-suspended-stalls-io c_vf_stalled
 run migration-recv-state c_get_state
 run migration-send-resume c_resume
+run vf-io-resumes c_vf_resumed
 REQUIRES="enumerate lm-plugin list-secondary create-cdq"
 run track-send-stop c_track_stop
 run delete-cdq c_delete_cdq
+REQUIRES="enumerate lm-plugin list-secondary"
+run vf-io-after c_vf_io
 REQUIRES="enumerate lm-plugin"
 run bad-cntlid-refused c_bad_cntlid
 rg_summary

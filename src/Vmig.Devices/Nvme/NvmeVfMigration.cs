@@ -1,0 +1,255 @@
+using System.Buffers.Binary;
+using Vmig.Devices.Pci;
+using Vmig.Migration;
+using Vmig.Spec.Nvme;
+using Vmig.VfioUser.Protocol;
+
+namespace Vmig.Devices.Nvme;
+
+/// <summary>
+/// Interface 1 (ARCHITECTURE §3): the migration driver of one secondary controller. It answers the VF socket's
+/// migration features by issuing TP4159 operations on the primary controller naming the secondary's CNTLID, never by
+/// touching the VF. Flags STOP_COPY | P2P | PRE_COPY. Arcs (reference §5.6.2 mapping):
+/// RUNNING→RUNNING_P2P and PRE_COPY→PRE_COPY_P2P = Suspend Notification (the controller does no peer-to-peer DMA);
+/// RUNNING_P2P→STOP = Suspend; STOP→RUNNING_P2P = Resume; STOP→STOP_COPY = Get Controller State;
+/// RESUMING→STOP = Set Controller State; RUNNING→PRE_COPY = the early compatibility header only;
+/// PRE_COPY_P2P→STOP_COPY = Suspend, then the state.
+/// </summary>
+/// <remarks>
+/// Stream: records of {u32 magic "NVMR", u16 kind (1 profile, 2 controller state, 3 the VF's PCI config state), u16 0,
+/// u32 length, u32 CRC32C of the payload} + payload. The profile record comes first so a target refuses an
+/// incompatible source before any state moves (its WriteData throws EINVAL naming the difference). The PCI config
+/// state (command register, MSI-X table and PBA: what the guest programmed) is the device host's emulation of the VF's
+/// config space, not controller state, so it is read from the function, not through the primary.
+/// </remarks>
+internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunction function, ushort cntlid) : IMigrationDevice
+{
+    public const uint RecordMagic = 0x524D564E; // "NVMR"
+    public const int RecordHeaderSize = 16;
+    private const ushort KindProfile = 1;
+    private const ushort KindState = 2;
+    private const ushort KindPciConfig = 3;
+
+    private MemoryStream? _save;
+    private long _saveRead;
+    private MemoryStream? _load;
+    private byte[]? _loadedState;
+    private byte[]? _loadedConfig;
+
+    public MigrationFlags MigrationFlags => MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy;
+
+    public void Step(DeviceState from, DeviceState to)
+    {
+        switch (from, to)
+        {
+            case (DeviceState.Running, DeviceState.RunningP2P):
+            case (DeviceState.PreCopy, DeviceState.PreCopyP2P):
+                Check(primary.Suspend(cntlid, SuspendType.Notification), "suspend notification");
+                break;
+            case (DeviceState.RunningP2P, DeviceState.Running):
+            case (DeviceState.PreCopyP2P, DeviceState.PreCopy):
+                break;
+            case (DeviceState.RunningP2P, DeviceState.Stop):
+                Check(primary.Suspend(cntlid, SuspendType.Suspend), "suspend");
+                break;
+            case (DeviceState.Stop, DeviceState.RunningP2P):
+                Check(primary.Resume(cntlid), "resume");
+                break;
+            case (DeviceState.Stop, DeviceState.StopCopy):
+                OpenSave();
+                AppendState();
+                break;
+            case (DeviceState.StopCopy, DeviceState.Stop):
+            case (DeviceState.PreCopy, DeviceState.Running):
+            case (DeviceState.PreCopyP2P, DeviceState.RunningP2P):
+                _save = null;
+                break;
+            case (DeviceState.Running, DeviceState.PreCopy):
+            case (DeviceState.RunningP2P, DeviceState.PreCopyP2P):
+                OpenSave();
+                break;
+            case (DeviceState.PreCopyP2P, DeviceState.StopCopy):
+                Check(primary.Suspend(cntlid, SuspendType.Suspend), "suspend");
+                AppendState();
+                break;
+            case (DeviceState.Stop, DeviceState.Resuming):
+                _load = new MemoryStream();
+                _loadedState = null;
+                break;
+            case (DeviceState.Resuming, DeviceState.Stop):
+                Commit();
+                break;
+            default:
+                throw new MigrationException(Errno.EINVAL, $"{from} → {to} is not a direct arc");
+        }
+    }
+
+    private static void Check(NvmeStatus st, string what)
+    {
+        if (!st.IsSuccess)
+        {
+            throw new MigrationException(Errno.EIO, $"NVMe {what} on the primary failed: {st}");
+        }
+    }
+
+    private void OpenSave()
+    {
+        _save = new MemoryStream();
+        _saveRead = 0;
+        WriteRecord(_save, KindProfile, primary.ProfileOf(cntlid).Encode());
+    }
+
+    private void AppendState()
+    {
+        var save = _save ?? throw new MigrationException(Errno.EINVAL, "no save session");
+        Check(primary.GetControllerState(cntlid, out byte[] state), "get controller state");
+        WriteRecord(save, KindState, state);
+        WriteRecord(save, KindPciConfig, function.SaveConfigState());
+    }
+
+    private static void WriteRecord(MemoryStream s, ushort kind, byte[] payload)
+    {
+        Span<byte> h = stackalloc byte[RecordHeaderSize];
+        BinaryPrimitives.WriteUInt32LittleEndian(h, RecordMagic);
+        BinaryPrimitives.WriteUInt16LittleEndian(h[4..], kind);
+        BinaryPrimitives.WriteUInt16LittleEndian(h[6..], 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(h[8..], (uint)payload.Length);
+        BinaryPrimitives.WriteUInt32LittleEndian(h[12..], Crc32C.Compute(payload));
+        s.Write(h);
+        s.Write(payload);
+    }
+
+    public int ReadData(Span<byte> buffer)
+    {
+        var s = _save ?? throw new MigrationException(Errno.EINVAL, "no save session");
+        int n = (int)Math.Min(buffer.Length, s.Length - _saveRead);
+        s.GetBuffer().AsSpan((int)_saveRead, n).CopyTo(buffer);
+        _saveRead += n;
+        return n;
+    }
+
+    public void WriteData(ReadOnlySpan<byte> data)
+    {
+        var l = _load ?? throw new MigrationException(Errno.EINVAL, "no resume session");
+        if (l.Length + data.Length > NvmeStateCodec.MaxStateBytes + 4096)
+        {
+            throw new MigrationException(Errno.EFBIG, "NVMe migration stream is larger than any controller state");
+        }
+        l.Write(data);
+        ParseRecords(final: false);
+    }
+
+    /// <summary>Parses complete records; the profile is checked as soon as it arrives.</summary>
+    private void ParseRecords(bool final)
+    {
+        var l = _load!;
+        var buf = l.GetBuffer().AsSpan(0, (int)l.Length);
+        int at = 0;
+        while (buf.Length - at >= RecordHeaderSize)
+        {
+            var h = buf[at..];
+            uint magic = BinaryPrimitives.ReadUInt32LittleEndian(h);
+            ushort kind = BinaryPrimitives.ReadUInt16LittleEndian(h[4..]);
+            uint len = BinaryPrimitives.ReadUInt32LittleEndian(h[8..]);
+            if (magic != RecordMagic || kind is not (KindProfile or KindState or KindPciConfig) || len > NvmeStateCodec.MaxStateBytes)
+            {
+                throw new MigrationException(Errno.EINVAL, $"not an NVMe secondary controller migration stream (record magic 0x{magic:X8}, kind {kind})");
+            }
+            if (buf.Length - at - RecordHeaderSize < len)
+            {
+                break;
+            }
+            var payload = buf.Slice(at + RecordHeaderSize, (int)len);
+            if (Crc32C.Compute(payload) != BinaryPrimitives.ReadUInt32LittleEndian(h[12..]))
+            {
+                throw new MigrationException(Errno.EINVAL, "NVMe migration record CRC32C mismatch");
+            }
+            if (kind == KindProfile)
+            {
+                if (!NvmeMigrationProfile.TryDecode(payload, out var source, out _))
+                {
+                    throw new MigrationException(Errno.EINVAL, "NVMe migration profile record is malformed");
+                }
+                if (primary.ProfileOf(cntlid).Difference(source) is { } diff)
+                {
+                    throw new MigrationException(Errno.EINVAL, $"incompatible NVMe secondary controller {cntlid}: {diff}");
+                }
+            }
+            else if (kind == KindState)
+            {
+                _loadedState = payload.ToArray();
+            }
+            else
+            {
+                _loadedConfig = payload.ToArray();
+            }
+            at += RecordHeaderSize + (int)len;
+        }
+        if (at > 0)
+        {
+            // Keep only the unparsed tail.
+            byte[] rest = buf[at..].ToArray();
+            l.SetLength(0);
+            l.Write(rest);
+        }
+        if (final && l.Length != 0)
+        {
+            throw new MigrationException(Errno.EINVAL, "NVMe migration stream ends inside a record");
+        }
+    }
+
+    private void Commit()
+    {
+        if (_load is null)
+        {
+            throw new MigrationException(Errno.EINVAL, "no resume session");
+        }
+        ParseRecords(final: true);
+        _load = null;
+        var state = _loadedState ?? throw new MigrationException(Errno.EINVAL, "NVMe migration stream has no controller state");
+        var config = _loadedConfig ?? throw new MigrationException(Errno.EINVAL, "NVMe migration stream has no PCI config state");
+        _loadedState = null;
+        _loadedConfig = null;
+        // Config first (it validates fully before applying), then the controller; undo the config if the controller refuses.
+        byte[] previousConfig = function.SaveConfigState();
+        try
+        {
+            function.LoadConfigState(config);
+        }
+        catch (InvalidDataException e)
+        {
+            throw new MigrationException(Errno.EINVAL, $"VF PCI config state refused: {e.Message}");
+        }
+        var st = primary.SetControllerState(cntlid, state, out string error);
+        if (!st.IsSuccess)
+        {
+            function.LoadConfigState(previousConfig);
+            // Set Controller State validates everything before applying: the controller is unchanged.
+            throw new MigrationException(Errno.EINVAL, $"Set Controller State refused ({st}): {error}");
+        }
+    }
+
+    public PrecopyInfo GetPrecopyInfo()
+    {
+        var s = _save ?? throw new MigrationException(Errno.EINVAL, "no pre-copy session");
+        return new PrecopyInfo((ulong)(s.Length - _saveRead), 0);
+    }
+
+    public ulong GetStopCopySize()
+    {
+        ulong pending = _save is { } s ? (ulong)(s.Length - _saveRead) : (ulong)(RecordHeaderSize + primary.ProfileOf(cntlid).EncodedSize);
+        return pending + (2 * RecordHeaderSize) + (ulong)primary.EstimateStateSize(cntlid) + (ulong)function.SaveConfigState().Length;
+    }
+
+    public void OnReset()
+    {
+        _save = null;
+        _load = null;
+        _loadedState = null;
+        _loadedConfig = null;
+        if (primary.IsSuspended(cntlid) == true)
+        {
+            primary.Resume(cntlid);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+using Microsoft.Extensions.Logging.Abstractions;
+using Vmig.Devices.Accelerator;
+using Vmig.Guest;
+using Vmig.Guest.Accelerator;
+using Vmig.Migration;
+using Vmig.Native;
+using Vmig.Spec.Accelerator;
+using Vmig.VfioUser.Client;
+using Vmig.VfioUser.Protocol;
+using Vmig.VfioUser.Server;
+
+namespace Vmig.Devices.Tests.Accelerator;
+
+/// <summary>
+/// The accelerator served over real vfio-user sockets: a "VMM" (clients here) maps one guest RAM memfd into two
+/// device hosts' VFs and moves the VF's state from one to the other with MIG_DATA_READ/WRITE (DeviceMigrator).
+/// </summary>
+public sealed class AcceleratorSocketTests : IDisposable
+{
+    private const long RamSize = 4 << 20;
+    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-accel-").FullName;
+    private readonly List<IDisposable> _owned = [];
+
+    public void Dispose()
+    {
+        for (int i = _owned.Count - 1; i >= 0; i--)
+        {
+            _owned[i].Dispose();
+        }
+        Directory.Delete(_dir, recursive: true);
+    }
+
+    private T Own<T>(T d) where T : IDisposable
+    {
+        _owned.Add(d);
+        return d;
+    }
+
+    /// <summary>A guest's view of a function through a vfio-user client, with its own MSI-X eventfds.</summary>
+    private sealed class ClientFunction : IGuestPciFunction, IDisposable
+    {
+        private readonly VfioUserClient _client;
+        private readonly EventFd[] _vectors;
+
+        public ClientFunction(VfioUserClient client)
+        {
+            _client = client;
+            _vectors = [EventFd.Create(), EventFd.Create()];
+            client.SetIrqEventFds(VfioPci.MsixIrqIndex, 0, _vectors);
+        }
+
+        public int MsixVectorCount => _vectors.Length;
+        public void ReadConfig(int offset, Span<byte> data) => _client.ReadRegion(VfioPci.ConfigRegionIndex, (ulong)offset, data);
+        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => _client.WriteRegion(VfioPci.ConfigRegionIndex, (ulong)offset, data);
+        public void MmioRead(int bar, ulong offset, Span<byte> data) => _client.ReadRegion(bar, offset, data);
+        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data) => _client.WriteRegion(bar, offset, data);
+        public bool WaitInterrupt(int vector, int timeoutMs) => _vectors[vector].Wait(timeoutMs) != 0;
+
+        public void Dispose()
+        {
+            foreach (var v in _vectors)
+            {
+                v.Dispose();
+            }
+        }
+    }
+
+    private (AcceleratorPf Pf, VfioUserClient Client) Host(string name, UnixFd ram)
+    {
+        var pf = Own(new AcceleratorPf(1, AcceleratorProfile.Create(4 << 20, 64)));
+        pf.EnableVfs(1);
+        var server = Own(new VfioUserServer(pf.GetVf(0), Path.Combine(_dir, name + ".sock"), null, NullLoggerFactory.Instance));
+        server.Start();
+        var client = Own(VfioUserClient.Connect(server.SocketPath));
+        client.DmaMap(0, RamSize, ram, 0, DmaProt.Read | DmaProt.Write);
+        return (pf, client);
+    }
+
+    [Fact]
+    public void RegionInfo_ShowsOnlyTheVisibleRegisterPart_AndHiddenAccessFails()
+    {
+        using var ramFd = MemFd.Create("ram", RamSize);
+        var (_, client) = Host("a", ramFd);
+        Assert.Equal(AcceleratorIds.VfRegisterVisibleSize, client.GetRegionInfo(0).Size);
+        Assert.Equal(0ul, client.GetRegionInfo(1).Size);
+        Assert.Equal(4096ul, client.GetRegionInfo(VfioPci.ConfigRegionIndex).Size);
+        Assert.Equal((uint)AcceleratorIds.VfMsixVectors, client.GetIrqInfo(VfioPci.MsixIrqIndex).Count);
+        Assert.ThrowsAny<Exception>(() => client.ReadRegion(0, AcceleratorMigrationRegister.Status, new byte[4]));
+        Assert.Equal(MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, client.GetMigrationFlags());
+    }
+
+    [Fact]
+    public void BusyVf_MovesBetweenDeviceHostsOverSockets_JobsCompleteExactlyOnce()
+    {
+        using var ramFd = MemFd.Create("ram", RamSize);
+        using var ramMap = Mapping.Map(ramFd, 0, RamSize);
+        var ram = new MappedGuestMemory(ramMap);
+        var (srcPf, srcClient) = Host("src", ramFd);
+        var (dstPf, dstClient) = Host("dst", ramFd);
+        using var srcFn = new ClientFunction(srcClient);
+        using var dstFn = new ClientFunction(dstClient);
+
+        var driver = AcceleratorDriver.Initialize(ram, srcFn, 0x10_0000, 32);
+        var data = new byte[512 * 1024];
+        new Random(9).NextBytes(data);
+        ram.Write(0x20_0000, data);
+        Assert.Equal(AcceleratorJobStatus.Success, driver.Run(new AcceleratorJob(AcceleratorOpcode.CopyToDevice, 0, 0, 0x20_0000, 0x1000, (ulong)data.Length)).Status);
+        // After the first pre-copy round, the guest queues long jobs (CRC of all device memory): the switchover
+        // follows within a round trip, so the source finishes only what it fetched by then and the rest move.
+        var slots = new List<uint>();
+        var onPreCopy = new SyncProgress(p =>
+        {
+            if (p.Phase == DeviceMigrationPhase.PreCopy && slots.Count == 0)
+            {
+                for (int i = 0; i < 24; i++)
+                {
+                    slots.Add(driver.Submit(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, 0x30_0000 + (ulong)i * 4, 0, 4 << 20)));
+                }
+            }
+        });
+
+        var report = DeviceMigrator.Migrate(srcClient, dstClient, null, onPreCopy);
+        Assert.Equal(24, slots.Count);
+        Assert.Equal(DeviceState.Stop, srcClient.GetState());
+        Assert.Equal(DeviceState.Running, dstClient.GetState());
+        Assert.True(report.StopCopyBytes > 0);
+
+        var moved = AcceleratorDriver.Attach(ram, dstFn, 0x10_0000);
+        var seen = new HashSet<uint>();
+        uint crc = Vmig.Devices.Pci.Crc32C.Compute(dstPf.GetVf(0).Memory.GetSpan(0, 4 << 20));
+        foreach (var s in slots)
+        {
+            var c = moved.Wait(s);
+            Assert.Equal(AcceleratorJobStatus.Success, c.Status);
+            Assert.Equal(crc, c.Result);
+            Assert.True(seen.Add(c.Sequence));
+        }
+        Assert.Equal(25u, dstPf.GetVf(0).Registers.CompletedJobs);
+        Assert.True(srcPf.GetVf(0).Registers.CompletedJobs < 25, "every job finished on the source: nothing was in flight at the switchover");
+        Assert.True(srcPf.GetVf(0).Memory.GetSpan(0, 4 << 20).SequenceEqual(dstPf.GetVf(0).Memory.GetSpan(0, 4 << 20)));
+        var back = new byte[data.Length];
+        Assert.Equal(AcceleratorJobStatus.Success, moved.Run(new AcceleratorJob(AcceleratorOpcode.CopyFromDevice, 0, 0, 0x28_0000, 0x1000, (ulong)data.Length)).Status);
+        ram.Read(0x28_0000, back);
+        Assert.Equal(data, back);
+    }
+
+    private sealed class SyncProgress(Action<DeviceMigrationProgress> report) : IProgress<DeviceMigrationProgress>
+    {
+        public void Report(DeviceMigrationProgress value) => report(value);
+    }
+
+    /// <summary>Guest RAM over one mapping, gpa = offset.</summary>
+    private sealed class MappedGuestMemory(Mapping map) : IGuestMemory
+    {
+        public ulong Size => (ulong)map.Length;
+        public void Read(ulong gpa, Span<byte> destination) => map.GetSpan((long)gpa, destination.Length).CopyTo(destination);
+        public void Write(ulong gpa, ReadOnlySpan<byte> source) => source.CopyTo(map.GetSpan((long)gpa, source.Length));
+        public uint ReadUInt32(ulong gpa) => map.ReadUInt32Volatile((long)gpa);
+        public void WriteUInt32(ulong gpa, uint value) => map.WriteUInt32Volatile((long)gpa, value);
+        public ulong ReadUInt64(ulong gpa) => (ulong)map.ReadInt64Volatile((long)gpa);
+        public void WriteUInt64(ulong gpa, ulong value) => System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(map.GetSpan((long)gpa, 8), value);
+    }
+}
