@@ -23,9 +23,9 @@ public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposabl
 
     private static readonly ConformanceOptions Options = new() { DmaWriteStimulus = new SampleDeviceDmaWrites(), TimeoutMs = 10_000 };
 
-    private ConformanceReport RunInProcess(VfioUserDevice device, ConformanceOptions? options = null)
+    private ConformanceReport RunInProcess(VfioUserDevice device, ConformanceOptions? options = null, VfioUserServerOptions? serverOptions = null)
     {
-        using var server = new VfioUserServer(device, Path.Combine(_dir, Guid.NewGuid().ToString("N")[..8] + ".sock"));
+        using var server = new VfioUserServer(device, Path.Combine(_dir, Guid.NewGuid().ToString("N")[..8] + ".sock"), serverOptions);
         server.Start();
         return ConformanceSuite.Run(server.SocketPath, options ?? Options);
     }
@@ -66,6 +66,16 @@ public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposabl
         Assert.True(report.Success, report.Summary());
         Assert.Equal(5UL, report.MigrationFlags);
         Assert.Equal(CheckOutcome.Skip, report.Checks.Single(c => c.Id == "data.mig-data-size").Outcome);
+    }
+
+    [Fact]
+    public void A_server_that_offers_no_extensions_passes_on_the_base_protocol()
+    {
+        using var dev = new SampleDevice();
+        var report = RunInProcess(dev, null, new VfioUserServerOptions { OfferExtensions = false, OfferTwinSocket = false, MaxDataXferSize = 64 * 1024 });
+        Assert.True(report.Success, report.Summary());
+        Assert.Equal(5UL, report.MigrationFlags);
+        Assert.Contains("max_data_xfer_size 65536", report.Checks.Single(c => c.Id == "negotiation.version").Reason, StringComparison.Ordinal);
     }
 
     [Fact]
