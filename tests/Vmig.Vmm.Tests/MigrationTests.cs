@@ -356,6 +356,84 @@ public sealed class MigrationTests : IDisposable
         Assert.True(report.Rounds[^1].Pages < 64, report.ToJson());
     }
 
+    [Theory]
+    [InlineData(SectionType.RamPages, "rolled-back")]             // mid pre-copy
+    [InlineData(SectionType.DeviceInitialDataSent, "rolled-back")] // while the source waits for the switchover-ack
+    [InlineData(SectionType.EndOfState, "in-doubt")]               // whole state sent, no result: the source must not resume
+    public async Task ConnectionCut_InEachPhase_SourceRollsBackOrStaysPausedInDoubt(SectionType cutAfter, string outcome)
+    {
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, [], dmaGpa: 0x3000);
+        using var src = TestVms.Dirtier(16, "gpa=1M,size=4M,rate=20", [dev]);
+        src.Start();
+        TestVms.WaitUntil(() => src.Vcpus[0].Slices > 10);
+        var fake = Task.Run(() =>
+        {
+            using var s = _listener.AcceptSocket();
+            using var ns = new NetworkStream(s);
+            var r = new SectionReader(ns, 4 << 20);
+            r.ReadStreamHeader();
+            r.Expect(SectionType.VmDescription);
+            var w = new SectionWriter(ns);
+            w.WriteStreamHeader();
+            w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
+            w.Flush();
+            while (r.ReadNext() && r.Type != cutAfter)
+            {
+                if (r.Type == SectionType.DeviceInitialDataSent)
+                {
+                    w.Write(SectionType.SwitchoverAck, r.Payload);
+                    w.Flush();
+                }
+            }
+            s.LingerState = new LingerOption(true, 0);
+        });
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() => MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3 }));
+        await fake;
+        Assert.Equal(outcome, e.Report.Outcome);
+        if (outcome == "rolled-back")
+        {
+            Assert.Equal(VmRunState.Running, src.State);
+            Assert.Equal(DeviceState.Running, dev.GetState());
+            long s0 = src.Vcpus[0].Slices;
+            TestVms.WaitUntil(() => src.Vcpus[0].Slices > s0 + 5);
+        }
+        else
+        {
+            Assert.Equal(VmRunState.Paused, src.State);
+            Assert.Equal(DeviceState.StopCopy, dev.GetState());
+            long s0 = src.Vcpus[0].Slices;
+            Thread.Sleep(50);
+            Assert.Equal(s0, src.Vcpus[0].Slices);
+        }
+        TestVms.PauseAndVerify(src);
+    }
+
+    [Fact]
+    public async Task Cancellation_DuringPreCopy_RollsBackAndTheTargetDiscards()
+    {
+        var log = new List<string>();
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.PreCopy, log, dmaGpa: 0x3000);
+        using var src = TestVms.Dirtier(32, "gpa=1M,size=4M,rate=20", [dev]);
+        var fill = Enumerable.Repeat((byte)0x11, (int)TestVms.MiB).ToArray();
+        for (ulong m = 8; m < 32; m++)
+        {
+            src.Memory.Write(m * TestVms.MiB, fill);
+        }
+        src.Start();
+        FakeDevice? t = null;
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), d => t = new FakeDevice(d.Name, d.MigrationFlags, []));
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(150));
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() =>
+            MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxBandwidth = 20L << 20 }, null, cts.Token));
+        Assert.Equal("rolled-back", e.Report.Outcome);
+        Assert.Contains("cancelled", e.Report.Error, StringComparison.Ordinal);
+        await Assert.ThrowsAsync<VmMigrationException>(() => target);
+        Assert.True(t!.Disposed);
+        Assert.Equal(VmRunState.Running, src.State);
+        Assert.Equal(DeviceState.Running, dev.GetState());
+        TestVms.PauseAndVerify(src);
+    }
+
     private sealed class SyncProgress(List<MigrationProgress> sink) : IProgress<MigrationProgress>
     {
         public void Report(MigrationProgress value)

@@ -2,7 +2,6 @@ using System.Net;
 using System.Net.Sockets;
 using Vmig.Devices.Accelerator;
 using Vmig.Guest;
-using Vmig.Guest.Accelerator;
 using Vmig.Guest.Workloads;
 using Vmig.VfioUser.Server;
 using Vmig.Vmm;
@@ -37,9 +36,7 @@ public sealed class RealDeviceTests : IDisposable
         MemorySize = 8 << 20,
         Vcpus = args.Length == 0 ? [] : [new VcpuConfig("accel-mix", args)],
         Programs = new GuestProgramRegistry().Add(AcceleratorJobMix.Factory).Add(MemoryDirtier.Factory),
-        SetupGuest = (env, resumed) => env.AddService("accel0", resumed
-            ? AcceleratorDriver.Attach(env.Memory, env.Functions["accel0"], 0x100000)
-            : AcceleratorDriver.Initialize(env.Memory, env.Functions["accel0"], 0x100000, 32)),
+        SetupGuest = GuestSetup.Accelerator("accel0", "accel0", 0x100000),
     };
 
     private static (ulong Iterations, ulong Ok, ulong Bad) PauseAndCount(Vm vm)

@@ -144,11 +144,12 @@ internal sealed class StateSender
     {
         var w = _channels[channel];
         var buffer = new byte[RamPages.MaxPayload];
+        var scratch = new byte[RamPages.MaxPagesPerSection * GuestRam.PageSize];
         long pages = 0, zeros = 0;
         for (int i = start; i < runs.Count; i += step)
         {
             var (first, count) = runs[i];
-            int len = RamPages.Encode(_vm.Memory, round, first, count, buffer, out int z);
+            int len = RamPages.Encode(_vm.Memory, round, first, count, scratch, buffer, out int z);
             w.Write(SectionType.RamPages, buffer.AsSpan(0, len));
             _throttle?.Consume(len + SectionHeader.Size);
             pages += count;
@@ -197,6 +198,12 @@ internal sealed class SourceSession
             if (_vm.State == VmRunState.MigratedAway)
             {
                 throw new InvalidOperationException("this VM already migrated away");
+            }
+            // STOP_COPY is mandatory (reference §1.2): a device without it blocks migration, as in QEMU.
+            var blocker = _vm.Devices.FirstOrDefault(d => (d.Description.MigrationFlags & MigrationFlags.StopCopy) == 0);
+            if (blocker is not null)
+            {
+                throw new InvalidOperationException($"device {blocker.Description.Name} is not migratable (no STOP_COPY)");
             }
             // --- handshake: nothing on the source changes until the target says yes.
             Report(MigrationPhase.Handshake, 0, 0, 0, 0, 0);
@@ -305,7 +312,9 @@ internal sealed class SourceSession
         {
             throw;
         }
-        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException or System.Security.Authentication.AuthenticationException)
+        // Whatever went wrong (socket, stream format, a device step, a bug in a device adapter), the source VM must come
+        // back: every failure before the commit point rolls back.
+        catch (Exception e) when (e is not OutOfMemoryException)
         {
             _report.Error = _ct.IsCancellationRequested ? $"cancelled ({e.Message})" : e.Message;
             if (committed)
