@@ -425,6 +425,10 @@ public sealed partial class NvmeController
             case FeatureId.AsynchronousEventConfiguration:
                 s.AsyncEventConfig = c.Cdw11;
                 return NvmeStatus.Success;
+            case FeatureId.KeepAliveTimer:
+                // KATO in ms; recorded (Identify KAS = 0: this PCIe controller does not enforce a keep-alive timeout).
+                s.KeepAliveTimer = c.Cdw11;
+                return NvmeStatus.Success;
             case FeatureId.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.SetCdqFeature(in c);
             default:
@@ -449,7 +453,7 @@ public sealed partial class NvmeController
         {
             // Bit 2: changeable; nothing is saveable or namespace specific.
             dw0 = fid is FeatureId.Arbitration or FeatureId.VolatileWriteCache or FeatureId.NumberOfQueues
-                or FeatureId.InterruptCoalescing or FeatureId.AsynchronousEventConfiguration ? 4u : 0u;
+                or FeatureId.InterruptCoalescing or FeatureId.AsynchronousEventConfiguration or FeatureId.KeepAliveTimer ? 4u : 0u;
             return dw0 != 0 ? NvmeStatus.Success : NvmeStatus.InvalidField;
         }
         if ((int)sel > 3)
@@ -473,6 +477,9 @@ public sealed partial class NvmeController
                 return NvmeStatus.Success;
             case FeatureId.AsynchronousEventConfiguration:
                 dw0 = current ? s.AsyncEventConfig : 0;
+                return NvmeStatus.Success;
+            case FeatureId.KeepAliveTimer:
+                dw0 = current ? s.KeepAliveTimer : 0;
                 return NvmeStatus.Success;
             case FeatureId.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.GetCdqFeature(this, in c, out dw0);

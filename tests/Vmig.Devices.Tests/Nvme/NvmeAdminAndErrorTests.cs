@@ -116,6 +116,8 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
         Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.AsynchronousEventConfiguration, 0x100)).IsSuccess);
         Assert.Equal(0x100u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.AsynchronousEventConfiguration)).Dw0);
         Assert.Equal(4u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.Arbitration | (3 << 8))).Dw0);
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.KeepAliveTimer, 15000)).IsSuccess);
+        Assert.Equal(15000u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.KeepAliveTimer)).Dw0);
         Assert.Equal(NvmeStatus.InvalidField, Admin(Op(NvmeAdminOpcode.SetFeatures, 0x7F)));
         Assert.Equal(NvmeStatus.FeatureNotSaveable, Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.Arbitration | (1u << 31))));
         Assert.Equal(NvmeStatus.InvalidOpcode, Admin(Op((NvmeAdminOpcode)0xEE)));
