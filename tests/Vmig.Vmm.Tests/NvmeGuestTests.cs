@@ -1,6 +1,5 @@
 using System.Net;
 using System.Net.Sockets;
-using Vmig.Devices.Accelerator;
 using Vmig.Devices.Nvme;
 using Vmig.Guest;
 using Vmig.Guest.Workloads;
@@ -162,14 +161,8 @@ public sealed class NvmeGuestTests : IDisposable
         }
         var (subA, serverA, nsid) = Host(ns, Path.Combine(_dir, "a.sock"));
         var (subB, serverB, _) = Host(ns, Path.Combine(_dir, "b.sock"));
-        using var pfA = new AcceleratorPf(1, AcceleratorProfile.Create(1 << 20, 64));
-        using var pfB = new AcceleratorPf(1, AcceleratorProfile.Create(1 << 20, 64));
-        pfA.EnableVfs(1);
-        pfB.EnableVfs(1);
-        using var accelA = new VfioUserServer(pfA.GetVf(0), Path.Combine(_dir, "aa.sock"));
-        using var accelB = new VfioUserServer(pfB.GetVf(0), Path.Combine(_dir, "ab.sock"));
-        accelA.Start();
-        accelB.Start();
+        using var accelA = TestVms.Accelerator(Path.Combine(_dir, "aa.sock"));
+        using var accelB = TestVms.Accelerator(Path.Combine(_dir, "ab.sock"));
         using var la = new TcpListener(IPAddress.Loopback, 0);
         using var lb = new TcpListener(IPAddress.Loopback, 0);
         la.Start();
