@@ -392,6 +392,10 @@ public sealed class MigrationTests : IDisposable
             long s0 = src.Vcpus[0].Slices;
             Thread.Sleep(50);
             Assert.Equal(s0, src.Vcpus[0].Slices);
+            // The operator knows the target is gone: recover explicitly.
+            Assert.Null(MigrationRecovery.ResumeInDoubtSource(src));
+            Assert.Equal(DeviceState.Running, dev.GetState());
+            TestVms.WaitUntil(() => src.Vcpus[0].Slices > s0 + 5);
         }
         TestVms.PauseAndVerify(src);
     }
