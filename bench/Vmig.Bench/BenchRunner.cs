@@ -24,6 +24,13 @@ internal sealed class BenchContext
 
     public PeerProcess StartPeer(string kind, string name, long bytes) =>
         PeerProcess.Start(Options, kind, Path.Combine(Directory, name + ".sock"), bytes);
+
+    /// <summary>One "state" peer process serving <paramref name="count"/> devices; returns it and their socket paths.</summary>
+    public (PeerProcess Peer, string[] Sockets) StartStatePeers(string name, int count, long bytes)
+    {
+        string[] socks = Enumerable.Range(0, count).Select(i => Path.Combine(Directory, $"{name}-{i}.sock")).ToArray();
+        return (PeerProcess.Start(Options, "state", string.Join(',', socks), bytes), socks);
+    }
 }
 
 /// <summary>

@@ -27,15 +27,16 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDispos
     private bool _saving;
     private bool _resuming;
 
-    /// <summary>Creates the device with <paramref name="stateBytes"/> of state, filled with a position-dependent pattern.</summary>
-    public BenchStateDevice(long stateBytes, MigrationFlags flags = MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy)
+    /// <summary>Creates the device with <paramref name="stateBytes"/> of state, filled with a position-dependent pattern
+    /// from <paramref name="seed"/> (give source and target different seeds so a checksum match proves a transfer).</summary>
+    public BenchStateDevice(long stateBytes, ulong seed, MigrationFlags flags = MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(stateBytes, 4096);
         StateBytes = stateBytes;
         MigrationFlags = flags;
         _stateFd = MemFd.Create("bench-state", stateBytes);
         _state = Mapping.Map(_stateFd, 0, stateBytes);
-        Fill(0x5EED);
+        Fill(seed);
         Regions =
         [
             new RegionDescriptor(BarSize, RegionFlags.Read | RegionFlags.Write),

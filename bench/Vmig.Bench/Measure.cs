@@ -14,36 +14,53 @@ internal static class Measure
         return Stopwatch.GetElapsedTime(t0).TotalSeconds;
     }
 
-    /// <summary>Runs warm-up once for each, then <paramref name="runs"/> pairs. Returns per-run values (as the
-    /// measure functions return them, e.g. µs/op or MiB/s).</summary>
-    public static (List<double> Baseline, List<double> Vmig) Paired(int runs, Func<double> baseline, Func<double> vmig, Action? warmup = null)
+    /// <summary>
+    /// Interleaved paired runs. Each of <paramref name="runs"/> runs is <paramref name="slices"/> slices; in each slice
+    /// the baseline and vmig each do one unit of work back to back (order alternating), so load from other processes on
+    /// a shared machine falls on both alike. A slice function returns (work done, seconds). A run's value is
+    /// Σwork ÷ Σseconds (a rate) or, with <paramref name="perOp"/>, Σseconds ÷ Σwork × 1e6 (µs per unit).
+    /// One warm-up run of each comes first and is discarded.
+    /// </summary>
+    public static (List<double> Baseline, List<double> Vmig) Paired(int runs, int slices, Func<(double Work, double Seconds)> baseline,
+        Func<(double Work, double Seconds)> vmig, bool perOp, double unit = 1)
     {
-        if (warmup is not null)
-        {
-            warmup();
-        }
-        else
-        {
-            baseline();
-            vmig();
-        }
         var b = new List<double>(runs);
         var v = new List<double>(runs);
-        for (int i = 0; i < runs; i++)
+        for (int r = -1; r < runs; r++)
         {
-            if (i % 2 == 0)
+            double bw = 0, bs = 0, vw = 0, vs = 0;
+            for (int i = 0; i < slices; i++)
             {
-                b.Add(baseline());
-                v.Add(vmig());
+                if ((i + r) % 2 == 0)
+                {
+                    var x = baseline();
+                    var y = vmig();
+                    (bw, bs, vw, vs) = (bw + x.Work, bs + x.Seconds, vw + y.Work, vs + y.Seconds);
+                }
+                else
+                {
+                    var y = vmig();
+                    var x = baseline();
+                    (bw, bs, vw, vs) = (bw + x.Work, bs + x.Seconds, vw + y.Work, vs + y.Seconds);
+                }
             }
-            else
+            if (r >= 0)
             {
-                v.Add(vmig());
-                b.Add(baseline());
+                b.Add(perOp ? bs / bw * 1e6 : bw / unit / bs);
+                v.Add(perOp ? vs / vw * 1e6 : vw / unit / vs);
             }
         }
         return (b, v);
     }
+
+    /// <summary>(ops, seconds) of <paramref name="ops"/> calls of <paramref name="op"/>.</summary>
+    public static (double, double) Ops(int ops, Action op) => (ops, Seconds(() =>
+    {
+        for (int i = 0; i < ops; i++)
+        {
+            op();
+        }
+    }));
 
     /// <summary>A figure from paired runs; ratio = vmig ÷ baseline per run.</summary>
     public static BenchFigure Figure(string scenario, string name, string unit, List<double> baseline, List<double> vmig,

@@ -112,12 +112,18 @@ internal static class PeerMain
         {
             case "state":
                 {
-                    var dev = new BenchStateDevice(bytes);
-                    var server = new VfioUserServer(dev, sock);
-                    server.Start();
-                    owned.Add(server);
-                    owned.Add(dev);
-                    crc = dev.Checksum;
+                    // SOCKET may list several paths separated by ',': one device per path (growth runs with many devices).
+                    var devs = new List<BenchStateDevice>();
+                    foreach (string path in sock.Split(','))
+                    {
+                        var dev = new BenchStateDevice(bytes, Seed(path));
+                        var server = new VfioUserServer(dev, path);
+                        server.Start();
+                        owned.Add(dev);
+                        owned.Add(server);
+                        devs.Add(dev);
+                    }
+                    crc = () => devs.Aggregate(0u, (c, d) => System.Numerics.BitOperations.Crc32C(c, d.Checksum()));
                     break;
                 }
             case "raw":
@@ -160,6 +166,9 @@ internal static class PeerMain
         }
         return 0;
     }
+
+    /// <summary>A stable per-socket seed, so every served device starts with different content.</summary>
+    private static ulong Seed(string path) => path.Aggregate(0x5EEDu, (c, ch) => System.Numerics.BitOperations.Crc32C(c, (ushort)ch));
 
     private static uint Crc(DeviceMemory m)
     {

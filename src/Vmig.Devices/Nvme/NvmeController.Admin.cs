@@ -57,9 +57,12 @@ public sealed partial class NvmeController
                 return DoorbellBufferConfig(in c);
             case NvmeAdminOpcode.NamespaceAttachment when IsPrimary:
                 return NamespaceAttachment(in c);
+            case NvmeAdminOpcode.NamespaceManagement when IsPrimary:
+                return NamespaceManagement(in c, out dw0);
             case NvmeAdminOpcode.VirtualizationManagement when IsPrimary:
                 return VirtualizationManagement(in c, out dw0);
-            case NvmeAdminOpcode.MigrationSend or NvmeAdminOpcode.MigrationReceive when IsPrimary:
+            case NvmeAdminOpcode.MigrationSend or NvmeAdminOpcode.MigrationReceive or NvmeAdminOpcode.TrackSend or NvmeAdminOpcode.TrackReceive
+                or NvmeAdminOpcode.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.Execute(this, in c, out dw0);
             default:
                 return NvmeStatus.InvalidOpcode;
@@ -589,6 +592,48 @@ public sealed partial class NvmeController
             return NvmeStatus.ControllerListInvalid;
         }
         return sel == 0 ? _subsystem.AttachNamespace(c.Nsid, ids) : _subsystem.DetachNamespace(c.Nsid, ids);
+    }
+
+    /// <summary>
+    /// Namespace Management (0Dh): SEL 0 create from the host's Identify Namespace data (NSZE, FLBAS; DW0 = new NSID),
+    /// SEL 1 delete NSID (0xFFFFFFFF = all).
+    /// </summary>
+    private NvmeStatus NamespaceManagement(in SubmissionQueueEntry c, out uint dw0)
+    {
+        dw0 = 0;
+        switch (c.Cdw10 & 0xF)
+        {
+            case 0:
+                {
+                    byte[] data = new byte[IdentifyNamespace.Size];
+                    var st = FromHost(in c, data);
+                    if (!st.IsSuccess)
+                    {
+                        return st;
+                    }
+                    Vmig.Spec.Nvme.IdentifyNamespace.TryRead(data, out var want);
+                    int fmt = want.Flbas & 0xF;
+                    if (fmt >= NvmeNamespace.LbaFormats.Count)
+                    {
+                        return new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true); // Invalid Format
+                    }
+                    st = _subsystem.CreateNamespace(want.Nsze, NvmeNamespace.LbaFormats[fmt].DataSize, out uint nsid);
+                    dw0 = nsid;
+                    return st;
+                }
+            case 1:
+                if (c.Nsid == 0xFFFFFFFF)
+                {
+                    foreach (uint id in _subsystem.NamespaceIds())
+                    {
+                        _subsystem.DeleteNamespace(id);
+                    }
+                    return NvmeStatus.Success;
+                }
+                return _subsystem.DeleteNamespace(c.Nsid);
+            default:
+                return NvmeStatus.InvalidField;
+        }
     }
 
     private NvmeStatus VirtualizationManagement(in SubmissionQueueEntry c, out uint dw0)

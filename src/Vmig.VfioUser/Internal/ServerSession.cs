@@ -213,6 +213,13 @@ internal sealed partial class ServerSession : IMessageDma
             }
             try
             {
+                // mmap succeeds past the end of the file, but a device access there raises SIGBUS and kills the
+                // server: the window must lie inside the file as it is now.
+                long fileSize = MemFd.GetSize(fd);
+                if (r.Offset > (ulong)fileSize || r.Size > (ulong)fileSize - r.Offset)
+                {
+                    return Errno.EINVAL;
+                }
                 map = Mapping.Map(fd, (long)r.Offset, (long)r.Size, writable: (prot & DmaProt.Write) != 0);
             }
             catch (NativeException e)

@@ -1,0 +1,244 @@
+using System.Diagnostics;
+using Microsoft.Win32.SafeHandles;
+using Vmig.Devices.Nvme;
+using Vmig.Guest;
+using Vmig.Guest.Nvme;
+using Vmig.Native;
+using Vmig.Spec.Nvme;
+using Vmig.VfioUser.Server;
+using Vmig.Vmm;
+
+namespace Vmig.Bench;
+
+/// <summary>
+/// Scenario "nvme": 4 KiB random reads and writes through the guest NVMe driver (Vmig.Guest.Nvme) against the
+/// emulated controller (Vmig.Devices.Nvme) in this process — guest RAM is a memfd (the VMM's GuestRam) mapped as the
+/// device's DMA window, MSI-X vectors are eventfds — at QD 1 and QD 32, shadow doorbells on and off, next to raw
+/// pread/pwrite of the same pattern (4 KiB at random 4 KiB-aligned offsets, into the same guest-RAM buffers) on a
+/// file of the same size. The NVMe VF is not yet served over vfio-user on main, so BAR0 accesses are direct calls
+/// (this measures driver + controller, not the socket). Goal ≥ 0.5× IOPS with shadow doorbells.
+/// </summary>
+internal static class NvmeScenario
+{
+    private const int Block = 4096;
+    private const ulong DriverRegion = 0x100000;
+    private const ulong DriverRegionSize = 16 << 20;
+    private const ulong Buffers = 0x2000000;
+
+    public static void Run(BenchContext ctx)
+    {
+        long fileBytes = ctx.Options.Quick ? 64L << 20 : 256L << 20;
+        string path = Path.Combine(ctx.Directory, "ns.img");
+        string rawPath = Path.Combine(ctx.Directory, "raw.img");
+        FillFile(path, fileBytes);
+        FillFile(rawPath, fileBytes);
+        foreach (bool shadow in new[] { true, false })
+        {
+            foreach (int qd in new[] { 1, 32 })
+            {
+                foreach (bool write in new[] { false, true })
+                {
+                    RunOne(ctx, path, rawPath, fileBytes, shadow, qd, write);
+                }
+            }
+        }
+    }
+
+    private static void FillFile(string path, long bytes)
+    {
+        using var f = new FileStream(path, FileMode.Create, FileAccess.Write);
+        var chunk = new byte[1 << 20];
+        new Random(11).NextBytes(chunk);
+        for (long o = 0; o < bytes; o += chunk.Length)
+        {
+            f.Write(chunk);
+        }
+    }
+
+    private static void RunOne(BenchContext ctx, string path, string rawPath, long fileBytes, bool shadow, int qd, bool write)
+    {
+        string name = $"4 KiB random {(write ? "write" : "read")} QD{qd}, shadow doorbells {(shadow ? "on" : "off")}";
+        ctx.Progress("nvme: " + name);
+        using var subsystem = new NvmeSubsystem(new NvmeSubsystemOptions { MaxSecondaryControllers = 1 });
+        uint nsid = subsystem.AddNamespace(path, Block);
+        if (!subsystem.AttachNamespace(nsid, [0]).IsSuccess)
+        {
+            throw new InvalidOperationException("namespace attach failed");
+        }
+        using var ram = GuestRam.Create(64UL << 20, "bench-nvme-ram");
+        using var dma = new DmaSpace();
+        int rc = dma.Map(0, ram.Size, DmaProt.Read | DmaProt.Write, Mapping.Map(ram.Fd, 0, (long)ram.Size));
+        if (rc != 0)
+        {
+            throw new InvalidOperationException($"DMA map: errno {rc}");
+        }
+        using var fn = new DirectFunction(subsystem.Primary, dma, 2);
+        var drv = NvmeDriver.Initialize(ram, fn, DriverRegion, DriverRegionSize,
+            new NvmeDriverOptions { IoQueues = 1, IoQueueEntries = 64, ShadowDoorbells = shadow, Interrupts = true });
+        using var raw = File.OpenHandle(rawPath, FileMode.Open, FileAccess.ReadWrite);
+        long blocks = fileBytes / Block;
+        var rngV = new Random(1);
+        var rngB = new Random(1);
+        var op = write ? NvmeIoOpcode.Write : NvmeIoOpcode.Read;
+        int opsPerSlice = qd == 1 ? 500 : 2000;
+        var lat = new List<double>();
+        long ios = 0;
+        fn.ResetCounters();
+
+        (double, double) Vmig()
+        {
+            ios += opsPerSlice;
+            if (qd == 1)
+            {
+                return (opsPerSlice, Measure.Seconds(() =>
+                {
+                    for (int i = 0; i < opsPerSlice; i++)
+                    {
+                        long t0 = Stopwatch.GetTimestamp();
+                        var c = drv.Execute(1, NvmeDriver.ReadWrite(op, nsid, (ulong)rngV.NextInt64(blocks), 1), Buffers, Block);
+                        lat.Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
+                        _ = c;
+                    }
+                }));
+            }
+            return (opsPerSlice, Measure.Seconds(() => RunQueueDepth(drv, fn, nsid, op, blocks, qd, opsPerSlice, rngV)));
+        }
+
+        (double, double) Raw() => (opsPerSlice, Measure.Seconds(() =>
+        {
+            for (int i = 0; i < opsPerSlice; i++)
+            {
+                var buf = ram.GetHostSpan(Buffers + (ulong)(i % qd * Block), Block);
+                long off = rngB.NextInt64(blocks) * Block;
+                if (write)
+                {
+                    RandomAccess.Write(raw, buf, off);
+                }
+                else
+                {
+                    RandomAccess.Read(raw, buf, off);
+                }
+            }
+        }));
+
+        int slices = ctx.Options.Quick ? 6 : 12;
+        var (b, v) = Measure.Paired(ctx.Options.RunCount, slices, Raw, Vmig, perOp: false);
+        var f = Measure.Figure("nvme", name, "IOPS", b, v,
+            "raw pread/pwrite 4 KiB at random offsets of a same-size file into guest RAM, one thread" + (qd > 1 ? " (QD has no meaning for sync pread)" : ""),
+            shadow ? 0.5 : null, shadow ? GoalDirection.AtLeast : GoalDirection.None);
+        if (lat.Count > 0)
+        {
+            lat.Sort();
+            f.Extra["vmig latency p50 µs"] = lat[lat.Count / 2];
+            f.Extra["vmig latency p99 µs"] = lat[(int)(lat.Count * 0.99)];
+        }
+        else
+        {
+            f.Extra["vmig mean latency µs (QD ÷ IOPS)"] = qd / f.Value.Median * 1e6;
+        }
+        f.Extra["MMIO doorbell writes per I/O"] = Interlocked.Read(ref fn.DoorbellWrites) / (double)Math.Max(1, ios);
+        f.Extra["interrupts per I/O"] = Interlocked.Read(ref fn.Interrupts) / (double)Math.Max(1, ios);
+        ctx.Report.Figures.Add(f);
+        drv.Shutdown();
+    }
+
+    private static void RunQueueDepth(NvmeDriver drv, DirectFunction fn, uint nsid, NvmeIoOpcode op, long blocks, int qd, int ops, Random rng)
+    {
+        int submitted = 0, done = 0;
+        for (int i = 0; i < qd && submitted < ops; i++, submitted++)
+        {
+            drv.Submit(1, NvmeDriver.ReadWrite(op, nsid, (ulong)rng.NextInt64(blocks), 1), Buffers + (ulong)(i * Block), Block, (ulong)i);
+        }
+        var sw = Stopwatch.StartNew();
+        while (done < ops)
+        {
+            if (drv.TryTakeAnyCompletion(1, out var c))
+            {
+                if (!c.Status.IsSuccess)
+                {
+                    throw new InvalidOperationException($"I/O failed: {c.Status}");
+                }
+                done++;
+                if (submitted < ops)
+                {
+                    drv.Submit(1, NvmeDriver.ReadWrite(op, nsid, (ulong)rng.NextInt64(blocks), 1), Buffers + (c.Tag * Block), Block, c.Tag);
+                    submitted++;
+                }
+                continue;
+            }
+            if (sw.ElapsedMilliseconds > 30_000)
+            {
+                throw new TimeoutException($"QD{qd}: {done} of {ops} completed in 30 s");
+            }
+            fn.WaitInterrupt(1, 5);
+        }
+    }
+
+    /// <summary>The guest's view of one controller with no PCI layer: BAR0 calls the controller, MSI-X vectors are eventfds.</summary>
+    private sealed class DirectFunction : IGuestPciFunction, IDisposable
+    {
+        private readonly NvmeController _ctrl;
+        private readonly EventFd[] _vectors;
+        private readonly byte[] _config = new byte[256];
+
+        public DirectFunction(NvmeController ctrl, IDmaSpace dma, int vectors)
+        {
+            _ctrl = ctrl;
+            _vectors = Enumerable.Range(0, vectors).Select(_ => EventFd.Create()).ToArray();
+            ctrl.Attach(dma, v =>
+            {
+                Interlocked.Increment(ref Interrupts);
+                if (v < _vectors.Length)
+                {
+                    _vectors[v].Signal();
+                }
+            });
+        }
+
+        public long DoorbellWrites;
+        public long Interrupts;
+
+        /// <summary>Zeroes the counters (after bring-up, so they count I/O only).</summary>
+        public void ResetCounters()
+        {
+            Interlocked.Exchange(ref DoorbellWrites, 0);
+            Interlocked.Exchange(ref Interrupts, 0);
+        }
+
+        public int MsixVectorCount => _vectors.Length;
+
+        public void ReadConfig(int offset, Span<byte> data) => _config.AsSpan(offset, data.Length).CopyTo(data);
+
+        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => data.CopyTo(_config.AsSpan(offset));
+
+        public void MmioRead(int bar, ulong offset, Span<byte> data) => Check(_ctrl.ReadBar0((long)offset, data));
+
+        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+        {
+            if (offset >= 0x1000)
+            {
+                Interlocked.Increment(ref DoorbellWrites);
+            }
+            Check(_ctrl.WriteBar0((long)offset, data));
+        }
+
+        public bool WaitInterrupt(int vector, int timeoutMs) => _vectors[vector].Wait(timeoutMs) > 0;
+
+        private static void Check(int errno)
+        {
+            if (errno != 0)
+            {
+                throw new IOException($"BAR0 access failed: errno {errno}");
+            }
+        }
+
+        public void Dispose()
+        {
+            _ctrl.Detach();
+            foreach (var v in _vectors)
+            {
+                v.Dispose();
+            }
+        }
+    }
+}

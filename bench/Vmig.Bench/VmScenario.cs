@@ -1,0 +1,226 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using Vmig.Guest;
+using Vmig.Guest.Workloads;
+using Vmig.Vmm;
+using Vmig.Vmm.Migration;
+
+namespace Vmig.Bench;
+
+/// <summary>
+/// Scenario "vm": whole-VM live migration with Vmig.Vmm's MigrationSource/MigrationTarget over TCP loopback, idle (no
+/// vCPU work) and busy (a memory-dirtier vCPU writing 100 MiB/s over half of RAM), with one device (a
+/// <see cref="BenchStateDevice"/> served in its own process on each side, driven through vfio-user). Total time is
+/// compared with bytes sent ÷ raw TCP loopback throughput measured right before each migration (goal ≤ 1.3×);
+/// downtime is reported. Then growth: RAM, device state size and device count, each a table and an SVG plot.
+/// The NVMe-only downtime goal needs the NVMe VF served over vfio-user, which main does not do yet.
+/// </summary>
+internal static class VmScenario
+{
+    private const long MiB = 1 << 20;
+
+    public static void Run(BenchContext ctx)
+    {
+        bool quick = ctx.Options.Quick;
+        long ram = quick ? 256 * MiB : 1024 * MiB;
+        long dev = quick ? 64 * MiB : 256 * MiB;
+        foreach (bool busy in new[] { false, true })
+        {
+            string name = $"{(busy ? "busy" : "idle")} VM, {ram / MiB} MiB RAM + 1 device with {dev / MiB} MiB state";
+            ctx.Progress("vm: " + name);
+            var times = new List<double>();
+            var ideal = new List<double>();
+            var downtimes = new List<double>();
+            var rates = new List<double>();
+            long bytes = 0;
+            MigrationReport? last = null;
+            var targetDown = new List<double>();
+            Migrate(ctx, ram, 1, dev, busy); // warm-up
+            for (int i = 0; i < ctx.Options.RunCount; i++)
+            {
+                double rate = RawTcpMiBps(quick ? 256 * MiB : 512 * MiB);
+                var r = Migrate(ctx, ram, 1, dev, busy);
+                times.Add(r.TotalMilliseconds);
+                ideal.Add(r.TotalBytes / MiB / rate * 1e3);
+                downtimes.Add(r.DowntimeMilliseconds);
+                rates.Add(rate);
+                bytes = r.TotalBytes;
+                last = r;
+                targetDown.Add(r.TargetDowntimeMilliseconds);
+            }
+            var f = Measure.Figure("vm", $"{name}: total time", "ms", ideal, times,
+                "bytes sent ÷ raw TCP loopback throughput (one stream, 1 MiB writes) measured before each migration", 1.3, GoalDirection.AtMost);
+            var d = Summary.Of(downtimes);
+            f.Extra["downtime ms (median)"] = d.Median;
+            f.Extra["downtime ms (min)"] = d.Min;
+            f.Extra["downtime ms (max)"] = d.Max;
+            f.Extra["bytes sent (last run), MiB"] = bytes / (double)MiB;
+            f.Extra["raw TCP loopback MiB/s (median)"] = Summary.Of(rates).Median;
+            f.Extra["target-measured downtime ms (median)"] = Summary.Of(targetDown).Median;
+            foreach (var (phase, ms) in last!.PhaseMilliseconds)
+            {
+                f.Extra[$"last run: phase {phase} ms"] = ms;
+            }
+            foreach (var (section, b) in last.BytesBySection)
+            {
+                f.Extra[$"last run: section {section} MiB"] = b / (double)MiB;
+            }
+            f.Extra["last run: pre-copy rounds"] = last.Rounds.Count;
+            if (last.Rounds.Count > 0)
+            {
+                var fin = last.Rounds[^1];
+                f.Extra["last run: final round pages"] = fin.Pages;
+                f.Extra["last run: final round zero pages"] = fin.ZeroPages;
+                f.Extra["last run: final round ms"] = fin.Milliseconds;
+            }
+            ctx.Report.Figures.Add(f);
+        }
+        Growth(ctx);
+    }
+
+    private static void Growth(BenchContext ctx)
+    {
+        bool quick = ctx.Options.Quick;
+        int reps = quick ? 1 : 3;
+        long[] rams = quick ? [256 * MiB, 512 * MiB, 1024 * MiB] : [256 * MiB, 512 * MiB, 1024 * MiB, 2048 * MiB, 4096 * MiB];
+        long[] devs = quick ? [0, 64 * MiB, 256 * MiB] : [0, 256 * MiB, 1024 * MiB, 4096 * MiB];
+        int[] counts = [1, 2, 4, 8];
+        long perDevice = quick ? 16 * MiB : 64 * MiB;
+
+        (double Total, double Down) Point(long ramBytes, int n, long devBytes)
+        {
+            var t = new List<double>();
+            var dn = new List<double>();
+            for (int i = 0; i < reps; i++)
+            {
+                var r = Migrate(ctx, ramBytes, n, devBytes, busy: false);
+                t.Add(r.TotalMilliseconds);
+                dn.Add(r.DowntimeMilliseconds);
+                ctx.Report.Notes.Add(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                    $"vm growth point RAM {ramBytes / MiB} MiB, {n} device(s) × {devBytes / MiB} MiB: total {r.TotalMilliseconds:F0} ms, downtime {r.DowntimeMilliseconds:F1} ms (target {r.TargetDowntimeMilliseconds:F1}), {r.TotalBytes / (double)MiB:F1} MiB sent, phases ms: {string.Join(", ", r.PhaseMilliseconds.Select(kv => $"{kv.Key} {kv.Value:F1}"))}; rounds: {string.Join(" | ", r.Rounds.Select(x => $"{x.Pages}p {x.DeviceBytes / (double)MiB:F1}MiB-dev {x.Milliseconds:F0}ms"))}"));
+            }
+            return (Summary.Of(t).Median, Summary.Of(dn).Median);
+        }
+
+        void Series(string what, string xUnit, IEnumerable<(double X, (double Total, double Down) P)> pts)
+        {
+            var list = pts.ToList();
+            ctx.Report.Growth.Add(new GrowthSeries($"migration time vs {what}", xUnit, "total ms", list.Select(p => (p.X, p.P.Total)).ToList()));
+            ctx.Report.Growth.Add(new GrowthSeries($"downtime vs {what}", xUnit, "downtime ms", list.Select(p => (p.X, p.P.Down)).ToList()));
+        }
+
+        ctx.Progress($"vm: growth with RAM ({reps} run(s) per point, idle, no device)");
+        Series("RAM", "RAM MiB", rams.Select(r => ((double)(r / MiB), Point(r, 0, 0))));
+        ctx.Progress("vm: growth with device state (256 MiB RAM, one device)");
+        Series("device state", "device state MiB", devs.Select(d => ((double)(d / MiB), d == 0 ? Point(256 * MiB, 0, 0) : Point(256 * MiB, 1, d))));
+        ctx.Progress($"vm: growth with device count (256 MiB RAM, {perDevice / MiB} MiB state each)");
+        Series("device count", "devices", counts.Select(n => ((double)n, Point(256 * MiB, n, perDevice))));
+        ctx.Report.Notes.Add($"vm growth: {reps} migration(s) per point (median), idle guest; device-count points use {perDevice / MiB} MiB of state per device.");
+    }
+
+    /// <summary>One live migration of a fresh VM; device peers (one process per side) live for this migration only.</summary>
+    private static MigrationReport Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy)
+    {
+        PeerProcess? srcPeer = null, dstPeer = null;
+        string[] srcSocks = [], dstSocks = [];
+        var srcDevices = new List<IVmDevice>();
+        Vm? vm = null;
+        Vm? target = null;
+        var listener = new TcpListener(IPAddress.Loopback, 0);
+        try
+        {
+            if (devices > 0)
+            {
+                (srcPeer, srcSocks) = ctx.StartStatePeers("vm-src", devices, deviceBytes);
+                (dstPeer, dstSocks) = ctx.StartStatePeers("vm-dst", devices, deviceBytes);
+                for (int i = 0; i < devices; i++)
+                {
+                    srcDevices.Add(new VfioVmDevice(srcSocks[i], $"state{i}", "bench-state", $"bytes={deviceBytes}"));
+                }
+            }
+            var programs = new GuestProgramRegistry().Add(MemoryDirtier.Factory);
+            var vcpus = busy ? new[] { new VcpuConfig("memory-dirtier", $"gpa=0,size={ramBytes / 2},rate=100") } : [];
+            vm = Vm.Create(new VmConfig { Name = "bench", MemorySize = (ulong)ramBytes, Vcpus = vcpus, Programs = programs }, srcDevices.ToArray());
+            srcDevices.Clear();
+            vm.Start();
+            listener.Start();
+            var dst = dstSocks;
+            var accept = MigrationTarget.AcceptAsync(listener, new VmConfig { Name = "bench", Programs = programs },
+                d => new VfioVmDevice(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile));
+            var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) })
+                .GetAwaiter().GetResult();
+            target = accept.GetAwaiter().GetResult();
+            if (report.Outcome != "completed")
+            {
+                throw new InvalidOperationException($"migration outcome {report.Outcome}: {report.Error}");
+            }
+            if (busy)
+            {
+                target.Pause();
+                if (MemoryDirtier.Verify(target.Memory, target.Vcpus[0].Registers) != 0)
+                {
+                    throw new InvalidOperationException("busy VM: target RAM disagrees with the dirtier's registers after migration");
+                }
+            }
+            if (srcPeer is not null && srcPeer.Ask("crc") != dstPeer!.Ask("crc"))
+            {
+                throw new InvalidOperationException("device state differs after migration");
+            }
+            return report;
+        }
+        finally
+        {
+            target?.Dispose();
+            vm?.Dispose();
+            foreach (var d in srcDevices)
+            {
+                d.Dispose();
+            }
+            listener.Stop();
+            srcPeer?.Dispose();
+            dstPeer?.Dispose();
+        }
+    }
+
+    /// <summary>Raw TCP loopback throughput: one connection, blocking 1 MiB sends, a receiving thread; MiB/s.</summary>
+    public static double RawTcpMiBps(long bytes)
+    {
+        var l = new TcpListener(IPAddress.Loopback, 0);
+        l.Start();
+        try
+        {
+            using var c = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+            c.Connect((IPEndPoint)l.LocalEndpoint);
+            using var s = l.AcceptSocket();
+            var rx = new Thread(() =>
+            {
+                byte[] b = new byte[1 << 20];
+                long got = 0;
+                while (got < bytes)
+                {
+                    int n = s.Receive(b);
+                    if (n == 0)
+                    {
+                        return;
+                    }
+                    got += n;
+                }
+            });
+            byte[] buf = new byte[1 << 20];
+            new Random(4).NextBytes(buf);
+            var sw = Stopwatch.StartNew();
+            rx.Start();
+            for (long sent = 0; sent < bytes; sent += buf.Length)
+            {
+                c.Send(buf);
+            }
+            rx.Join();
+            return bytes / (double)MiB / sw.Elapsed.TotalSeconds;
+        }
+        finally
+        {
+            l.Stop();
+        }
+    }
+}
