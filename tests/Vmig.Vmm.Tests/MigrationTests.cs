@@ -172,13 +172,7 @@ public sealed class MigrationTests : IDisposable
         {
             using var s = _listener.AcceptSocket();
             using var ns = new NetworkStream(s);
-            var r = new SectionReader(ns, 4 << 20);
-            r.ReadStreamHeader();
-            r.Expect(SectionType.VmDescription);
-            var w = new SectionWriter(ns);
-            w.WriteStreamHeader();
-            w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
-            w.Flush();
+            var (r, w) = AcceptHandshake(ns);
             for (int n = 0; n < 5 && r.ReadNext();)
             {
                 n += r.Type == SectionType.RamPages ? 1 : 0;
@@ -370,13 +364,7 @@ public sealed class MigrationTests : IDisposable
         {
             using var s = _listener.AcceptSocket();
             using var ns = new NetworkStream(s);
-            var r = new SectionReader(ns, 4 << 20);
-            r.ReadStreamHeader();
-            r.Expect(SectionType.VmDescription);
-            var w = new SectionWriter(ns);
-            w.WriteStreamHeader();
-            w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
-            w.Flush();
+            var (r, w) = AcceptHandshake(ns);
             while (r.ReadNext() && r.Type != cutAfter)
             {
                 if (r.Type == SectionType.DeviceInitialDataSent)
@@ -404,6 +392,10 @@ public sealed class MigrationTests : IDisposable
             long s0 = src.Vcpus[0].Slices;
             Thread.Sleep(50);
             Assert.Equal(s0, src.Vcpus[0].Slices);
+            // The operator knows the target is gone: recover explicitly.
+            Assert.Null(MigrationRecovery.ResumeInDoubtSource(src));
+            Assert.Equal(DeviceState.Running, dev.GetState());
+            TestVms.WaitUntil(() => src.Vcpus[0].Slices > s0 + 5);
         }
         TestVms.PauseAndVerify(src);
     }
@@ -432,6 +424,19 @@ public sealed class MigrationTests : IDisposable
         Assert.Equal(VmRunState.Running, src.State);
         Assert.Equal(DeviceState.Running, dev.GetState());
         TestVms.PauseAndVerify(src);
+    }
+
+    /// <summary>A fake target's side of the handshake: reads the description and says yes.</summary>
+    private static (SectionReader Reader, SectionWriter Writer) AcceptHandshake(NetworkStream ns)
+    {
+        var r = new SectionReader(ns, 4 << 20);
+        r.ReadStreamHeader();
+        r.Expect(SectionType.VmDescription);
+        var w = new SectionWriter(ns);
+        w.WriteStreamHeader();
+        w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
+        w.Flush();
+        return (r, w);
     }
 
     private sealed class SyncProgress(List<MigrationProgress> sink) : IProgress<MigrationProgress>

@@ -152,7 +152,7 @@ public sealed class NvmeGuestTests : IDisposable
     }
 
     [Fact]
-    public async Task NvmeVfOverVfioUser_FioWithVerifier_MigratedThereAndBack_NoLostOrCorruptWrites()
+    public async Task NvmeAndAcceleratorVfsOverVfioUser_FioAndJobMix_MigratedThereAndBack_NoLostOrCorruptWrites()
     {
         string ns = Path.Combine(_dir, "shared.img"); // shared storage: both hosts serve the same file
         using (var f = File.Create(ns))
@@ -161,6 +161,8 @@ public sealed class NvmeGuestTests : IDisposable
         }
         var (subA, serverA, nsid) = Host(ns, Path.Combine(_dir, "a.sock"));
         var (subB, serverB, _) = Host(ns, Path.Combine(_dir, "b.sock"));
+        using var accelA = TestVms.Accelerator(Path.Combine(_dir, "aa.sock"));
+        using var accelB = TestVms.Accelerator(Path.Combine(_dir, "ab.sock"));
         using var la = new TcpListener(IPAddress.Loopback, 0);
         using var lb = new TcpListener(IPAddress.Loopback, 0);
         la.Start();
@@ -169,30 +171,44 @@ public sealed class NvmeGuestTests : IDisposable
         {
             Name = "nvme-vm",
             MemorySize = 16 << 20,
-            Vcpus = boot ? [new VcpuConfig("fio", "device=nvme0-q1,gpa=0x800000\n[w]\nrw=randrw\nrwmixread=30\nbs=4k\niodepth=16\nsize=2M\nruntime=60s\ntime_based\nverify=crc32c")] : [],
-            Programs = new GuestProgramRegistry().Add(FioWorkload.Factory),
-            SetupGuest = GuestSetup.Nvme("nvme0", "nvme0", 0x200000, 0x400000, nsid, ioQueues: 2),
+            Vcpus = boot
+                ? [new VcpuConfig("fio", "device=nvme0-q1,gpa=0x800000\n[w]\nrw=randrw\nrwmixread=30\nbs=4k\niodepth=16\nsize=2M\nruntime=60s\ntime_based\nverify=crc32c"),
+                   new VcpuConfig("accel-mix", "device=accel0,gpa=0xD00000,len=4096,regions=16")]
+                : [],
+            Programs = new GuestProgramRegistry().Add(FioWorkload.Factory).Add(AcceleratorJobMix.Factory),
+            SetupGuest = GuestSetup.Combine(
+                GuestSetup.Nvme("nvme0", "nvme0", 0x200000, 0x400000, nsid, ioQueues: 2),
+                GuestSetup.Accelerator("accel0", "accel0", 0xC00000)),
         };
-        var vm = Vm.Create(Config(true), [VfioUserVmDevice.Connect(serverA.SocketPath, "nvme0", "nvme", "q=2")]);
+        IVmDevice Open(DeviceDescription d, string nvmeSock, string accelSock) => d.Kind == "nvme"
+            ? VfioUserVmDevice.Connect(nvmeSock, d.Name, "nvme", "q=2")
+            : VfioUserVmDevice.Connect(accelSock, d.Name, "accel", "mem=1M");
+        var vm = Vm.Create(Config(true),
+            [VfioUserVmDevice.Connect(serverA.SocketPath, "nvme0", "nvme", "q=2"), VfioUserVmDevice.Connect(accelA.SocketPath, "accel0", "accel", "mem=1M")]);
         try
         {
             vm.Start();
             TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50);
-            (string Sock, TcpListener L)[] hops = [(serverB.SocketPath, lb), (serverA.SocketPath, la)];
-            foreach (var (sock, l) in hops)
+            (string Nvme, string Accel, TcpListener L)[] hops = [(serverB.SocketPath, accelB.SocketPath, lb), (serverA.SocketPath, accelA.SocketPath, la)];
+            foreach (var (nvmeSock, accelSock, l) in hops)
             {
-                var target = MigrationTarget.AcceptAsync(l, Config(false), d => VfioUserVmDevice.Connect(sock, d.Name, "nvme", "q=2"));
+                var target = MigrationTarget.AcceptAsync(l, Config(false), d => Open(d, nvmeSock, accelSock));
                 var report = await MigrationSource.RunAsync(vm, l.LocalEndpoint, new MigrationOptions { MaxRounds = 5 });
                 Assert.Equal("completed", report.Outcome);
                 var next = await target;
                 long before = FioWorkload.Counters(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers)).Writes;
+                ulong jobsBefore = AcceleratorJobMix.Counters(vm.Vcpus[1].Registers).Iterations;
                 vm.Dispose();
                 vm = next;
-                TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50);
+                TestVms.WaitUntil(() => vm.Vcpus[0].Slices > 50 && vm.Vcpus[1].Slices > 200);
                 vm.Pause();
                 Assert.Null(vm.Vcpus[0].Fault);
                 long after = FioWorkload.Counters(vm.Memory, FioWorkload.StateGpa(vm.Vcpus[0].Registers)).Writes;
                 Assert.True(after > before, $"writes {before} -> {after}");
+                Assert.Null(vm.Vcpus[1].Fault);
+                var jobs = AcceleratorJobMix.Counters(vm.Vcpus[1].Registers);
+                Assert.Equal(0UL, jobs.Bad);
+                Assert.True(jobs.Iterations > jobsBefore, $"accelerator iterations {jobsBefore} -> {jobs.Iterations}");
                 vm.Resume();
             }
             vm.Pause();

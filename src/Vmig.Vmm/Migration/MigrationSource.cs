@@ -39,6 +39,37 @@ public static class MigrationSource
     }
 }
 
+/// <summary>Operator recovery after an in-doubt migration.</summary>
+public static class MigrationRecovery
+{
+    /// <summary>
+    /// Resumes a source left paused by an "in-doubt" migration: every device back to RUNNING (reset if that fails),
+    /// dirty logging off, vCPUs running. Call it only when you know the target is not running the VM (e.g. its
+    /// process is gone); otherwise two copies of the VM run.
+    /// </summary>
+    /// <returns>Null, or what could not be recovered (a device that neither returned to RUNNING nor reset).</returns>
+    /// <exception cref="InvalidOperationException">The VM completed a migration (it must never run again).</exception>
+    public static string? ResumeInDoubtSource(Vm vm)
+    {
+        ArgumentNullException.ThrowIfNull(vm);
+        if (vm.State == VmRunState.MigratedAway)
+        {
+            throw new InvalidOperationException("this VM completed its migration; it must not run again");
+        }
+        string? problem = null;
+        foreach (var d in vm.Devices)
+        {
+            if (d.SupportsDirtyLogging)
+            {
+                DeviceControl.StopLoggingQuietly(d);
+            }
+            problem ??= DeviceControl.RecoverToRunning(d);
+        }
+        vm.Resume();
+        return problem;
+    }
+}
+
 /// <summary>Sends a VM's state to a set of section writers; shared by live migration and snapshots.</summary>
 internal sealed class StateSender
 {
