@@ -429,6 +429,38 @@ public sealed partial class NvmeController
                 // KATO in ms; recorded (Identify KAS = 0: this PCIe controller does not enforce a keep-alive timeout).
                 s.KeepAliveTimer = c.Cdw11;
                 return NvmeStatus.Success;
+            case FeatureId.PowerManagement:
+                // NPSS = 0: power state 0 is the only one (NVMe Base 2.0 §5.27.1.2).
+                if ((c.Cdw11 & 0x1F) != 0)
+                {
+                    return NvmeStatus.InvalidField;
+                }
+                s.PowerManagement = c.Cdw11 & 0xFF;
+                return NvmeStatus.Success;
+            case FeatureId.TemperatureThreshold:
+                return SetTemperatureThreshold(s, c.Cdw11);
+            case FeatureId.ErrorRecovery:
+                // DULBE needs deallocated-block errors (NSFEAT bit 2), which our namespaces do not report.
+                if ((c.Cdw11 & (1u << 16)) != 0)
+                {
+                    return NvmeStatus.InvalidField;
+                }
+                s.ErrorRecovery = c.Cdw11 & 0xFFFF;
+                return NvmeStatus.Success;
+            case FeatureId.InterruptVectorConfiguration:
+                {
+                    uint iv = c.Cdw11 & 0xFFFF;
+                    if (iv >= (uint)Math.Max(VectorResources, 1) || iv >= 64)
+                    {
+                        return NvmeStatus.InvalidField;
+                    }
+                    bool cd = (c.Cdw11 & (1u << 16)) != 0;
+                    s.CoalescingDisabledVectors = cd ? s.CoalescingDisabledVectors | (1UL << (int)iv) : s.CoalescingDisabledVectors & ~(1UL << (int)iv);
+                    return NvmeStatus.Success;
+                }
+            case FeatureId.WriteAtomicityNormal:
+                s.WriteAtomicityNormal = c.Cdw11 & 1;
+                return NvmeStatus.Success;
             case FeatureId.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.SetCdqFeature(in c);
             default:
@@ -453,7 +485,9 @@ public sealed partial class NvmeController
         {
             // Bit 2: changeable; nothing is saveable or namespace specific.
             dw0 = fid is FeatureId.Arbitration or FeatureId.VolatileWriteCache or FeatureId.NumberOfQueues
-                or FeatureId.InterruptCoalescing or FeatureId.AsynchronousEventConfiguration or FeatureId.KeepAliveTimer ? 4u : 0u;
+                or FeatureId.InterruptCoalescing or FeatureId.AsynchronousEventConfiguration or FeatureId.KeepAliveTimer
+                or FeatureId.PowerManagement or FeatureId.TemperatureThreshold or FeatureId.ErrorRecovery
+                or FeatureId.InterruptVectorConfiguration or FeatureId.WriteAtomicityNormal ? 4u : 0u;
             return dw0 != 0 ? NvmeStatus.Success : NvmeStatus.InvalidField;
         }
         if ((int)sel > 3)
@@ -481,11 +515,64 @@ public sealed partial class NvmeController
             case FeatureId.KeepAliveTimer:
                 dw0 = current ? s.KeepAliveTimer : 0;
                 return NvmeStatus.Success;
+            case FeatureId.PowerManagement:
+                dw0 = current ? s.PowerManagement : 0;
+                return NvmeStatus.Success;
+            case FeatureId.TemperatureThreshold:
+                return GetTemperatureThreshold(s, c.Cdw11, current, out dw0);
+            case FeatureId.ErrorRecovery:
+                dw0 = current ? s.ErrorRecovery : 0;
+                return NvmeStatus.Success;
+            case FeatureId.InterruptVectorConfiguration:
+                {
+                    uint iv = c.Cdw11 & 0xFFFF;
+                    if (iv >= (uint)Math.Max(VectorResources, 1) || iv >= 64)
+                    {
+                        return NvmeStatus.InvalidField;
+                    }
+                    dw0 = iv | (current && (s.CoalescingDisabledVectors & (1UL << (int)iv)) != 0 ? 1u << 16 : 0);
+                    return NvmeStatus.Success;
+                }
+            case FeatureId.WriteAtomicityNormal:
+                dw0 = current ? s.WriteAtomicityNormal : 0;
+                return NvmeStatus.Success;
             case FeatureId.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.GetCdqFeature(this, in c, out dw0);
             default:
                 return NvmeStatus.InvalidField;
         }
+    }
+
+    // Temperature Threshold CDW11 (NVMe Base 2.0 §5.27.1.4): TMPTH [15:0] kelvin, TMPSEL [19:16] (0 = composite;
+    // sensors 1-8 are not implemented → Invalid Field), THSEL [21:20] (0 over, 1 under).
+    private static NvmeStatus SetTemperatureThreshold(NvmeControllerState s, uint cdw11)
+    {
+        uint sel = (cdw11 >> 16) & 0xF, th = (cdw11 >> 20) & 3;
+        if (sel != 0 || th > 1)
+        {
+            return NvmeStatus.InvalidField;
+        }
+        if (th == 0)
+        {
+            s.OverTemperatureThreshold = (ushort)cdw11;
+        }
+        else
+        {
+            s.UnderTemperatureThreshold = (ushort)cdw11;
+        }
+        return NvmeStatus.Success;
+    }
+
+    private static NvmeStatus GetTemperatureThreshold(NvmeControllerState s, uint cdw11, bool current, out uint dw0)
+    {
+        dw0 = 0;
+        uint sel = (cdw11 >> 16) & 0xF, th = (cdw11 >> 20) & 3;
+        if (sel != 0 || th > 1)
+        {
+            return NvmeStatus.InvalidField;
+        }
+        dw0 = th == 0 ? (current ? s.OverTemperatureThreshold : NvmeControllerState.DefaultOverTemperature) : (current ? s.UnderTemperatureThreshold : 0u);
+        return NvmeStatus.Success;
     }
 
     // ---- log pages ----

@@ -12,10 +12,13 @@ public sealed record NvmeSubsystemOptions
     /// <summary>PCI vendor id, also Identify VID/SSVID (0x1B36 = Red Hat's id used by QEMU's emulated devices; pick yours).</summary>
     public ushort VendorId { get; init; } = 0x1B36;
 
-    /// <summary>PCI device id of the PF; VFs use <see cref="VfDeviceId"/>.</summary>
-    public ushort DeviceId { get; init; } = 0x0010;
+    /// <summary>PCI device id of the PF; VFs use <see cref="VfDeviceId"/>. Ids no Linux driver lists, so the class code
+    /// (01/08/02) binds the nvme driver without quirks: 1B36:0010 is QEMU's NVMe (Linux applies its quirks) and
+    /// 1B36:0011 is QEMU's pvpanic, which Linux bound to our VFs instead of nvme (docs/realguest.md).</summary>
+    public ushort DeviceId { get; init; } = 0x5A10;
 
-    public ushort VfDeviceId { get; init; } = 0x0011;
+    /// <summary>PCI device id of the VFs (SR-IOV VF Device ID).</summary>
+    public ushort VfDeviceId { get; init; } = 0x5A11;
 
     public string SerialNumber { get; init; } = "VMIG-NVME-0001";
     public string ModelNumber { get; init; } = "vmig emulated NVMe";

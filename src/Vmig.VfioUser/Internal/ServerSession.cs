@@ -496,6 +496,11 @@ internal sealed partial class ServerSession : IMessageDma
         {
             return Errno.EINVAL;
         }
+        int refused = _device.PrepareReset();
+        if (refused != 0)
+        {
+            return refused;
+        }
         // ARCHITECTURE §6: reset returns the migration state to RUNNING (kernel UAPI) and ends any data stream.
         _server.Migration.Reset();
         _device.Reset();

@@ -31,7 +31,7 @@ public sealed class NvmePciTests
         byte[] cfg = new byte[64];
         pf.ReadConfig(0, cfg);
         Assert.Equal(0x1B36, BinaryPrimitives.ReadUInt16LittleEndian(cfg));
-        Assert.Equal(0x0010, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
+        Assert.Equal(0x5A10, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
         Assert.Equal(new byte[] { 0x02, 0x08, 0x01 }, cfg.AsSpan(9, 3).ToArray());
         Assert.Equal(0x4u, BinaryPrimitives.ReadUInt32LittleEndian(cfg.AsSpan(0x10)) & 0x7); // 64-bit memory BAR
         Assert.Equal(NvmeController.Bar0Size, (int)pf.Regions[0].Size);
@@ -43,7 +43,7 @@ public sealed class NvmePciTests
         rig.Subsystem.EnableVfs(2);
         var vf = rig.Subsystem.GetVfFunction(1)!;
         vf.ReadConfig(0, cfg);
-        Assert.Equal(0x0011, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
+        Assert.Equal(0x5A11, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
         Assert.NotNull(vf.Migration);
         Assert.Equal(MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, vf.Migration!.MigrationFlags);
         Assert.Equal((ushort)2, vf.Controller.Cntlid);
