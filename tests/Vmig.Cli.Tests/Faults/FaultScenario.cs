@@ -1,0 +1,413 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Vmig.Native;
+
+namespace Vmig.Cli.Tests.Faults;
+
+/// <summary>Where in the migration the fault lands (the source's progress phases; device pre-copy runs inside PreCopy rounds).</summary>
+public enum FaultPhase
+{
+    Handshake,
+    PreCopy,
+    Switchover,
+    StopCopy,
+    WaitingForTarget,
+}
+
+/// <summary>What goes wrong.</summary>
+public enum FaultKind
+{
+    KillSourceDeviceHost,
+    KillTargetDeviceHost,
+    KillTargetVmm,
+    CutTcp,
+    CorruptByte,
+    StallTarget,
+}
+
+/// <summary>One case's result: one row of docs/fault-injection.md.</summary>
+public sealed record FaultOutcome(
+    FaultPhase Phase, FaultKind Fault, string InjectedDuring, string MigrateResult, string VmAt,
+    long? Writes, long? Lost, long? Corrupt, string Leftovers, bool Pass, string Why)
+{
+    public string ToRow() =>
+        $"| {Phase} | {Fault} | {InjectedDuring} | {MigrateResult} | {VmAt} | {Fmt(Writes)} | {Fmt(Lost)} | {Fmt(Corrupt)} | {Leftovers} | {(Pass ? "pass" : "**FAIL**")} | {Why.Replace("|", "/", StringComparison.Ordinal)} |";
+
+    private static string Fmt(long? v) => v?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "—";
+}
+
+/// <summary>
+/// One fault-injection case with real processes: `vmig host` ×2 (NVMe, one VF each, on a shared 16 MiB namespace file),
+/// a 64 MiB VM with a verifying fio job and a memory dirtier on host A, `vmig vm --incoming` on host B behind a
+/// <see cref="FaultProxy"/>; the migration is started through the source's control socket, the fault goes in on the
+/// first progress event of the chosen phase, and the outcome is read back through the control sockets (status, verify).
+/// </summary>
+internal sealed class FaultScenario : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-fault-").FullName;
+    private readonly List<(string Role, Process P)> _procs = [];
+    private readonly HashSet<string> _sigkilled = [];
+    private readonly StringBuilder _log = new();
+
+    public string Log => _log.ToString();
+
+    public void Dispose()
+    {
+        foreach (var (_, p) in _procs)
+        {
+            if (!p.HasExited)
+            {
+                p.Kill(true);
+                p.WaitForExit(5000);
+            }
+            p.Dispose();
+        }
+        try
+        {
+            Directory.Delete(_dir, true);
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    private Process Start(string role, params string[] args)
+    {
+        var p = VmigProcess.Start(args);
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) { lock (_log) { _log.Append(role).Append(": ").AppendLine(e.Data); } } };
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) { lock (_log) { _log.Append(role).Append(" !: ").AppendLine(e.Data); } } };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        _procs.Add((role, p));
+        return p;
+    }
+
+    private Process Proc(string role) => _procs.First(x => x.Role == role).P;
+
+    private static void WaitFor(Func<bool> cond, string what, int seconds = 60)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!cond())
+        {
+            if (sw.Elapsed > TimeSpan.FromSeconds(seconds))
+            {
+                throw new TimeoutException("timed out waiting for " + what);
+            }
+            Thread.Sleep(50);
+        }
+    }
+
+    private string SrcCtl => Path.Combine(_dir, "vmA", "vm0.ctl");
+
+    private string TgtCtl => Path.Combine(_dir, "vmB", "vm0.ctl");
+
+    public FaultOutcome Run(FaultPhase phase, FaultKind fault)
+    {
+        string ns = Path.Combine(_dir, "ns.img");
+        foreach (string h in new[] { "A", "B" })
+        {
+            File.WriteAllText(Path.Combine(_dir, $"host{h}.json"), JsonSerializer.Serialize(new
+            {
+                name = "host" + h,
+                runtimeDir = Path.Combine(_dir, h),
+                nvme = new[] { new { name = "nvme0", vfs = 1, namespaces = new[] { new { path = ns, size = "16M" } } } },
+            }));
+            Start("host" + h, "host", "--config", Path.Combine(_dir, $"host{h}.json"));
+        }
+        WaitFor(() => File.Exists(Path.Combine(_dir, "A", "host.json")) && File.Exists(Path.Combine(_dir, "B", "host.json")), "device hosts");
+        File.WriteAllText(Path.Combine(_dir, "job.fio"), "[w]\nrw=randwrite\nbs=4k\niodepth=4\nsize=4M\nverify=crc32c\ntime_based=1\nruntime=600\n");
+        File.WriteAllText(Path.Combine(_dir, "vm.json"), JsonSerializer.Serialize(new
+        {
+            name = "vm0",
+            memory = "64M",
+            runtimeDir = Path.Combine(_dir, "vmA"),
+            devices = new[] { new { name = "nvme0", socket = Path.Combine(_dir, "A", "nvme0-vf0.sock") } },
+            workloads = new object[] { new { kind = "fio", device = "nvme0", job = "job.fio" }, new { kind = "memory-dirtier", size = "16M", rate = "4M" } },
+        }));
+        Start("vmA", "vm", "--config", Path.Combine(_dir, "vm.json"));
+        WaitFor(() => File.Exists(SrcCtl), "source control socket");
+        int port = FreePort();
+        Start("vmB", "vm", "--incoming", $"tcp:127.0.0.1:{port}", "--name", "vm0", "--runtime-dir", Path.Combine(_dir, "vmB"),
+            "--device", $"nvme0={Path.Combine(_dir, "B", "nvme0-vf0.sock")}");
+        WaitFor(() => Log.Contains("vmB: vm vm0: waiting for a migration", StringComparison.Ordinal), "incoming VM listening");
+        using var proxy = new FaultProxy(new IPEndPoint(IPAddress.Loopback, port));
+        Thread.Sleep(1000); // let fio acknowledge some writes first
+
+        // Early phases run throttled so the fault lands inside them; late phases run unthrottled so pre-copy converges.
+        long bw = phase is FaultPhase.Handshake or FaultPhase.PreCopy ? 4L << 20 : 0;
+        string injectedDuring = "not injected";
+        if (phase == FaultPhase.Handshake && fault is FaultKind.CutTcp or FaultKind.CorruptByte or FaultKind.StallTarget)
+        {
+            // Deterministic: armed before the first byte, so it hits the stream header / hello / reply.
+            Inject(fault, proxy, 9);
+            injectedDuring = "Handshake (armed before connect)";
+        }
+
+        using var c = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        c.Connect(new UnixDomainSocketEndPoint(SrcCtl));
+        using var s = new NetworkStream(c);
+        using var w = new StreamWriter(s) { AutoFlush = true, NewLine = "\n" };
+        using var r = new StreamReader(s);
+        var req = new JsonObject { ["op"] = "migrate", ["to"] = $"tcp:127.0.0.1:{proxy.Port}" };
+        if (bw > 0)
+        {
+            req["maxBandwidth"] = bw;
+        }
+        w.WriteLine(req.ToJsonString());
+        c.ReceiveTimeout = 150_000;
+        JsonObject? final = null;
+        var phases = new List<string>();
+        try
+        {
+            while (r.ReadLine() is string line)
+            {
+                var o = (JsonObject)JsonNode.Parse(line)!;
+                string ev = o["event"]!.GetValue<string>();
+                if (ev == "progress")
+                {
+                    string ph = o["phase"]!.GetValue<string>();
+                    if (phases.Count == 0 || phases[^1] != ph)
+                    {
+                        phases.Add(ph);
+                    }
+                    if (injectedDuring == "not injected" && ph == phase.ToString())
+                    {
+                        Inject(fault, proxy, phase == FaultPhase.PreCopy ? 65_536 + 123 : 1_000);
+                        injectedDuring = $"{ph} r{o["round"]} @{o["bytesSent"]}B";
+                    }
+                    continue;
+                }
+                final = o;
+                break;
+            }
+        }
+        catch (IOException e)
+        {
+            _log.AppendLine("control read: " + e.Message);
+        }
+        string migrateResult = final is null ? "no answer" : final["event"]!.GetValue<string>() == "done" ? "completed" : "error: " + Short(final["message"]?.GetValue<string>());
+        _log.AppendLine("phases seen: " + string.Join(",", phases) + "; final: " + final?.ToJsonString());
+        if (fault == FaultKind.CorruptByte)
+        {
+            _log.AppendLine($"corrupted byte: {proxy.CorruptedDirection} offset {proxy.CorruptedAt}");
+            injectedDuring += proxy.CorruptedAt < 0 ? " (no byte crossed afterwards)" : $" (flipped {proxy.CorruptedDirection} byte {proxy.CorruptedAt})";
+        }
+
+        // Let both sides settle: a completed source exits; a failed target discards and exits.
+        var src = Proc("vmA");
+        var tgt = Proc("vmB");
+        if (migrateResult == "completed")
+        {
+            src.WaitForExit(20_000);
+        }
+        else
+        {
+            var sw = Stopwatch.StartNew();
+            while (!tgt.HasExited && sw.Elapsed < TimeSpan.FromSeconds(75) && Status(TgtCtl) != "Running")
+            {
+                Thread.Sleep(200);
+            }
+        }
+        Thread.Sleep(300);
+        string? srcState = src.HasExited ? null : Status(SrcCtl);
+        string? tgtState = tgt.HasExited ? null : Status(TgtCtl);
+        bool srcRuns = srcState == "Running", tgtRuns = tgtState == "Running";
+        string vmAt = (srcRuns, tgtRuns) switch
+        {
+            (true, true) => "BOTH",
+            (true, false) => "source",
+            (false, true) => "target",
+            _ => "nowhere",
+        };
+        vmAt += $" (src {srcState ?? (src.HasExited ? $"exit {src.ExitCode}" : "?")}, tgt {tgtState ?? (tgt.HasExited ? $"exit {ExitText(tgt)}" : "?")})";
+
+        // Verify on the survivor when the device host it depends on is alive.
+        long? writes = null, lost = null, corrupt = null;
+        string why = "";
+        string survivorCtl = srcRuns ? SrcCtl : TgtCtl;
+        string survivorHost = srcRuns ? "hostA" : "hostB";
+        if (srcRuns != tgtRuns)
+        {
+            if (Proc(survivorHost).HasExited)
+            {
+                why = $"survivor's device host ({survivorHost}) was killed: verify skipped; vCPU faults: {VcpuFaults(survivorCtl)}";
+            }
+            else
+            {
+                var v = Verify(survivorCtl);
+                if (v is null)
+                {
+                    why = "verify gave no answer";
+                }
+                else
+                {
+                    writes = v["writes"]!.GetValue<long>();
+                    lost = v["lost"]!.GetValue<long>();
+                    corrupt = v["corrupt"]!.GetValue<long>();
+                }
+            }
+        }
+
+        string leftovers = Teardown();
+        bool exactlyOne = srcRuns != tgtRuns;
+        bool checksOk = writes is null ? why.StartsWith("survivor's device host", StringComparison.Ordinal) : writes > 0 && lost == 0 && corrupt == 0;
+        bool pass = exactlyOne && checksOk && leftovers == "none";
+        if (why.Length == 0)
+        {
+            why = !exactlyOne ? "the VM must run in exactly one place" : !checksOk ? "verifier found damage" : leftovers != "none" ? "leftovers" : "";
+        }
+        // A source whose own device host was killed must not have handed a half-migrated VM to the target.
+        if (fault == FaultKind.KillSourceDeviceHost && vmAt.StartsWith("target", StringComparison.Ordinal) && phase is FaultPhase.Handshake or FaultPhase.PreCopy)
+        {
+            pass = false;
+            why = "migration completed after the source's device host died before stop-copy";
+        }
+        return new FaultOutcome(phase, fault, injectedDuring, migrateResult, vmAt, writes, lost, corrupt, leftovers, pass, why);
+    }
+
+    private static string ExitText(Process p) => p.ExitCode == 137 || p.ExitCode == -1 ? "SIGKILL" : p.ExitCode.ToString(System.Globalization.CultureInfo.InvariantCulture);
+
+    private static string Short(string? m) => m is null ? "" : m.Length > 110 ? m[..110] + "…" : m;
+
+    private void Inject(FaultKind fault, FaultProxy proxy, long corruptAt)
+    {
+        _log.AppendLine($"inject {fault}");
+        switch (fault)
+        {
+            case FaultKind.KillSourceDeviceHost:
+                Kill9("hostA");
+                break;
+            case FaultKind.KillTargetDeviceHost:
+                Kill9("hostB");
+                break;
+            case FaultKind.KillTargetVmm:
+                Kill9("vmB");
+                break;
+            case FaultKind.CutTcp:
+                proxy.Cut();
+                break;
+            case FaultKind.CorruptByte:
+                proxy.CorruptAfter(corruptAt);
+                break;
+            case FaultKind.StallTarget:
+                proxy.Stall();
+                break;
+        }
+    }
+
+    private void Kill9(string role)
+    {
+        var p = Proc(role);
+        _sigkilled.Add(role);
+        ProcessSignals.Send(p.Id, ProcessSignals.SIGKILL);
+        p.WaitForExit(10_000);
+    }
+
+    /// <summary>Stops what still runs (VMs by quit, hosts by SIGTERM), then checks no process and no socket is left.</summary>
+    private string Teardown()
+    {
+        var problems = new List<string>();
+        foreach (var (role, ctl) in new[] { ("vmA", SrcCtl), ("vmB", TgtCtl) })
+        {
+            var p = Proc(role);
+            if (!p.HasExited)
+            {
+                Request(ctl, "{\"op\":\"quit\"}", 10_000);
+                if (!p.WaitForExit(15_000))
+                {
+                    problems.Add(role + " ignored quit");
+                    ProcessSignals.Send(p.Id, ProcessSignals.SIGTERM);
+                    p.WaitForExit(10_000);
+                }
+            }
+        }
+        foreach (string role in new[] { "hostA", "hostB" })
+        {
+            var p = Proc(role);
+            if (!p.HasExited)
+            {
+                ProcessSignals.Send(p.Id, ProcessSignals.SIGTERM);
+                if (!p.WaitForExit(15_000))
+                {
+                    problems.Add(role + " ignored SIGTERM");
+                }
+            }
+        }
+        foreach (var (role, p) in _procs)
+        {
+            if (!p.HasExited || Directory.Exists($"/proc/{p.Id}"))
+            {
+                problems.Add($"{role} pid {p.Id} still alive");
+                p.Kill(true);
+            }
+        }
+        // A SIGKILLed process cannot unlink its sockets; only those stale files are excused.
+        var excused = _sigkilled.Select(r => Path.Combine(_dir, r switch { "hostA" => "A", "hostB" => "B", _ => r })).ToList();
+        foreach (string f in Directory.EnumerateFiles(_dir, "*", SearchOption.AllDirectories))
+        {
+            if ((f.EndsWith(".sock", StringComparison.Ordinal) || f.EndsWith(".ctl", StringComparison.Ordinal)) && !excused.Any(d => f.StartsWith(d + "/", StringComparison.Ordinal)))
+            {
+                problems.Add("left " + Path.GetRelativePath(_dir, f));
+            }
+        }
+        return problems.Count == 0 ? "none" : string.Join("; ", problems);
+    }
+
+    private static string? Status(string ctl)
+    {
+        var o = Request(ctl, "{\"op\":\"status\"}", 10_000);
+        return o?["result"]?["state"]?.GetValue<string>();
+    }
+
+    private static string VcpuFaults(string ctl)
+    {
+        var o = Request(ctl, "{\"op\":\"status\"}", 10_000);
+        var faults = (o?["result"]?["vcpus"] as JsonArray)?.Select(v => v?["fault"]?.GetValue<string>()).Where(f => f is not null).ToList();
+        return faults is null ? "status unavailable" : faults.Count == 0 ? "none" : Short(string.Join(" / ", faults));
+    }
+
+    private static JsonObject? Verify(string ctl) => Request(ctl, "{\"op\":\"verify\"}", 60_000)?["result"] as JsonObject;
+
+    private static JsonObject? Request(string ctl, string json, int timeoutMs)
+    {
+        if (!File.Exists(ctl))
+        {
+            return null;
+        }
+        try
+        {
+            using var c = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            c.Connect(new UnixDomainSocketEndPoint(ctl));
+            c.ReceiveTimeout = timeoutMs;
+            using var s = new NetworkStream(c);
+            using var w = new StreamWriter(s) { AutoFlush = true, NewLine = "\n" };
+            using var r = new StreamReader(s);
+            w.WriteLine(json);
+            while (r.ReadLine() is string line)
+            {
+                var o = JsonNode.Parse(line) as JsonObject;
+                if (o?["event"]?.GetValue<string>() is "done" or "error")
+                {
+                    return o;
+                }
+            }
+        }
+        catch (Exception e) when (e is IOException or SocketException or JsonException)
+        {
+        }
+        return null;
+    }
+
+    private static int FreePort()
+    {
+        var l = new TcpListener(IPAddress.Loopback, 0);
+        l.Start();
+        int p = ((IPEndPoint)l.LocalEndpoint).Port;
+        l.Stop();
+        return p;
+    }
+}
