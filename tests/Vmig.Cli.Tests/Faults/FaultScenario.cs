@@ -34,8 +34,17 @@ public sealed record FaultOutcome(
     FaultPhase Phase, FaultKind Fault, string InjectedDuring, string MigrateResult, string VmAt,
     long? Writes, long? Lost, long? Corrupt, string Leftovers, bool Pass, string Why)
 {
+    /// <summary>The source stays paused after sending everything because the target's result never arrived.</summary>
+    public bool InDoubt { get; init; }
+
+    /// <summary>The fault killed the VM itself: the target VMM was killed after the migration completed.</summary>
+    public bool KilledTheVm => Fault == FaultKind.KillTargetVmm && MigrateResult == "completed";
+
+    /// <summary>pass, in-doubt, degenerate or FAIL (docs/fault-injection.md says why each is what it is).</summary>
+    public string Verdict => Pass ? "pass" : InDoubt ? "in-doubt" : KilledTheVm ? "degenerate" : "**FAIL**";
+
     public string ToRow() =>
-        $"| {Phase} | {Fault} | {InjectedDuring} | {MigrateResult} | {VmAt} | {Fmt(Writes)} | {Fmt(Lost)} | {Fmt(Corrupt)} | {Leftovers} | {(Pass ? "pass" : "**FAIL**")} | {Why.Replace("|", "/", StringComparison.Ordinal)} |";
+        $"| {Phase} | {Fault} | {InjectedDuring} | {MigrateResult} | {VmAt} | {Fmt(Writes)} | {Fmt(Lost)} | {Fmt(Corrupt)} | {Leftovers} | {Verdict} | {Why.Replace("|", "/", StringComparison.Ordinal)} |";
 
     private static string Fmt(long? v) => v?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "—";
 }
@@ -177,7 +186,7 @@ internal sealed class FaultScenario : IDisposable
                     if (injectedDuring == "not injected" && ph == phase.ToString())
                     {
                         Inject(fault, proxy, phase == FaultPhase.PreCopy ? 65_536 + 123 : 1_000);
-                        injectedDuring = $"{ph} r{o["round"]} @{o["bytesSent"]}B";
+                        injectedDuring = $"{ph} r{o["round"]}, {proxy.BytesToTarget >> 10} KiB through the proxy";
                     }
                     continue;
                 }
@@ -190,6 +199,11 @@ internal sealed class FaultScenario : IDisposable
             _log.AppendLine("control read: " + e.Message);
         }
         string migrateResult = final is null ? "no answer" : final["event"]!.GetValue<string>() == "done" ? "completed" : "error: " + Short(final["message"]?.GetValue<string>());
+        long streamTotal = proxy.BytesToTarget;
+        if (injectedDuring != "not injected" && !injectedDuring.StartsWith("Handshake (armed", StringComparison.Ordinal))
+        {
+            injectedDuring += $" of {streamTotal >> 10} KiB";
+        }
         _log.AppendLine("phases seen: " + string.Join(",", phases) + "; final: " + final?.ToJsonString());
         if (fault == FaultKind.CorruptByte)
         {
@@ -256,6 +270,9 @@ internal sealed class FaultScenario : IDisposable
         bool exactlyOne = srcRuns != tgtRuns;
         bool checksOk = writes is null ? why.StartsWith("survivor's device host", StringComparison.Ordinal) : writes > 0 && lost == 0 && corrupt == 0;
         bool pass = exactlyOne && checksOk && leftovers == "none";
+        // In doubt (docs/fault-injection.md): the whole state was sent, the target's result never arrived. The source
+        // cannot tell "target died before resuming" from "target runs, its answer was lost", so it stays paused.
+        bool inDoubt = migrateResult.Contains("in doubt", StringComparison.Ordinal) && srcState == "Paused" && !tgtRuns && leftovers == "none";
         if (why.Length == 0)
         {
             why = !exactlyOne ? "the VM must run in exactly one place" : !checksOk ? "verifier found damage" : leftovers != "none" ? "leftovers" : "";
@@ -266,7 +283,11 @@ internal sealed class FaultScenario : IDisposable
             pass = false;
             why = "migration completed after the source's device host died before stop-copy";
         }
-        return new FaultOutcome(phase, fault, injectedDuring, migrateResult, vmAt, writes, lost, corrupt, leftovers, pass, why);
+        if (inDoubt)
+        {
+            why = "in doubt by design: source paused with the whole state, target gone";
+        }
+        return new FaultOutcome(phase, fault, injectedDuring, migrateResult, vmAt, writes, lost, corrupt, leftovers, pass, why) { InDoubt = inDoubt };
     }
 
     private static string ExitText(Process p) => p.ExitCode == 137 || p.ExitCode == -1 ? "SIGKILL" : p.ExitCode.ToString(System.Globalization.CultureInfo.InvariantCulture);
