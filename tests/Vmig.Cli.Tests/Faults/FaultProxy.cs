@@ -92,11 +92,6 @@ internal sealed class FaultProxy : IDisposable
             {
                 return;
             }
-            if (_cut)
-            {
-                Reset(client);
-                continue;
-            }
             var server = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
             try
             {
@@ -106,6 +101,13 @@ internal sealed class FaultProxy : IDisposable
             {
                 Reset(client);
                 server.Dispose();
+                continue;
+            }
+            if (_cut)
+            {
+                // Cut before the first byte: both ends see the connection reset.
+                Reset(client);
+                Reset(server);
                 continue;
             }
             lock (_lock)

@@ -127,7 +127,7 @@ internal sealed class FaultScenario : IDisposable
             }));
             Start("host" + h, "host", "--config", Path.Combine(_dir, $"host{h}.json"));
         }
-        WaitFor(() => File.Exists(Path.Combine(_dir, "A", "host.json")) && File.Exists(Path.Combine(_dir, "B", "host.json")), "device hosts");
+        WaitFor(() => File.Exists(Path.Combine(_dir, "A", "host.json")) && File.Exists(Path.Combine(_dir, "B", "host.json")), "device hosts", 120);
         File.WriteAllText(Path.Combine(_dir, "job.fio"), "[w]\nrw=randwrite\nbs=4k\niodepth=4\nsize=4M\nverify=crc32c\ntime_based=1\nruntime=600\n");
         File.WriteAllText(Path.Combine(_dir, "vm.json"), JsonSerializer.Serialize(new
         {
@@ -272,7 +272,11 @@ internal sealed class FaultScenario : IDisposable
         bool pass = exactlyOne && checksOk && leftovers == "none";
         // In doubt (docs/fault-injection.md): the whole state was sent, the target's result never arrived. The source
         // cannot tell "target died before resuming" from "target runs, its answer was lost", so it stays paused.
-        bool inDoubt = migrateResult.Contains("in doubt", StringComparison.Ordinal) && srcState == "Paused" && !tgtRuns && leftovers == "none";
+        // Only a fault that can leave the target running while its answer is lost makes that acceptable: a target that
+        // died or was cut off after the end of state. A corrupted byte the target detected, or a dead device host, must
+        // come back as a failed TargetResult and a rollback instead.
+        bool inDoubt = fault is FaultKind.KillTargetVmm or FaultKind.CutTcp or FaultKind.StallTarget
+            && migrateResult.Contains("in doubt", StringComparison.Ordinal) && srcState == "Paused" && !tgtRuns && leftovers == "none";
         if (why.Length == 0)
         {
             why = !exactlyOne ? "the VM must run in exactly one place" : !checksOk ? "verifier found damage" : leftovers != "none" ? "leftovers" : "";
@@ -335,6 +339,12 @@ internal sealed class FaultScenario : IDisposable
         foreach (var (role, ctl) in new[] { ("vmA", SrcCtl), ("vmB", TgtCtl) })
         {
             var p = Proc(role);
+            if (!p.HasExited && !File.Exists(ctl))
+            {
+                // An incoming VM that never got a connection is still waiting for one (that is its job): SIGTERM ends it.
+                ProcessSignals.Send(p.Id, ProcessSignals.SIGTERM);
+                p.WaitForExit(10_000);
+            }
             if (!p.HasExited)
             {
                 Request(ctl, "{\"op\":\"quit\"}", 10_000);
