@@ -54,13 +54,13 @@ public sealed class FaultInjectionTests(ITestOutputHelper output)
             output.WriteLine("VMIG_FAULTS_FULL is not 1: the full matrix is skipped (the representative subset runs above).");
             return;
         }
-        string? only = Environment.GetEnvironmentVariable("VMIG_FAULTS_ONLY"); // e.g. "StallTarget" to rerun one column
+        string? only = Environment.GetEnvironmentVariable("VMIG_FAULTS_ONLY"); // e.g. "StallTarget,PreCopy/CorruptByte": a column, a row, cases
         var rows = new List<FaultOutcome>();
         foreach (var phase in Enum.GetValues<FaultPhase>())
         {
             foreach (var fault in Enum.GetValues<FaultKind>())
             {
-                if (only is not null && !only.Contains(fault.ToString(), StringComparison.Ordinal) && !only.Contains(phase.ToString(), StringComparison.Ordinal))
+                if (only is not null && !only.Split(',').Any(t => t == fault.ToString() || t == phase.ToString() || t == $"{phase}/{fault}"))
                 {
                     continue;
                 }
