@@ -194,7 +194,9 @@ internal sealed class StateLoader
             }
             return devices;
         }
-        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or ArgumentException or KeyNotFoundException)
+        // SocketException: the device host is gone (ECONNREFUSED on its stale socket); refuse in the handshake reply
+        // rather than letting it escape before the stream header is written (the source then saw "bad magic").
+        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or ArgumentException or KeyNotFoundException or SocketException)
         {
             reason = e.Message;
             Release(devices);
