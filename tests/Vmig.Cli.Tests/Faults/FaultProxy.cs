@@ -159,7 +159,10 @@ internal sealed class FaultProxy : IDisposable
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
+            // A dead peer on one side must reach the other as a reset, as it would without a proxy in between:
+            // a source busy writing pre-copy never reads, and would otherwise sit out its 60 s send timeout.
             Reset(to);
+            Reset(from);
         }
     }
 
