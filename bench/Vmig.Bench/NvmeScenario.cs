@@ -87,7 +87,7 @@ internal static class NvmeScenario
         uint nsid = 1;
         if (vfSocket is not null)
         {
-            var dev = new VfioVmDevice(vfSocket, "nvme0", "nvme", "bench");
+            var dev = Connect(vfSocket);
             owned.Push(dev);
             dev.Reset();
             dev.DmaMap(0, ram.Size, ram.Fd, 0);
@@ -124,6 +124,23 @@ internal static class NvmeScenario
             while (owned.Count > 0)
             {
                 owned.Pop().Dispose();
+            }
+        }
+    }
+
+    /// <summary>Connects to the VF; the server takes one client at a time and refuses a new one until it has seen the
+    /// previous client's disconnect, so a reconnect right after a figure is retried briefly.</summary>
+    private static VfioVmDevice Connect(string socket)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return new VfioVmDevice(socket, "nvme0", "nvme", "bench");
+            }
+            catch (Vmig.VfioUser.VfioUserException) when (attempt < 100)
+            {
+                Thread.Sleep(20);
             }
         }
     }
