@@ -82,7 +82,7 @@ internal static class VmScenario
     private static void Growth(BenchContext ctx)
     {
         bool quick = ctx.Options.Quick;
-        int reps = quick ? 1 : 3;
+        int reps = quick ? 1 : 2;
         long[] rams = quick ? [256 * MiB, 512 * MiB, 1024 * MiB] : [256 * MiB, 512 * MiB, 1024 * MiB, 2048 * MiB, 4096 * MiB];
         long[] devs = quick ? [0, 64 * MiB, 256 * MiB] : [0, 256 * MiB, 1024 * MiB, 4096 * MiB];
         int[] counts = [1, 2, 4, 8];
