@@ -252,6 +252,10 @@ internal sealed class FuzzRun : IDisposable
             {
                 _closes++;
             }
+            catch (InvalidDataException e)
+            {
+                Finding($"case {index}: server sent a malformed message: {e.Message}");
+            }
         }
         _peer?.Dispose();
         _peer = Reconnect(true, out negotiated);
@@ -270,7 +274,7 @@ internal sealed class FuzzRun : IDisposable
             }
             return Dead(index, "a new connection was closed on a valid request");
         }
-        catch (Exception e) when (e is TimeoutException or NativeException)
+        catch (Exception e) when (e is TimeoutException or NativeException or InvalidDataException)
         {
             return Dead(index, "a new connection did not answer GET_INFO: " + e.Message);
         }
@@ -319,7 +323,7 @@ internal sealed class FuzzRun : IDisposable
                     return p;
                 }
             }
-            catch (Exception e) when (e is SocketException or NativeException or IOException or TimeoutException)
+            catch (Exception e) when (e is SocketException or NativeException or IOException or TimeoutException or InvalidDataException)
             {
             }
             p?.Dispose();

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
 using Vmig.Guest;
 using Vmig.Native;
 
@@ -23,6 +24,8 @@ public sealed class GuestRam : IGuestMemory, IDisposable
 
     private readonly Mapping _mapping;
     private readonly PageBitmap _dirty;
+    private readonly object _readerLock = new();
+    private SafeFileHandle? _reader;
 
     private GuestRam(UnixFd fd, Mapping mapping, ulong size)
     {
@@ -133,6 +136,32 @@ public sealed class GuestRam : IGuestMemory, IDisposable
         return _mapping.GetSpan((long)gpa, length);
     }
 
+    /// <summary>
+    /// Copies [<paramref name="gpa"/>, +destination.Length) with pread(2) on the memfd instead of loads through the
+    /// mapping: a page no one ever touched is a hole, and shmem reads holes as zeros without allocating them, where a
+    /// load through the mapping would allocate (and zero) every page — measured here at ~10 s per GiB against ~0.2 s.
+    /// Coherent with the mapping (same page cache). Thread-safe; no dirty marking.
+    /// </summary>
+    public void ReadUntracked(ulong gpa, Span<byte> destination)
+    {
+        Check(gpa, (ulong)destination.Length);
+        SafeFileHandle h;
+        lock (_readerLock)
+        {
+            h = _reader ??= File.OpenHandle($"/proc/self/fd/{Fd.Fd}", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        }
+        while (!destination.IsEmpty)
+        {
+            int n = RandomAccess.Read(h, destination, (long)gpa);
+            if (n <= 0)
+            {
+                throw new EndOfStreamException($"guest RAM memfd ended at {gpa:#x}");
+            }
+            destination = destination[n..];
+            gpa += (ulong)n;
+        }
+    }
+
     /// <summary>Marks [<paramref name="gpa"/>, +<paramref name="length"/>) dirty (thread-safe).</summary>
     public void MarkDirty(ulong gpa, ulong length)
     {
@@ -182,6 +211,7 @@ public sealed class GuestRam : IGuestMemory, IDisposable
 
     public void Dispose()
     {
+        _reader?.Dispose();
         _mapping.Dispose();
         Fd.Dispose();
     }

@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using System.Text.Json;
 using System.Xml.Linq;
 using Vmig.Migration;
@@ -12,17 +11,8 @@ namespace Vmig.Conformance.Tests;
 /// <summary>SampleDevice's DMA engine as the dirty-logging stimulus: command 2 copies BAR[0x1000..] to guest memory.</summary>
 internal sealed class SampleDeviceDmaWrites : IDmaWriteStimulus
 {
-    public void MakeDeviceWrite(VfioUserClient client, ulong iova, int length)
-    {
-        Span<byte> v = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt64LittleEndian(v, iova);
-        client.WriteRegion(0, SampleDevice.RegSrc, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x1000);
-        client.WriteRegion(0, SampleDevice.RegDst, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, (ulong)length);
-        client.WriteRegion(0, SampleDevice.RegLen, v);
-        client.WriteRegion(0, SampleDevice.RegDoorbell, [2]);
-    }
+    public void MakeDeviceWrite(VfioUserClient client, ulong iova, int length) =>
+        SampleDeviceDriver.RunDma(client, SampleDeviceDriver.BarToGuest, iova, 0x1000, (ulong)length);
 }
 
 public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposable
@@ -33,9 +23,9 @@ public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposabl
 
     private static readonly ConformanceOptions Options = new() { DmaWriteStimulus = new SampleDeviceDmaWrites(), TimeoutMs = 10_000 };
 
-    private ConformanceReport RunInProcess(VfioUserDevice device, ConformanceOptions? options = null)
+    private ConformanceReport RunInProcess(VfioUserDevice device, ConformanceOptions? options = null, VfioUserServerOptions? serverOptions = null)
     {
-        using var server = new VfioUserServer(device, Path.Combine(_dir, Guid.NewGuid().ToString("N")[..8] + ".sock"));
+        using var server = new VfioUserServer(device, Path.Combine(_dir, Guid.NewGuid().ToString("N")[..8] + ".sock"), serverOptions);
         server.Start();
         return ConformanceSuite.Run(server.SocketPath, options ?? Options);
     }
@@ -76,6 +66,16 @@ public sealed class ConformanceSuiteTests(ITestOutputHelper output) : IDisposabl
         Assert.True(report.Success, report.Summary());
         Assert.Equal(5UL, report.MigrationFlags);
         Assert.Equal(CheckOutcome.Skip, report.Checks.Single(c => c.Id == "data.mig-data-size").Outcome);
+    }
+
+    [Fact]
+    public void A_server_that_offers_no_extensions_passes_on_the_base_protocol()
+    {
+        using var dev = new SampleDevice();
+        var report = RunInProcess(dev, null, new VfioUserServerOptions { OfferExtensions = false, OfferTwinSocket = false, MaxDataXferSize = 64 * 1024 });
+        Assert.True(report.Success, report.Summary());
+        Assert.Equal(5UL, report.MigrationFlags);
+        Assert.Contains("max_data_xfer_size 65536", report.Checks.Single(c => c.Id == "negotiation.version").Reason, StringComparison.Ordinal);
     }
 
     [Fact]

@@ -176,11 +176,12 @@ public sealed class SampleDevice : VfioUserDevice, IMigrationDevice, IDisposable
         else if (from is DeviceState.Resuming)
         {
             var l = _load!;
-            _load = null;
             if (!TryApply(l.ToArray(), out string? why))
             {
+                // Still RESUMING with the same data: a retried RESUMING->STOP fails the same way.
                 throw new MigrationException(22, "invalid device state: " + why, DeviceState.Resuming);
             }
+            _load = null;
         }
         if (to is DeviceState.Stop or DeviceState.Running or DeviceState.RunningP2P)
         {

@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using Vmig.Conformance;
 using Vmig.Migration;
 using Vmig.Native;
@@ -50,22 +49,13 @@ public sealed class CrossProcessTests : IDisposable
         c.DmaMap(0, 1 << 20, ramFd, 0, DmaProt.Read | DmaProt.Write);
         using var irq = EventFd.Create();
         c.SetIrqEventFds(VfioPci.MsixIrqIndex, 0, [irq]);
-        Span<byte> v = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x3000);
-        c.WriteRegion(0, SampleDevice.RegSrc, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x4000);
-        c.WriteRegion(0, SampleDevice.RegDst, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 256);
-        c.WriteRegion(0, SampleDevice.RegLen, v);
-        c.WriteRegion(0, SampleDevice.RegDoorbell, [1]);
+        Assert.Equal(0u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.GuestToBar, 0x3000, 0x4000, 256));
         Assert.Equal(1UL, irq.Wait(10_000));
         var got = new byte[256];
         c.ReadRegion(0, 0x4000, got);
         Assert.Equal(ram.GetSpan(0x3000, 256).ToArray(), got);
         // BAR -> guest memory: the other process writes into our memfd.
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x9000);
-        c.WriteRegion(0, SampleDevice.RegSrc, v);
-        c.WriteRegion(0, SampleDevice.RegDoorbell, [2]);
+        Assert.Equal(0u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.BarToGuest, 0x9000, 0x4000, 256));
         Assert.Equal(1UL, irq.Wait(10_000));
         Assert.Equal(got, ram.GetSpan(0x9000, 256).ToArray());
         // The BAR is also mmap-able through the region fd (sparse area from 4 KiB).
@@ -73,6 +63,21 @@ public sealed class CrossProcessTests : IDisposable
         using var barFd = info.MmapFd!;
         using var bar = Mapping.Map(barFd, 0, 0x10000, writable: false);
         Assert.Equal(got, bar.GetSpan(0x4000, 256).ToArray());
+    }
+
+    [Fact]
+    public void A_dma_window_past_the_end_of_its_file_is_refused_so_device_dma_cannot_sigbus_the_server()
+    {
+        string sock = Path.Combine(_dir, "bus.sock");
+        using var peer = PeerProcess.Start(["serve", sock]);
+        using var c = VfioUserClient.Connect(sock);
+        using var small = MemFd.Create("small", 64 * 1024);
+        // 1 MiB window over a 64 KiB file: mmap would succeed, and a device access past 64 KiB would raise SIGBUS.
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VfioUserException>(() => c.DmaMap(0, 1 << 20, small, 0, DmaProt.Read | DmaProt.Write)).Errno);
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VfioUserException>(() => c.DmaMap(0, 64 * 1024, small, 4096, DmaProt.Read | DmaProt.Write)).Errno);
+        c.DmaMap(0, 64 * 1024, small, 0, DmaProt.Read | DmaProt.Write);
+        Assert.Equal(0u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.BarToGuest, 0x8000, 0x1000, 4096));
+        Assert.False(peer.HasExited);
     }
 
     [Fact]

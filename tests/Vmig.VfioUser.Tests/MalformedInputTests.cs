@@ -134,6 +134,7 @@ public sealed class MalformedInputTests
             "feature-set-stop-copy-to-pre-copy" => Do(() => Ok(VfioUserCommand.DeviceFeature, SetState(3)), () => Bad(VfioUserCommand.DeviceFeature, SetState(6))),
             "logging-too-many-ranges" => Bad(VfioUserCommand.DeviceFeature, Start(257)),
             "logging-overlapping-ranges" => Bad(VfioUserCommand.DeviceFeature, Start(2, overlap: true)),
+            "logging-report-short-payload" => Do(() => Ok(VfioUserCommand.DeviceFeature, Start(1)), () => Bad(VfioUserCommand.DeviceFeature, RawPeer.FeaturePayload(8 + 24 + 64, DeviceFeatureHead.Get | 8, new byte[8]))),
             "logging-stop-not-started" => Bad(VfioUserCommand.DeviceFeature, RawPeer.FeaturePayload(8, DeviceFeatureHead.Set | 7)),
             "dma-map-in-stop" => Do(() => Ok(VfioUserCommand.DeviceFeature, SetState(1)), () => Bad(VfioUserCommand.DmaMap, Map(0x30_0000, 0x1000))),
             "get-info-in-stop-copy" => Do(() => Ok(VfioUserCommand.DeviceFeature, SetState(3)), () => Bad(VfioUserCommand.DeviceGetInfo, Payload(new DeviceInfoPayload(16, 0, 0, 0).WriteTo, 16))),
@@ -242,6 +243,7 @@ public sealed class MalformedInputTests
     [InlineData("feature-set-stop-copy-to-pre-copy", Errno.EINVAL)]
     [InlineData("logging-too-many-ranges", Errno.E2BIG)]
     [InlineData("logging-overlapping-ranges", Errno.EINVAL)]
+    [InlineData("logging-report-short-payload", Errno.EINVAL)]
     [InlineData("logging-stop-not-started", Errno.EINVAL)]
     [InlineData("dma-map-in-stop", Errno.EINVAL)]
     [InlineData("get-info-in-stop-copy", Errno.EINVAL)]

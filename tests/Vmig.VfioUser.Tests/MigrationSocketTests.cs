@@ -228,6 +228,22 @@ public sealed class MigrationSocketTests
     }
 
     [Fact]
+    public void A_failed_load_fails_the_same_way_when_retried_and_never_turns_into_eio()
+    {
+        using var s = new TestServer();
+        using var c = VfioUserClient.Connect(s.Path);
+        c.SetState(DeviceState.Resuming);
+        c.WriteMigrationData([1, 2, 3]);
+        for (int i = 0; i < 3; i++)
+        {
+            var e = Assert.Throws<VfioUserMigrationException>(() => c.SetState(DeviceState.Stop));
+            Assert.Equal((Errno.EINVAL, DeviceState.Resuming), (e.Errno, e.ReachedState));
+        }
+        c.Reset();
+        Assert.Equal(DeviceState.Running, c.GetState());
+    }
+
+    [Fact]
     public void Reset_during_pre_copy_ends_the_stream_and_returns_running()
     {
         using var s = new TestServer();
@@ -275,20 +291,9 @@ public sealed class MigrationSocketTests
         Assert.Equal(Errno.EINVAL, Assert.Throws<VfioUserException>(() => c.WriteMigrationData([1])).Errno);
     }
 
-    /// <summary>Makes SampleDevice DMA-write <paramref name="len"/> bytes of its BAR at guest <paramref name="iova"/> (command 2).</summary>
-    internal static void DeviceWrites(VfioUserClient c, ulong iova, int len)
-    {
-        Span<byte> v = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt64LittleEndian(v, iova);
-        c.WriteRegion(0, SampleDevice.RegSrc, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x1000);
-        c.WriteRegion(0, SampleDevice.RegDst, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, (ulong)len);
-        c.WriteRegion(0, SampleDevice.RegLen, v);
-        c.WriteRegion(0, SampleDevice.RegDoorbell, [2]);
-        c.ReadRegion(0, SampleDevice.RegStatus, v[..4]);
-        Assert.Equal(0u, BinaryPrimitives.ReadUInt32LittleEndian(v));
-    }
+    /// <summary>Makes SampleDevice DMA-write <paramref name="len"/> bytes of its BAR at guest <paramref name="iova"/>.</summary>
+    private static void DeviceWrites(VfioUserClient c, ulong iova, int len) =>
+        Assert.Equal(0u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.BarToGuest, iova, 0x1000, (ulong)len));
 
     private static int Raw(VfioUserClient c, uint flags, ReadOnlySpan<byte> data, uint argsz)
     {
@@ -365,6 +370,21 @@ public sealed class MigrationSocketTests
     }
 
     [Fact]
+    public void Dirty_logging_ignores_a_huge_window_served_by_messages_instead_of_allocating_a_bitmap_for_it()
+    {
+        using var s = new TestServer();
+        using var c = VfioUserClient.Connect(s.Path);
+        // 4 EiB without an fd: DMA to it goes through messages and is tracked by the client (libvfio-user #751).
+        c.DmaMap(1UL << 62, 1UL << 62, null, 0, DmaProt.Read | DmaProt.Write);
+        using var mem = MemFd.Create("guest", 1 << 20);
+        c.DmaMap(0x4000_0000, 1 << 20, mem, 0, DmaProt.Read | DmaProt.Write);
+        Assert.Equal(4096UL, c.StartDirtyLogging(4096, []));
+        DeviceWrites(c, 0x4000_0000 + (2 * 4096), 8);
+        Assert.Equal([0x4000_0000UL + (2 * 4096)], c.ReportDirty(0x4000_0000, 1 << 20, 4096).EnumerateDirtyPages());
+        c.StopDirtyLogging();
+    }
+
+    [Fact]
     public void P2P_states_are_invisible_to_a_client_that_did_not_negotiate_them()
     {
         using var s = new TestServer();
@@ -415,29 +435,15 @@ public sealed class MigrationSocketTests
         c.DmaHandler = ram;
         c.DmaMap(0x20_0000, 0x10000, null, 0, DmaProt.Read | DmaProt.Write);
         new Random(5).NextBytes(ram.Memory.AsSpan(0x100, 32));
-        Span<byte> v = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x20_0100);
-        c.WriteRegion(0, SampleDevice.RegSrc, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x2000);
-        c.WriteRegion(0, SampleDevice.RegDst, v);
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 32);
-        c.WriteRegion(0, SampleDevice.RegLen, v);
-        c.WriteRegion(0, SampleDevice.RegDoorbell, [1]);
-        c.ReadRegion(0, SampleDevice.RegStatus, v[..4]);
-        Assert.Equal((0u, 1), (BinaryPrimitives.ReadUInt32LittleEndian(v), ram.Reads));
+        Assert.Equal(0u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.GuestToBar, 0x20_0100, 0x2000, 32));
+        Assert.Equal(1, ram.Reads);
         Assert.True(ram.Memory.AsSpan(0x100, 32).SequenceEqual(s.Device.Bar.Slice(0x2000, 32)));
         // BAR -> guest at another address.
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x20_8000);
-        c.WriteRegion(0, SampleDevice.RegSrc, v);
-        c.WriteRegion(0, SampleDevice.RegDoorbell, [2]);
+        Assert.Equal(0u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.BarToGuest, 0x20_8000, 0x2000, 32));
         Assert.True(ram.Memory.AsSpan(0x8000, 32).SequenceEqual(s.Device.Bar.Slice(0x2000, 32)));
         Assert.Equal(1, ram.Writes);
         // Outside the window: the device reports a DMA error and the client was not asked.
-        BinaryPrimitives.WriteUInt64LittleEndian(v, 0x90_0000);
-        c.WriteRegion(0, SampleDevice.RegSrc, v);
-        c.WriteRegion(0, SampleDevice.RegDoorbell, [1]);
-        c.ReadRegion(0, SampleDevice.RegStatus, v[..4]);
-        Assert.Equal(2u, BinaryPrimitives.ReadUInt32LittleEndian(v));
+        Assert.Equal(2u, SampleDeviceDriver.RunDma(c, SampleDeviceDriver.GuestToBar, 0x90_0000, 0x2000, 32));
         Assert.Equal(1, ram.Reads);
     }
 }

@@ -86,6 +86,21 @@ public sealed class WireGoldenTests
         Assert.Equal((int)DeviceState.Running, p.GetState(5000));
     }
 
+    [Fact]
+    public void Server_answers_qemus_version_offer_with_a_literal_subset()
+    {
+        using var s = new TestServer();
+        using var p = s.Raw(negotiate: false);
+        // QEMU's client offer (reference §3.3), proposing 0.0.
+        const string offer = """{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":268435456},"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}""";
+        const string answer = """{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"max_dma_maps":65535,"pgsizes":4096,"write_multiple":true,"migration":{"pgsize":4096}}}""";
+        byte[] request = [0x01, 0x00, 0x01, 0x00, (byte)(16 + 4 + offer.Length + 1), 0x00, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x00, 0x00, .. Encoding.ASCII.GetBytes(offer), 0x00];
+        byte[] reply = [0x01, 0x00, 0x01, 0x00, (byte)(16 + 4 + answer.Length + 1), 0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x00, 0x00, .. Encoding.ASCII.GetBytes(answer), 0x00];
+        Assert.True(request.Length < 256 && reply.Length < 256);
+        p.SendBytes(request);
+        Assert.Equal(Convert.ToHexString(reply), Convert.ToHexString(Frame(p.Receive(5000)!)));
+    }
+
     private sealed class ArrayDma(byte[] memory, ulong baseIova) : IClientDmaHandler
     {
         public int Read(ulong address, Span<byte> destination)

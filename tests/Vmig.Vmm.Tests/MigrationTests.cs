@@ -172,13 +172,7 @@ public sealed class MigrationTests : IDisposable
         {
             using var s = _listener.AcceptSocket();
             using var ns = new NetworkStream(s);
-            var r = new SectionReader(ns, 4 << 20);
-            r.ReadStreamHeader();
-            r.Expect(SectionType.VmDescription);
-            var w = new SectionWriter(ns);
-            w.WriteStreamHeader();
-            w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
-            w.Flush();
+            var (r, w) = AcceptHandshake(ns);
             for (int n = 0; n < 5 && r.ReadNext();)
             {
                 n += r.Type == SectionType.RamPages ? 1 : 0;
@@ -332,11 +326,13 @@ public sealed class MigrationTests : IDisposable
     public async Task NonConvergingVm_StopsAtMaxRoundsAndStillMigratesConsistently()
     {
         // Unthrottled dirtying of 8 MiB with a 0 ms downtime limit never converges: switchover is forced by MaxRounds.
+        // The 32 MiB/s cap makes every round last long enough for the dirtier to dirty pages on any machine (an
+        // idle fast machine otherwise finished a round before the dirtier's vCPU was scheduled, and converged).
         using var src = TestVms.Dirtier(16, "gpa=0,size=8M,rate=0");
         src.Start();
         TestVms.WaitUntil(() => src.Vcpus[0].Slices > 20);
         var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices, new MigrationTargetOptions { StartVcpus = false });
-        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3, DowntimeLimit = TimeSpan.Zero });
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3, DowntimeLimit = TimeSpan.Zero, MaxBandwidth = 32L << 20 });
         using var dst = await target;
         Assert.Equal(4, report.Rounds.Count); // 3 pre-copy rounds + the final one
         Assert.True(report.Rounds[^1].Pages > 0);
@@ -354,6 +350,95 @@ public sealed class MigrationTests : IDisposable
         using var dst = await target;
         Assert.InRange(report.Rounds.Count, 2, 3);
         Assert.True(report.Rounds[^1].Pages < 64, report.ToJson());
+    }
+
+    [Theory]
+    [InlineData(SectionType.RamPages, "rolled-back")]             // mid pre-copy
+    [InlineData(SectionType.DeviceInitialDataSent, "rolled-back")] // while the source waits for the switchover-ack
+    [InlineData(SectionType.EndOfState, "in-doubt")]               // whole state sent, no result: the source must not resume
+    public async Task ConnectionCut_InEachPhase_SourceRollsBackOrStaysPausedInDoubt(SectionType cutAfter, string outcome)
+    {
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, [], dmaGpa: 0x3000);
+        using var src = TestVms.Dirtier(16, "gpa=1M,size=4M,rate=20", [dev]);
+        src.Start();
+        TestVms.WaitUntil(() => src.Vcpus[0].Slices > 10);
+        var fake = Task.Run(() =>
+        {
+            using var s = _listener.AcceptSocket();
+            using var ns = new NetworkStream(s);
+            var (r, w) = AcceptHandshake(ns);
+            while (r.ReadNext() && r.Type != cutAfter)
+            {
+                if (r.Type == SectionType.DeviceInitialDataSent)
+                {
+                    w.Write(SectionType.SwitchoverAck, r.Payload);
+                    w.Flush();
+                }
+            }
+            s.LingerState = new LingerOption(true, 0);
+        });
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() => MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3 }));
+        await fake;
+        Assert.Equal(outcome, e.Report.Outcome);
+        if (outcome == "rolled-back")
+        {
+            Assert.Equal(VmRunState.Running, src.State);
+            Assert.Equal(DeviceState.Running, dev.GetState());
+            long s0 = src.Vcpus[0].Slices;
+            TestVms.WaitUntil(() => src.Vcpus[0].Slices > s0 + 5);
+        }
+        else
+        {
+            Assert.Equal(VmRunState.Paused, src.State);
+            Assert.Equal(DeviceState.StopCopy, dev.GetState());
+            long s0 = src.Vcpus[0].Slices;
+            Thread.Sleep(50);
+            Assert.Equal(s0, src.Vcpus[0].Slices);
+            // The operator knows the target is gone: recover explicitly.
+            Assert.Null(MigrationRecovery.ResumeInDoubtSource(src));
+            Assert.Equal(DeviceState.Running, dev.GetState());
+            TestVms.WaitUntil(() => src.Vcpus[0].Slices > s0 + 5);
+        }
+        TestVms.PauseAndVerify(src);
+    }
+
+    [Fact]
+    public async Task Cancellation_DuringPreCopy_RollsBackAndTheTargetDiscards()
+    {
+        var log = new List<string>();
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.PreCopy, log, dmaGpa: 0x3000);
+        using var src = TestVms.Dirtier(32, "gpa=1M,size=4M,rate=20", [dev]);
+        var fill = Enumerable.Repeat((byte)0x11, (int)TestVms.MiB).ToArray();
+        for (ulong m = 8; m < 32; m++)
+        {
+            src.Memory.Write(m * TestVms.MiB, fill);
+        }
+        src.Start();
+        FakeDevice? t = null;
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), d => t = new FakeDevice(d.Name, d.MigrationFlags, []));
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(150));
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() =>
+            MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxBandwidth = 20L << 20 }, null, cts.Token));
+        Assert.Equal("rolled-back", e.Report.Outcome);
+        Assert.Contains("cancelled", e.Report.Error, StringComparison.Ordinal);
+        await Assert.ThrowsAsync<VmMigrationException>(() => target);
+        Assert.True(t!.Disposed);
+        Assert.Equal(VmRunState.Running, src.State);
+        Assert.Equal(DeviceState.Running, dev.GetState());
+        TestVms.PauseAndVerify(src);
+    }
+
+    /// <summary>A fake target's side of the handshake: reads the description and says yes.</summary>
+    private static (SectionReader Reader, SectionWriter Writer) AcceptHandshake(NetworkStream ns)
+    {
+        var r = new SectionReader(ns, 4 << 20);
+        r.ReadStreamHeader();
+        r.Expect(SectionType.VmDescription);
+        var w = new SectionWriter(ns);
+        w.WriteStreamHeader();
+        w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
+        w.Flush();
+        return (r, w);
     }
 
     private sealed class SyncProgress(List<MigrationProgress> sink) : IProgress<MigrationProgress>

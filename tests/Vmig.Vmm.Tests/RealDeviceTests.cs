@@ -1,10 +1,7 @@
 using System.Net;
 using System.Net.Sockets;
-using Vmig.Devices.Accelerator;
 using Vmig.Guest;
-using Vmig.Guest.Accelerator;
 using Vmig.Guest.Workloads;
-using Vmig.VfioUser.Server;
 using Vmig.Vmm;
 using Vmig.Vmm.Migration;
 
@@ -37,9 +34,7 @@ public sealed class RealDeviceTests : IDisposable
         MemorySize = 8 << 20,
         Vcpus = args.Length == 0 ? [] : [new VcpuConfig("accel-mix", args)],
         Programs = new GuestProgramRegistry().Add(AcceleratorJobMix.Factory).Add(MemoryDirtier.Factory),
-        SetupGuest = (env, resumed) => env.AddService("accel0", resumed
-            ? AcceleratorDriver.Attach(env.Memory, env.Functions["accel0"], 0x100000)
-            : AcceleratorDriver.Initialize(env.Memory, env.Functions["accel0"], 0x100000, 32)),
+        SetupGuest = GuestSetup.Accelerator("accel0", "accel0", 0x100000),
     };
 
     private static (ulong Iterations, ulong Ok, ulong Bad) PauseAndCount(Vm vm)
@@ -52,14 +47,8 @@ public sealed class RealDeviceTests : IDisposable
     [Fact]
     public async Task AcceleratorVfOverVfioUser_MigratesThereAndBack_JobsContinueWithoutErrors()
     {
-        using var pfA = new AcceleratorPf(2, AcceleratorProfile.Create(1 << 20, 64));
-        using var pfB = new AcceleratorPf(2, AcceleratorProfile.Create(1 << 20, 64));
-        pfA.EnableVfs(1);
-        pfB.EnableVfs(1);
-        using var serverA = new VfioUserServer(pfA.GetVf(0), Path.Combine(_dir, "a.sock"));
-        using var serverB = new VfioUserServer(pfB.GetVf(0), Path.Combine(_dir, "b.sock"));
-        serverA.Start();
-        serverB.Start();
+        using var serverA = TestVms.Accelerator(Path.Combine(_dir, "a.sock"));
+        using var serverB = TestVms.Accelerator(Path.Combine(_dir, "b.sock"));
 
         var vm = Vm.Create(Guest("device=accel0,gpa=0x300000,len=4096,regions=16"),
             [VfioUserVmDevice.Connect(serverA.SocketPath, "accel0", "accel", Profile)]);

@@ -147,19 +147,27 @@ public class StreamFormatTests
         src.Write(4096 * 3, new byte[] { 0xAB, 0xCD });
         src.Write(4096 * 5, Enumerable.Repeat((byte)7, 4096).ToArray());
         var buf = new byte[RamPages.MaxPayload];
-        int len = RamPages.Encode(src, 2, 0, 16, buf, out int zeros);
+        var scratch = new byte[256 * 4096];
+        int len = RamPages.Encode(src, 2, 0, 16, scratch, buf, out int zeros);
         Assert.Equal(14, zeros);
         // Two data pages + records for runs [0-2]z [3]d [4]z [5]d [6-15]z = 5 records.
         Assert.Equal(8 + (5 * 16) + (2 * 4096), len);
         var rounds = new PageRounds(dst.PageCount);
-        dst.GetHostSpan(0, 4096).Fill(0xEE); // stale content that a ZERO record must clear
+        // Round 1 wrote page 0 with data; round 2's ZERO record for it must clear it.
+        using (var earlier = GuestRam.Create(64 * 1024))
+        {
+            earlier.Write(0, Enumerable.Repeat((byte)0xEE, 4096).ToArray());
+            var b1 = new byte[RamPages.MaxPayload];
+            RamPages.Apply(dst, b1.AsSpan(0, RamPages.Encode(earlier, 1, 0, 1, scratch, b1, out _)), rounds);
+            Assert.Equal(0xEE, dst.GetHostSpan(0, 1)[0]);
+        }
         Assert.Equal(16, RamPages.Apply(dst, buf.AsSpan(0, len), rounds));
         Assert.True(src.GetHostSpan(0, 65536).SequenceEqual(dst.GetHostSpan(0, 65536)));
 
         // An older round arriving late (another connection) must not overwrite newer pages.
         using var old = GuestRam.Create(64 * 1024);
         old.Write(4096 * 5, Enumerable.Repeat((byte)1, 4096).ToArray());
-        int oldLen = RamPages.Encode(old, 1, 5, 1, buf, out _);
+        int oldLen = RamPages.Encode(old, 1, 5, 1, scratch, buf, out _);
         RamPages.Apply(dst, buf.AsSpan(0, oldLen), rounds);
         Assert.Equal(7, dst.GetHostSpan(4096 * 5, 1)[0]);
     }

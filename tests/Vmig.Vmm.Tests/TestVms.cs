@@ -1,6 +1,8 @@
 using System.Diagnostics;
+using Vmig.Devices.Accelerator;
 using Vmig.Guest;
 using Vmig.Guest.Workloads;
+using Vmig.VfioUser.Server;
 using Vmig.Vmm;
 
 namespace Vmig.Vmm.Tests;
@@ -41,5 +43,26 @@ internal static class TestVms
         Assert.Equal(0, MemoryDirtier.Verify(vm.Memory, regs));
         Assert.Null(vm.Vcpus[0].Fault);
         return MemoryDirtier.BytesWritten(regs);
+    }
+
+    /// <summary>One accelerator "host": a PF with 1 MiB of device memory per VF, VF 0 served over vfio-user at <paramref name="socket"/>.</summary>
+    public static AcceleratorHost Accelerator(string socket)
+    {
+        var pf = new AcceleratorPf(2, AcceleratorProfile.Create(1 << 20, 64));
+        pf.EnableVfs(1);
+        var server = new VfioUserServer(pf.GetVf(0), socket);
+        server.Start();
+        return new AcceleratorHost(pf, server);
+    }
+}
+
+internal sealed record AcceleratorHost(AcceleratorPf Pf, VfioUserServer Server) : IDisposable
+{
+    public string SocketPath => Server.SocketPath;
+
+    public void Dispose()
+    {
+        Server.Dispose();
+        Pf.Dispose();
     }
 }

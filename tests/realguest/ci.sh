@@ -4,7 +4,8 @@
 # against vmig within a total time budget, and prints one line:
 #     realguest: N passed, N failed, N skipped
 # Env: REALGUEST_BUDGET (seconds for everything, default 480), REALGUEST_PARTS (1, 2 or all; default all),
-#      REALGUEST_TARGET (vmig or qemu-nvme; default vmig), RG, RG_SID, VMIG (see run.sh).
+#      REALGUEST_TARGET (vmig or qemu-nvme; default vmig), PART1_TIMEOUT / PART2_TIMEOUT (guest limits, 240/180 s),
+#      and run.sh's: RG, RG_SID, VMIG, HOST_IMPL (standin = tests/realguest/host instead of `vmig host`).
 # Exit status: 0 nothing failed (a skip is printed with its reason, never hidden), 1 something failed or the
 # budget ran out.
 set -uo pipefail
@@ -16,8 +17,10 @@ TARGET=${REALGUEST_TARGET:-vmig}
 OUT=/tmp/realguest-out/ci-$(date -u +%Y%m%dT%H%M%S)-$$
 mkdir -p "$OUT"
 t0=$(date +%s)
-# Leave the guests at least ~3 minutes of the budget; the rest may go to building the harness.
+# Leave the guests at least ~3 minutes of the budget; the rest may go to building the harness. A healthy guest run
+# takes about a minute per part; a device that hangs Linux's probe is cut off by these per-part limits.
 build_budget=$(( BUDGET > 240 ? BUDGET - 180 : 60 ))
+export PART1_TIMEOUT=${PART1_TIMEOUT:-240} PART2_TIMEOUT=${PART2_TIMEOUT:-180}
 timeout -k 15 "$BUDGET" "$HERE/run.sh" --target "$TARGET" --part "$PARTS" --out "$OUT" \
   --build-timeout "$build_budget" 2>&1 | sed -u 's/^/  /'
 rc=${PIPESTATUS[0]}

@@ -33,24 +33,26 @@ PF_SOCK_NAME=nvme0-pf.sock              # host-only socket of the primary contro
 HOST_START_TIMEOUT=${HOST_START_TIMEOUT:-120}   # seconds for vmig host to listen (includes JIT start-up)
 # The device host's configuration. $1 = config file, $2 = run dir (sockets), $3 = namespace file.
 write_host_config() {
+  # vmig host's HostConfig (src/Vmig.Cli/Host/HostConfig.cs; unknown members are rejected): sockets are
+  # runtimeDir/<nvme name>-pf.sock and runtimeDir/<nvme name>-vf<i>.sock.
   cat > "$1" <<EOF
 {
-  "runDir": "$2",
-  "subsystems": [
+  "name": "realguest",
+  "runtimeDir": "$2",
+  "nvme": [
     {
       "name": "nvme0",
-      "kind": "nvme",
-      "nqn": "nqn.2026-11.io.vmig:realguest",
-      "serial": "VMIGRG0001",
-      "namespaces": [ { "nsid": 1, "file": "$3", "lbaSize": 512 } ],
-      "secondaryControllers": 1,
-      "pfSocket": "$PF_SOCK_NAME"${PCI_IDS_JSON:-}
+      "namespaces": [ { "path": "$3", "lbaSize": 512 } ],
+      "vfs": 1,
+      "queuesPerVf": 4,
+      "vectorsPerVf": 4${PCI_IDS_JSON:-}
     }
   ]
 }
 EOF
 }
-# Extra subsystem members, e.g. PCI_IDS_JSON=', "pfDeviceId": "10f0", "vfDeviceId": "10f1"' (the stand-in reads them).
+# Extra nvme members, e.g. PCI_IDS_JSON=', "pfDeviceId": "10f0", "vfDeviceId": "10f1"' (stand-in only: vmig host
+# rejects unknown members).
 vmig_host_cmd() { echo "$VMIG host --config $1"; }   # $1 = config file
 # ----------------------------------------------------------------------------------------------------
 
@@ -145,10 +147,8 @@ ensure_host_tools() {
   skip_all "cannot install ${missing[*]} with apt-get (package archive unreachable?)"
 }
 
-# ensure_guest CACHE SUITE: QEMU chroot in $RG/sid-root (shared), guest image in CACHE/image.
-ensure_guest() {
-  local cache=$1 suite=$2 stamp
-  stamp=$(stamp_of)
+# ensure_qemu: the QEMU 11.1 chroot in $RG/sid-root (shared by both guests).
+ensure_qemu() {
   if [ ! -x "$RG/sid-root/usr/bin/qemu-system-x86_64" ]; then
     ensure_host_tools
     archive_reachable sid || skip_all "Debian's archive ($MIRROR) is unreachable; no cached harness in $RG"
@@ -156,6 +156,12 @@ ensure_guest() {
     build_step sid-qemu "QEMU 11.1 chroot ($RG/sid-root)" sid env RG="$RG" "$HARNESS/setup-sid-qemu.sh" \
       || { rm -rf "$RG/sid-root"; return 1; }
   fi
+}
+
+# ensure_guest CACHE SUITE: the guest image in CACHE/image (rebuilt when the stamp changed).
+ensure_guest() {
+  local cache=$1 suite=$2 stamp
+  stamp=$(stamp_of)
   if [ ! -r "$cache/image/rootfs.img" ] || [ "$(cat "$cache/.rg-stamp" 2>/dev/null)" != "$stamp" ]; then
     ensure_host_tools
     [ -x "$cache/guest-root/usr/bin/fio" ] || {
@@ -175,11 +181,23 @@ ensure_host_tools
 NEED_SID=0; { [ "$PART" = 2 ] || [ "$PART" = all ]; } && NEED_SID=1
 NEED_BOOKWORM=0; { [ "$PART" = 1 ] || [ "$PART" = all ]; } && NEED_BOOKWORM=1
 T_BUILD0=$(date +%s)
-if [ $NEED_BOOKWORM = 1 ]; then
-  ensure_guest "$RG" bookworm || { result FAIL harness "building the bookworm guest failed (see $OUT/build-*.log)"; exit 1; }
-fi
+ensure_qemu || { result FAIL harness "building the QEMU chroot failed (see $OUT/build-sid-qemu.log)"; exit 1; }
+# The two guests are independent (mostly download + dpkg): build them side by side. A skip_all inside the
+# background job has already printed and recorded SKIPPED; its status 77 is passed on.
+SID_JOB=
 if [ $NEED_SID = 1 ]; then
-  ensure_guest "$RG_SID" sid || { result FAIL harness "building the sid guest failed (see $OUT/build-*.log)"; exit 1; }
+  if [ $NEED_BOOKWORM = 1 ]; then ( ensure_guest "$RG_SID" sid ) & SID_JOB=$!
+  else ensure_guest "$RG_SID" sid || { result FAIL harness "building the sid guest failed (see $OUT/build-*.log)"; exit 1; }
+  fi
+fi
+if [ $NEED_BOOKWORM = 1 ]; then
+  ensure_guest "$RG" bookworm || { [ -n "$SID_JOB" ] && wait "$SID_JOB"
+    result FAIL harness "building the bookworm guest failed (see $OUT/build-*.log)"; exit 1; }
+fi
+if [ -n "$SID_JOB" ]; then
+  wait "$SID_JOB"; rc=$?
+  [ $rc = $EXIT_SKIP ] && exit $EXIT_SKIP
+  [ $rc = 0 ] || { result FAIL harness "building the sid guest failed (see $OUT/build-*.log)"; exit 1; }
 fi
 flock -u 9
 say "harness ready in $(( $(date +%s) - T_BUILD0 ))s ($("$HARNESS/sid-chroot.sh" qemu-system-x86_64 --version 2>/dev/null | head -n1))"
@@ -195,7 +213,7 @@ explain_failures() {   # $1 = console log, $2 = part tag
     tr -d '\r' < "$log" | awk -v n="$n" '$0 ~ "^=== BEGIN "n"( |$)" {on=1} on {print} $0 ~ "^=== END "n" " {on=0}' | tail -n 60
   done
   echo "----- $2: kernel messages about NVMe / PCI / MSI from the serial console ($log)"
-  tr -d '\r' < "$log" | grep -aE '^\[ *[0-9]+\.[0-9]+\] .*(nvme|NVMe|vfio|msi|MSI|pci 0000:00:0[3-9]|AER|I/O error|timeout)' | awk '!seen[$0]++' | tail -n 80
+  tr -d '\r' < "$log" | grep -aE '^\[ *[0-9]+\.[0-9]+\] .*(nvme|NVMe|vfio|msi|MSI|pci 0000:00:0[2-9]|AER|I/O error|timeout)' | grep -av 'ommand line' | awk '!seen[$0]++' | tail -n 80
   [ -n "${HOST_LOG:-}" ] && [ -s "$HOST_LOG" ] && { echo "----- $2: vmig host log ($HOST_LOG), last lines"; tail -n 40 "$HOST_LOG"; }
   [ "$(wc -l < "$log.qemu")" -gt 1 ] && { echo "----- $2: QEMU stderr ($log.qemu)"; tail -n +2 "$log.qemu" | tail -n 20; }
   return 0
@@ -240,7 +258,24 @@ stop_host() {
   wait "$HOST_PID" 2>/dev/null; HOST_RC=$?
   HOST_PID=
 }
-trap 'stop_host' EXIT
+# run-guest.sh runs in its own session, in the background, so that a TERM (ci.sh's budget) interrupts `wait`
+# at once and takes QEMU down with it; then the EXIT trap stops vmig host.
+GUEST_PGID=
+guest_run() {   # guest_run STDERR_FILE RUN-GUEST-ARGS...
+  local err=$1; shift
+  setsid "$HARNESS/run-guest.sh" "$@" 2> "$err" &
+  GUEST_PGID=$!
+  wait "$GUEST_PGID"; local rc=$?
+  GUEST_PGID=
+  return $rc
+}
+on_exit() {
+  # GNU timeout (inside run-guest.sh) moves QEMU into a process group of its own, but it stays in our session.
+  [ -n "$GUEST_PGID" ] && kill -TERM $(ps -eo pid=,sid= | awk -v s="$GUEST_PGID" '$2==s {print $1}') 2>/dev/null
+  stop_host
+}
+trap on_exit EXIT
+trap 'echo "run.sh: interrupted"; exit 143' TERM INT
 
 resolve_vmig() {
   [ -n "$VMIG" ] && return 0
@@ -331,9 +366,9 @@ run_part1() {
   fi
   say "part 1: booting the guest ($desc)"
   local t0=$(date +%s)
-  RG=$RG "$HARNESS/run-guest.sh" "${args[@]}" --script "$(guest_script "$HERE/guest/part1-vf.sh")" \
+  RG=$RG guest_run "$OUT/part1-run-guest.err" "${args[@]}" --script "$(guest_script "$HERE/guest/part1-vf.sh")" \
     --env RUN_ID="$RUN_ID" --env PATTERNS="$PATTERNS" --env CHECKS="$CHECKS" \
-    --log "$log" --timeout "${PART1_TIMEOUT:-900}" 2> "$OUT/part1-run-guest.err"
+    --log "$log" --timeout "${PART1_TIMEOUT:-900}"
   grc=$?
   cat "$OUT/part1-run-guest.err"
   say "part 1: guest finished in $(( $(date +%s) - t0 ))s (script exit $grc)"
@@ -379,10 +414,10 @@ run_part2() {
   say "part 2: booting the sid guest ($desc)"
   local t0=$(date +%s)
   local sid_root=$RG/sid-root
-  RG=$RG_SID SID_ROOT=$sid_root "$HARNESS/run-guest.sh" "${args[@]}" \
+  RG=$RG_SID SID_ROOT=$sid_root guest_run "$OUT/part2-run-guest.err" "${args[@]}" \
     --script "$(guest_script "$HERE/guest/part2-lm.sh")" \
     --append nvme_core.multipath=N \
-    --env CHECKS="$CHECKS" --log "$log" --timeout "${PART2_TIMEOUT:-600}" 2> "$OUT/part2-run-guest.err"
+    --env CHECKS="$CHECKS" --log "$log" --timeout "${PART2_TIMEOUT:-600}"
   grc=$?
   cat "$OUT/part2-run-guest.err"
   say "part 2: guest finished in $(( $(date +%s) - t0 ))s (script exit $grc)"
@@ -392,7 +427,8 @@ run_part2() {
 }
 
 if [ "$TARGET" = vmig ]; then
-  resolve_vmig || skip_all "cannot build or find the vmig command (set VMIG)"
+  command -v dotnet >/dev/null || [ -n "$VMIG" ] || skip_all "no dotnet SDK on this machine and VMIG not set"
+  resolve_vmig || { result FAIL "host/build" "building the device host failed (see $OUT/build-*.log)"; exit 1; }
   if [ "$HOST_IMPL" != standin ]; then
     $VMIG host --help > "$OUT/vmig-host-help.txt" 2>&1
     grep -q -- '--config' "$OUT/vmig-host-help.txt" \

@@ -103,7 +103,10 @@ internal static class VmBuilder
             {
                 ulong size = SizeParser.Parse(w.Size ?? "16M", "workloads[memory-dirtier].size");
                 ulong gpa = Take(ref next, size, memory);
-                vcpus.Add(new VcpuConfig("memory-dirtier", string.Create(CultureInfo.InvariantCulture, $"gpa={gpa},size={size},rate={w.Rate ?? "0"}")));
+                // The dirtier's rate argument is in MiB/s; the config gives bytes/s with a suffix ("64M").
+                ulong rate = w.Rate is null ? 0 : SizeParser.Parse(w.Rate, "workloads[memory-dirtier].rate");
+                ulong mibPerSecond = rate == 0 ? 0 : Math.Max(1, rate >> 20);
+                vcpus.Add(new VcpuConfig("memory-dirtier", string.Create(CultureInfo.InvariantCulture, $"gpa={gpa},size={size},rate={mibPerSecond}")));
             }
             foreach (var w in cfg.Workloads.Where(w => w.Kind is not ("fio" or "memory-dirtier")))
             {

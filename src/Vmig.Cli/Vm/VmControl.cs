@@ -99,8 +99,15 @@ internal sealed class VmControl : IDisposable
                 answer = Error(e.Message);
             }
             await Send(writer, answer).ConfigureAwait(false);
+            if (Volatile.Read(ref _finishAfterReply))
+            {
+                // Only now: the process exits once Finished completes, and the requester must get its answer first.
+                _finished.TrySetResult();
+            }
         }
     }
+
+    private bool _finishAfterReply;
 
     private static Task Send(StreamWriter w, JsonObject o) => w.WriteLineAsync(o.ToJsonString());
 
@@ -110,7 +117,7 @@ internal sealed class VmControl : IDisposable
 
     private JsonObject Quit()
     {
-        _finished.TrySetResult();
+        Volatile.Write(ref _finishAfterReply, true);
         return Done(null);
     }
 
@@ -182,7 +189,7 @@ internal sealed class VmControl : IDisposable
         try
         {
             var report = await run.ConfigureAwait(false);
-            _finished.TrySetResult();
+            Volatile.Write(ref _finishAfterReply, true);
             return Done(JsonNode.Parse(report.ToJson()));
         }
         catch (VmMigrationException e)

@@ -57,9 +57,12 @@ public sealed partial class NvmeController
                 return DoorbellBufferConfig(in c);
             case NvmeAdminOpcode.NamespaceAttachment when IsPrimary:
                 return NamespaceAttachment(in c);
+            case NvmeAdminOpcode.NamespaceManagement when IsPrimary:
+                return NamespaceManagement(in c, out dw0);
             case NvmeAdminOpcode.VirtualizationManagement when IsPrimary:
                 return VirtualizationManagement(in c, out dw0);
-            case NvmeAdminOpcode.MigrationSend or NvmeAdminOpcode.MigrationReceive when IsPrimary:
+            case NvmeAdminOpcode.MigrationSend or NvmeAdminOpcode.MigrationReceive or NvmeAdminOpcode.TrackSend or NvmeAdminOpcode.TrackReceive
+                or NvmeAdminOpcode.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.Execute(this, in c, out dw0);
             default:
                 return NvmeStatus.InvalidOpcode;
@@ -422,6 +425,42 @@ public sealed partial class NvmeController
             case FeatureId.AsynchronousEventConfiguration:
                 s.AsyncEventConfig = c.Cdw11;
                 return NvmeStatus.Success;
+            case FeatureId.KeepAliveTimer:
+                // KATO in ms; recorded (Identify KAS = 0: this PCIe controller does not enforce a keep-alive timeout).
+                s.KeepAliveTimer = c.Cdw11;
+                return NvmeStatus.Success;
+            case FeatureId.PowerManagement:
+                // NPSS = 0: power state 0 is the only one (NVMe Base 2.0 §5.27.1.2).
+                if ((c.Cdw11 & 0x1F) != 0)
+                {
+                    return NvmeStatus.InvalidField;
+                }
+                s.PowerManagement = c.Cdw11 & 0xFF;
+                return NvmeStatus.Success;
+            case FeatureId.TemperatureThreshold:
+                return SetTemperatureThreshold(s, c.Cdw11);
+            case FeatureId.ErrorRecovery:
+                // DULBE needs deallocated-block errors (NSFEAT bit 2), which our namespaces do not report.
+                if ((c.Cdw11 & (1u << 16)) != 0)
+                {
+                    return NvmeStatus.InvalidField;
+                }
+                s.ErrorRecovery = c.Cdw11 & 0xFFFF;
+                return NvmeStatus.Success;
+            case FeatureId.InterruptVectorConfiguration:
+                {
+                    uint iv = c.Cdw11 & 0xFFFF;
+                    if (iv >= (uint)Math.Max(VectorResources, 1) || iv >= 64)
+                    {
+                        return NvmeStatus.InvalidField;
+                    }
+                    bool cd = (c.Cdw11 & (1u << 16)) != 0;
+                    s.CoalescingDisabledVectors = cd ? s.CoalescingDisabledVectors | (1UL << (int)iv) : s.CoalescingDisabledVectors & ~(1UL << (int)iv);
+                    return NvmeStatus.Success;
+                }
+            case FeatureId.WriteAtomicityNormal:
+                s.WriteAtomicityNormal = c.Cdw11 & 1;
+                return NvmeStatus.Success;
             case FeatureId.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.SetCdqFeature(in c);
             default:
@@ -446,7 +485,9 @@ public sealed partial class NvmeController
         {
             // Bit 2: changeable; nothing is saveable or namespace specific.
             dw0 = fid is FeatureId.Arbitration or FeatureId.VolatileWriteCache or FeatureId.NumberOfQueues
-                or FeatureId.InterruptCoalescing or FeatureId.AsynchronousEventConfiguration ? 4u : 0u;
+                or FeatureId.InterruptCoalescing or FeatureId.AsynchronousEventConfiguration or FeatureId.KeepAliveTimer
+                or FeatureId.PowerManagement or FeatureId.TemperatureThreshold or FeatureId.ErrorRecovery
+                or FeatureId.InterruptVectorConfiguration or FeatureId.WriteAtomicityNormal ? 4u : 0u;
             return dw0 != 0 ? NvmeStatus.Success : NvmeStatus.InvalidField;
         }
         if ((int)sel > 3)
@@ -471,11 +512,67 @@ public sealed partial class NvmeController
             case FeatureId.AsynchronousEventConfiguration:
                 dw0 = current ? s.AsyncEventConfig : 0;
                 return NvmeStatus.Success;
+            case FeatureId.KeepAliveTimer:
+                dw0 = current ? s.KeepAliveTimer : 0;
+                return NvmeStatus.Success;
+            case FeatureId.PowerManagement:
+                dw0 = current ? s.PowerManagement : 0;
+                return NvmeStatus.Success;
+            case FeatureId.TemperatureThreshold:
+                return GetTemperatureThreshold(s, c.Cdw11, current, out dw0);
+            case FeatureId.ErrorRecovery:
+                dw0 = current ? s.ErrorRecovery : 0;
+                return NvmeStatus.Success;
+            case FeatureId.InterruptVectorConfiguration:
+                {
+                    uint iv = c.Cdw11 & 0xFFFF;
+                    if (iv >= (uint)Math.Max(VectorResources, 1) || iv >= 64)
+                    {
+                        return NvmeStatus.InvalidField;
+                    }
+                    dw0 = iv | (current && (s.CoalescingDisabledVectors & (1UL << (int)iv)) != 0 ? 1u << 16 : 0);
+                    return NvmeStatus.Success;
+                }
+            case FeatureId.WriteAtomicityNormal:
+                dw0 = current ? s.WriteAtomicityNormal : 0;
+                return NvmeStatus.Success;
             case FeatureId.ControllerDataQueue when IsPrimary:
                 return _subsystem.Migration.GetCdqFeature(this, in c, out dw0);
             default:
                 return NvmeStatus.InvalidField;
         }
+    }
+
+    // Temperature Threshold CDW11 (NVMe Base 2.0 §5.27.1.4): TMPTH [15:0] kelvin, TMPSEL [19:16] (0 = composite;
+    // sensors 1-8 are not implemented → Invalid Field), THSEL [21:20] (0 over, 1 under).
+    private static NvmeStatus SetTemperatureThreshold(NvmeControllerState s, uint cdw11)
+    {
+        uint sel = (cdw11 >> 16) & 0xF, th = (cdw11 >> 20) & 3;
+        if (sel != 0 || th > 1)
+        {
+            return NvmeStatus.InvalidField;
+        }
+        if (th == 0)
+        {
+            s.OverTemperatureThreshold = (ushort)cdw11;
+        }
+        else
+        {
+            s.UnderTemperatureThreshold = (ushort)cdw11;
+        }
+        return NvmeStatus.Success;
+    }
+
+    private static NvmeStatus GetTemperatureThreshold(NvmeControllerState s, uint cdw11, bool current, out uint dw0)
+    {
+        dw0 = 0;
+        uint sel = (cdw11 >> 16) & 0xF, th = (cdw11 >> 20) & 3;
+        if (sel != 0 || th > 1)
+        {
+            return NvmeStatus.InvalidField;
+        }
+        dw0 = th == 0 ? (current ? s.OverTemperatureThreshold : NvmeControllerState.DefaultOverTemperature) : (current ? s.UnderTemperatureThreshold : 0u);
+        return NvmeStatus.Success;
     }
 
     // ---- log pages ----
@@ -589,6 +686,48 @@ public sealed partial class NvmeController
             return NvmeStatus.ControllerListInvalid;
         }
         return sel == 0 ? _subsystem.AttachNamespace(c.Nsid, ids) : _subsystem.DetachNamespace(c.Nsid, ids);
+    }
+
+    /// <summary>
+    /// Namespace Management (0Dh): SEL 0 create from the host's Identify Namespace data (NSZE, FLBAS; DW0 = new NSID),
+    /// SEL 1 delete NSID (0xFFFFFFFF = all).
+    /// </summary>
+    private NvmeStatus NamespaceManagement(in SubmissionQueueEntry c, out uint dw0)
+    {
+        dw0 = 0;
+        switch (c.Cdw10 & 0xF)
+        {
+            case 0:
+                {
+                    byte[] data = new byte[IdentifyNamespace.Size];
+                    var st = FromHost(in c, data);
+                    if (!st.IsSuccess)
+                    {
+                        return st;
+                    }
+                    Vmig.Spec.Nvme.IdentifyNamespace.TryRead(data, out var want);
+                    int fmt = want.Flbas & 0xF;
+                    if (fmt >= NvmeNamespace.LbaFormats.Count)
+                    {
+                        return new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true); // Invalid Format
+                    }
+                    st = _subsystem.CreateNamespace(want.Nsze, NvmeNamespace.LbaFormats[fmt].DataSize, out uint nsid);
+                    dw0 = nsid;
+                    return st;
+                }
+            case 1:
+                if (c.Nsid == 0xFFFFFFFF)
+                {
+                    foreach (uint id in _subsystem.NamespaceIds())
+                    {
+                        _subsystem.DeleteNamespace(id);
+                    }
+                    return NvmeStatus.Success;
+                }
+                return _subsystem.DeleteNamespace(c.Nsid);
+            default:
+                return NvmeStatus.InvalidField;
+        }
     }
 
     private NvmeStatus VirtualizationManagement(in SubmissionQueueEntry c, out uint dw0)

@@ -37,6 +37,7 @@ public sealed partial class NvmeController
         if (op == NvmeIoOpcode.WriteZeroes)
         {
             ns.WriteZeroes(slba, nlb);
+            LogUserDataChange(ns.Nsid, slba, nlb);
             s.HostWriteCommands++;
             s.BlocksWritten512 += nlb * (ulong)ns.LbaSize / 512;
             return NvmeStatus.Success;
@@ -73,6 +74,7 @@ public sealed partial class NvmeController
                         return NvmeStatus.DataTransferError;
                     }
                     ns.Write(slba, data);
+                    LogUserDataChange(ns.Nsid, slba, nlb);
                     bool fua = (c.Cdw12 & (1u << 30)) != 0;
                     if (fua || !s.VolatileWriteCacheEnabled)
                     {
@@ -102,6 +104,15 @@ public sealed partial class NvmeController
         finally
         {
             ArrayPool<byte>.Shared.Return(buf);
+        }
+    }
+
+    /// <summary>Storage pre-copy: tell the primary's Controller Data Queues (if logging for us) which blocks changed.</summary>
+    private void LogUserDataChange(uint nsid, ulong slba, ulong nlb)
+    {
+        if (!IsPrimary)
+        {
+            _subsystem.Migration.DataQueues.LogChange(Cntlid, nsid, slba, nlb);
         }
     }
 
@@ -151,6 +162,7 @@ public sealed partial class NvmeController
             if (r.Nlb != 0)
             {
                 ns.WriteZeroes(r.Slba, r.Nlb);
+                LogUserDataChange(ns.Nsid, r.Slba, r.Nlb);
             }
         }
         return NvmeStatus.Success;

@@ -106,7 +106,23 @@ public sealed partial class NvmeController
         {
             WriteEventIdx(armed: true);
         }
+        // EventIdx store before the shadow loads (the host does the mirror image: shadow store, fence, EventIdx load),
+        // so one side always sees the other's update.
+        Interlocked.MemoryBarrier();
         return PollShadow();
+    }
+
+    /// <summary>An unexpected failure on the poller thread: the controller reports CSTS.CFS and the host resets it.</summary>
+    private void FailFromPoller(ShadowDoorbellPoller failed)
+    {
+        lock (_gate)
+        {
+            State.Csts |= ControllerStatus.Cfs;
+            if (_poller == failed)
+            {
+                _poller = null;
+            }
+        }
     }
 
     private void StartPollerLocked()
@@ -174,6 +190,20 @@ public sealed partial class NvmeController
         }
 
         private void Run()
+        {
+            try
+            {
+                Loop();
+            }
+#pragma warning disable CA1031 // a device thread must not take the device host down; the controller fails instead
+            catch (Exception)
+#pragma warning restore CA1031
+            {
+                _owner.FailFromPoller(this);
+            }
+        }
+
+        private void Loop()
         {
             int idle = 0;
             while (!_stop)

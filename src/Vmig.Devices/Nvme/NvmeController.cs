@@ -439,10 +439,15 @@ public sealed partial class NvmeController : IDisposable
                 status = ExecuteIo(in sqe, out dw0);
             }
         }
-        catch (IOException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             // The backing file failed (EIO, ENOSPC): the host sees an internal error; the device host carries on.
             status = NvmeStatus.InternalError;
+        }
+        catch (ObjectDisposedException)
+        {
+            // The namespace was deleted by the primary while this command was running.
+            status = NvmeStatus.InvalidNamespaceOrFormat;
         }
         if (!status.IsSuccess)
         {
@@ -580,6 +585,12 @@ public sealed partial class NvmeController : IDisposable
 /// <summary>Migration hooks used by <see cref="NvmeMigrationController"/> (primary-driven, never by the secondary's own host).</summary>
 public sealed partial class NvmeController
 {
+    /// <summary>
+    /// Writes this controller's host memory outside a command (the primary posting Controller Data Queue entries).
+    /// False if no host is attached or the address is outside its DMA windows.
+    /// </summary>
+    internal bool TryWriteHost(ulong address, ReadOnlySpan<byte> data) => Volatile.Read(ref _dma)?.TryWrite(address, data) ?? false;
+
     internal NvmeStatus Suspend()
     {
         lock (_gate)

@@ -90,6 +90,25 @@ public sealed class NvmeControllerState
     public uint AsyncEventConfig { get; set; }
     public uint KeepAliveTimer { get; set; }
 
+    /// <summary>Power Management (FID 02h) CDW11: PS [4:0] (only power state 0 exists, NPSS = 0), WH [7:5].</summary>
+    public uint PowerManagement { get; set; }
+
+    /// <summary>Temperature Threshold (FID 04h) of the composite sensor in kelvin: over (THSEL 0) and under (THSEL 1).</summary>
+    public ushort OverTemperatureThreshold { get; set; } = DefaultOverTemperature;
+    public ushort UnderTemperatureThreshold { get; set; }
+
+    /// <summary>Error Recovery (FID 05h) CDW11: TLER [15:0], DULBE bit 16.</summary>
+    public uint ErrorRecovery { get; set; }
+
+    /// <summary>Write Atomicity Normal (FID 0Ah) CDW11: DN bit 0.</summary>
+    public uint WriteAtomicityNormal { get; set; }
+
+    /// <summary>Interrupt Vector Configuration (FID 09h): CD (coalescing disable) per vector, bit n = vector n (0..63).</summary>
+    public ulong CoalescingDisabledVectors { get; set; }
+
+    /// <summary>Composite over-temperature threshold at reset: 358 K (85 °C), above the 273+28 K the SMART log reports.</summary>
+    public const ushort DefaultOverTemperature = 358;
+
     /// <summary>CIDs of outstanding Asynchronous Event Request commands, oldest first.</summary>
     public List<ushort> OutstandingAers { get; } = [];
 
@@ -140,6 +159,12 @@ public sealed class NvmeControllerState
         VolatileWriteCacheEnabled = true;
         AsyncEventConfig = 0;
         KeepAliveTimer = 0;
+        PowerManagement = 0;
+        OverTemperatureThreshold = DefaultOverTemperature;
+        UnderTemperatureThreshold = 0;
+        ErrorRecovery = 0;
+        WriteAtomicityNormal = 0;
+        CoalescingDisabledVectors = 0;
         OutstandingAers.Clear();
         PendingEvents.Clear();
         MaskedEventTypes = 0;

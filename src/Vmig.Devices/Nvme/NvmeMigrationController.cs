@@ -1,4 +1,6 @@
 using Vmig.Spec.Nvme;
+using Vmig.VfioUser.Protocol;
+using Vmig.VfioUser.Server;
 
 namespace Vmig.Devices.Nvme;
 
@@ -17,7 +19,13 @@ public sealed class NvmeMigrationController
     private readonly Dictionary<ushort, byte[]> _saved = [];
     private readonly Dictionary<ushort, MemoryStream> _incoming = [];
 
-    internal NvmeMigrationController(NvmeSubsystem subsystem) => _subsystem = subsystem;
+    internal NvmeMigrationController(NvmeSubsystem subsystem)
+    {
+        _subsystem = subsystem;
+        DataQueues = new ControllerDataQueues(subsystem);
+    }
+
+    internal ControllerDataQueues DataQueues { get; }
 
     /// <summary>The profile a target must match: resources, MQES and the namespaces attached to <paramref name="cntlid"/>.</summary>
     public NvmeMigrationProfile ProfileOf(ushort cntlid)
@@ -136,6 +144,96 @@ public sealed class NvmeMigrationController
         return c.ReplaceState(loaded);
     }
 
+    // ---- memory-change tracking (Track Send / Track Receive, SEL 1 "Track Memory Changes") ----
+
+    /// <summary>Tracking granule: 4 KiB pages (RPMPG 0).</summary>
+    public const int TrackPageSize = 4096;
+
+    private DmaSpace? TrackedDma(ushort cntlid, out NvmeStatus status)
+    {
+        status = NvmeStatus.Success;
+        var f = _subsystem.GetSecondary(cntlid) is null ? null : _subsystem.SecondaryFunction(cntlid);
+        if (f is null)
+        {
+            status = NvmeStatus.InvalidControllerIdentifier;
+            return null;
+        }
+        // The host memory the secondary writes is its vfio-user client's DMA space; tracking uses its write log.
+        if (f.Context?.Dma is not DmaSpace dma)
+        {
+            status = NvmeStatus.CommandSequenceError;
+            return null;
+        }
+        return dma;
+    }
+
+    /// <summary>
+    /// Track Send / Track Memory Changes: start (true) or stop logging the host-memory pages secondary
+    /// <paramref name="cntlid"/> writes. Statuses: Invalid Controller Identifier, Command Sequence Error (no host
+    /// memory attached, already started, or not started).
+    /// </summary>
+    public NvmeStatus TrackMemoryChanges(ushort cntlid, bool start)
+    {
+        var dma = TrackedDma(cntlid, out var st);
+        if (dma is null)
+        {
+            return st;
+        }
+        int rc = start ? dma.StartLogging(TrackPageSize) : dma.StopLogging();
+        return rc == 0 ? NvmeStatus.Success : NvmeStatus.CommandSequenceError;
+    }
+
+    /// <summary>
+    /// Track Receive: reads and clears the pages secondary <paramref name="cntlid"/> wrote since the last call, as runs
+    /// of <see cref="TrackPageSize"/> pages, at most <paramref name="maxRuns"/> (the rest stay logged; <c>more</c> says so).
+    /// </summary>
+    public NvmeStatus ReceiveTrackedChanges(ushort cntlid, int maxRuns, List<TrackedMemoryChange> runs, out bool more)
+    {
+        ArgumentNullException.ThrowIfNull(runs);
+        more = false;
+        var dma = TrackedDma(cntlid, out var st);
+        if (dma is null)
+        {
+            return st;
+        }
+        if (!dma.IsLogging)
+        {
+            return NvmeStatus.CommandSequenceError;
+        }
+        foreach (var w in dma.Windows)
+        {
+            ulong pages = (w.Size + TrackPageSize - 1) / TrackPageSize;
+            var bitmap = new ulong[(pages + 63) / 64];
+            if (dma.Report(w.Iova, pages * TrackPageSize, TrackPageSize, bitmap) != 0)
+            {
+                continue;
+            }
+            ulong p = 0;
+            while (p < pages)
+            {
+                if ((bitmap[p >> 6] & (1UL << (int)(p & 63))) == 0)
+                {
+                    p++;
+                    continue;
+                }
+                ulong startPage = p;
+                while (p < pages && (bitmap[p >> 6] & (1UL << (int)(p & 63))) != 0 && p - startPage < uint.MaxValue)
+                {
+                    p++;
+                }
+                if (runs.Count == maxRuns)
+                {
+                    // Out of room: put the run back so the next Track Receive reports it.
+                    dma.MarkDirty(w.Iova + (startPage * TrackPageSize), (p - startPage) * TrackPageSize);
+                    more = true;
+                    continue;
+                }
+                runs.Add(new TrackedMemoryChange(w.Iova + (startPage * TrackPageSize), (uint)(p - startPage)));
+            }
+        }
+        return NvmeStatus.Success;
+    }
+
     // ---- admin command forms (primary's admin queue) ----
 
     internal NvmeStatus Execute(NvmeController primary, in SubmissionQueueEntry c, out uint dw0)
@@ -143,12 +241,42 @@ public sealed class NvmeMigrationController
         dw0 = 0;
         byte sel = (byte)c.Cdw10;
         ushort cntlid = (ushort)c.Cdw11;
+        if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.ControllerDataQueue)
+        {
+            return DataQueues.Execute(primary, in c, out dw0);
+        }
+        if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.TrackSend && (TrackSendSelect)sel == TrackSendSelect.LogUserDataChanges)
+        {
+            return DataQueues.TrackUserData(primary, in c);
+        }
+        if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.TrackSend)
+        {
+            // SEL 1 Track Memory Changes: TACT = MOS[3:0] (0 stop, 1 start), CNTLID in CDW11[15:0]; MRTG in DW0 = RPMPG.
+            int tact = (int)(c.Cdw10 >> 16) & 0xF;
+            if ((TrackSendSelect)sel != TrackSendSelect.TrackMemoryChanges || tact > 1)
+            {
+                return NvmeStatus.InvalidField;
+            }
+            return TrackMemoryChanges(cntlid, tact == 1);
+        }
+        if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.TrackReceive)
+        {
+            return TrackReceiveCommand(primary, in c, cntlid);
+        }
         if ((NvmeAdminOpcode)c.Opcode == NvmeAdminOpcode.MigrationSend)
         {
             switch ((MigrationSendSelect)sel)
             {
                 case MigrationSendSelect.Suspend:
-                    return Suspend(cntlid, (SuspendType)(byte)(c.Cdw11 >> 16));
+                    {
+                        var st = Suspend(cntlid, (SuspendType)(byte)(c.Cdw11 >> 16));
+                        if (st.IsSuccess && (SuspendType)(byte)(c.Cdw11 >> 16) == SuspendType.Suspend)
+                        {
+                            // DUDMQ (CDW11 bit 31): delete the user data migration queues of this controller.
+                            DataQueues.OnSuspend(cntlid, deleteQueues: (c.Cdw11 & (1u << 31)) != 0);
+                        }
+                        return st;
+                    }
                 case MigrationSendSelect.Resume:
                     return Resume(cntlid);
                 case MigrationSendSelect.SetControllerState:
@@ -162,6 +290,33 @@ public sealed class NvmeMigrationController
             return NvmeStatus.InvalidField;
         }
         return GetStateChunk(primary, in c, cntlid, out dw0);
+    }
+
+    /// <summary>
+    /// Track Receive (SEL 0 = tracked memory changes): CDW11[15:0] CNTLID, CDW15 NUMD (0's based dwords) of the host
+    /// buffer, which gets a <see cref="TrackedMemoryChangesHeader"/> and as many descriptors as fit (ATTRB bit 0 = more).
+    /// </summary>
+    private NvmeStatus TrackReceiveCommand(NvmeController primary, in SubmissionQueueEntry c, ushort cntlid)
+    {
+        long len = ((long)c.Cdw15 + 1) * 4;
+        if ((byte)c.Cdw10 != 0 || len < TrackedMemoryChangesHeader.Size || len > NvmeController.MaxTransferBytes)
+        {
+            return NvmeStatus.InvalidField;
+        }
+        int maxRuns = (int)((len - TrackedMemoryChangesHeader.Size) / TrackedMemoryChange.Size);
+        var runs = new List<TrackedMemoryChange>();
+        var st = ReceiveTrackedChanges(cntlid, maxRuns, runs, out bool more);
+        if (!st.IsSuccess)
+        {
+            return st;
+        }
+        byte[] buf = new byte[len];
+        new TrackedMemoryChangesHeader(0, (byte)(more ? 1 : 0), cntlid, (uint)runs.Count, 0).WriteTo(buf);
+        for (int i = 0; i < runs.Count; i++)
+        {
+            runs[i].WriteTo(buf.AsSpan(TrackedMemoryChangesHeader.Size + (i * TrackedMemoryChange.Size)));
+        }
+        return primary.ToHost(in c, buf);
     }
 
     /// <summary>
@@ -264,13 +419,9 @@ public sealed class NvmeMigrationController
         return SetControllerState(cntlid, whole.AsSpan(0, (int)size), out _);
     }
 
-    internal NvmeStatus SetCdqFeature(in SubmissionQueueEntry c) => NvmeStatus.InvalidField;
+    internal NvmeStatus SetCdqFeature(in SubmissionQueueEntry c) => DataQueues.SetFeature(in c);
 
-    internal NvmeStatus GetCdqFeature(NvmeController primary, in SubmissionQueueEntry c, out uint dw0)
-    {
-        dw0 = 0;
-        return NvmeStatus.InvalidField;
-    }
+    internal NvmeStatus GetCdqFeature(NvmeController primary, in SubmissionQueueEntry c, out uint dw0) => DataQueues.GetFeature(primary, in c, out dw0);
 
     /// <summary>Identify CNS 20h: NV = 1 (NVMe-defined format version 0), NUUID = 0. Vendor state rides inside that format.</summary>
     internal static void WriteSupportedFormats(Span<byte> page)

@@ -121,7 +121,7 @@ public sealed record NvmeMigrationProfile(ushort QueueResources, ushort VectorRe
 public static class NvmeStateCodec
 {
     public const uint VendorMagic = 0x53564E56; // "VNVS"
-    public const ushort VendorVersion = 1;
+    public const ushort VendorVersion = 2;
 
     /// <summary>Largest state accepted (bounded before any allocation).</summary>
     public const int MaxStateBytes = 256 * 1024;
@@ -186,6 +186,12 @@ public static class NvmeStateCodec
         w.U32(s.InterruptCoalescing);
         w.U32(s.AsyncEventConfig);
         w.U32(s.KeepAliveTimer);
+        w.U32(s.PowerManagement);
+        w.U16(s.OverTemperatureThreshold);
+        w.U16(s.UnderTemperatureThreshold);
+        w.U32(s.ErrorRecovery);
+        w.U32(s.WriteAtomicityNormal);
+        w.U64(s.CoalescingDisabledVectors);
         w.U8(s.MaskedEventTypes);
         w.U16((ushort)s.OutstandingAers.Count);
         foreach (ushort cid in s.OutstandingAers)
@@ -297,7 +303,9 @@ public static class NvmeStateCodec
             & r.U8(out byte cqPresent) & r.U64(out ulong cqBase) & r.U16(out ushort cqEntries) & r.U16(out ushort cqHead) & r.U16(out ushort cqTail)
             & r.U8(out byte cqPhase) & r.U8(out byte cqIen) & r.U16(out ushort cqVector)
             & r.U16(out ushort nsqa) & r.U16(out ushort ncqa) & r.U8(out byte locked) & r.U8(out byte vwc)
-            & r.U32(out uint arb) & r.U32(out uint coal) & r.U32(out uint aec) & r.U32(out uint kato) & r.U8(out byte masked)
+            & r.U32(out uint arb) & r.U32(out uint coal) & r.U32(out uint aec) & r.U32(out uint kato)
+            & r.U32(out uint pm) & r.U16(out ushort overTemp) & r.U16(out ushort underTemp) & r.U32(out uint errRec) & r.U32(out uint wan) & r.U64(out ulong cdVectors)
+            & r.U8(out byte masked)
             & r.U16(out ushort naers);
         if (!ok || naers > NvmeController.Aerl + 1)
         {
@@ -405,6 +413,12 @@ public static class NvmeStateCodec
         s.InterruptCoalescing = coal;
         s.AsyncEventConfig = aec;
         s.KeepAliveTimer = kato;
+        s.PowerManagement = pm;
+        s.OverTemperatureThreshold = overTemp;
+        s.UnderTemperatureThreshold = underTemp;
+        s.ErrorRecovery = errRec;
+        s.WriteAtomicityNormal = wan;
+        s.CoalescingDisabledVectors = cdVectors;
         s.MaskedEventTypes = masked;
         s.ShadowDoorbellBase = dbs;
         s.EventIdxBase = eis;

@@ -12,10 +12,13 @@ public sealed record NvmeSubsystemOptions
     /// <summary>PCI vendor id, also Identify VID/SSVID (0x1B36 = Red Hat's id used by QEMU's emulated devices; pick yours).</summary>
     public ushort VendorId { get; init; } = 0x1B36;
 
-    /// <summary>PCI device id of the PF; VFs use <see cref="VfDeviceId"/>.</summary>
-    public ushort DeviceId { get; init; } = 0x0010;
+    /// <summary>PCI device id of the PF; VFs use <see cref="VfDeviceId"/>. Ids no Linux driver lists, so the class code
+    /// (01/08/02) binds the nvme driver without quirks: 1B36:0010 is QEMU's NVMe (Linux applies its quirks) and
+    /// 1B36:0011 is QEMU's pvpanic, which Linux bound to our VFs instead of nvme (docs/realguest.md).</summary>
+    public ushort DeviceId { get; init; } = 0x5A10;
 
-    public ushort VfDeviceId { get; init; } = 0x0011;
+    /// <summary>PCI device id of the VFs (SR-IOV VF Device ID).</summary>
+    public ushort VfDeviceId { get; init; } = 0x5A11;
 
     public string SerialNumber { get; init; } = "VMIG-NVME-0001";
     public string ModelNumber { get; init; } = "vmig emulated NVMe";
@@ -35,6 +38,12 @@ public sealed record NvmeSubsystemOptions
     /// <summary>VQFRSM / VIFRSM: most flexible queue / vector resources one secondary may get.</summary>
     public ushort MaxQueuesPerSecondary { get; init; } = 9;
     public ushort MaxVectorsPerSecondary { get; init; } = 9;
+
+    /// <summary>
+    /// Where Namespace Management (admin 0Dh) creates image files ("nsN.img"); null = creation by admin command is
+    /// refused with Invalid Field (namespaces then come only from <see cref="NvmeSubsystem.AddNamespace"/>).
+    /// </summary>
+    public string? NamespaceDirectory { get; init; }
 
     /// <summary>VQFRT / VIFRT: flexible resources in total (default: enough for every secondary at its maximum).</summary>
     public uint? FlexibleQueuesTotal { get; init; }
@@ -97,6 +106,8 @@ public sealed class NvmeSubsystem : IDisposable
     /// or null while that VF is not enabled (see <see cref="VfEnableChanged"/>).
     /// </summary>
     public NvmeFunction? GetVfFunction(int vfIndex) => vfIndex >= 0 && vfIndex < EnabledVfs ? _vfFunctions[vfIndex] : null;
+
+    internal NvmeFunction? SecondaryFunction(ushort cntlid) => cntlid is >= 1 && cntlid <= _vfFunctions.Length ? _vfFunctions[cntlid - 1] : null;
 
     /// <summary>
     /// What a host PF driver does to create <paramref name="count"/> VFs: clear VF Enable if set, write NumVFs, set
@@ -195,6 +206,97 @@ public sealed class NvmeSubsystem : IDisposable
         }
     }
 
+    private readonly HashSet<uint> _createdByCommand = [];
+
+    /// <summary>
+    /// Namespace Management create (SEL 0): a new namespace of <paramref name="blocks"/> blocks of
+    /// <paramref name="lbaSize"/> bytes on a sparse file in <see cref="NvmeSubsystemOptions.NamespaceDirectory"/>.
+    /// Returns the NSID in <paramref name="nsid"/>. Statuses: Invalid Field (no directory, bad size), Invalid Format
+    /// (LBA format not offered), Namespace Identifier Unavailable when all NSIDs are in use.
+    /// </summary>
+    public NvmeStatus CreateNamespace(ulong blocks, int lbaSize, out uint nsid)
+    {
+        nsid = 0;
+        string? dir = Options.NamespaceDirectory;
+        if (dir is null || blocks == 0 || blocks > (ulong)long.MaxValue / 4096)
+        {
+            return NvmeStatus.InvalidField;
+        }
+        if (lbaSize is not (512 or 4096))
+        {
+            return new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true); // Invalid Format
+        }
+        lock (_gate)
+        {
+            uint id = 0;
+            for (uint i = 1; i <= MaxNamespaces && id == 0; i++)
+            {
+                id = _namespaces.ContainsKey(i) ? 0 : i;
+            }
+            if (id == 0)
+            {
+                return new NvmeStatus(StatusCodeType.CommandSpecific, 0x16, Dnr: true); // Namespace Identifier Unavailable
+            }
+            string path = Path.Combine(dir, $"ns{id}.img");
+            try
+            {
+                Directory.CreateDirectory(dir);
+                using (var f = new FileStream(path, FileMode.CreateNew, FileAccess.Write))
+                {
+                    f.SetLength((long)blocks * lbaSize);
+                }
+                _namespaces[id] = NvmeNamespace.Open(id, path, lbaSize);
+            }
+            catch (IOException)
+            {
+                return NvmeStatus.InternalError;
+            }
+            catch (UnauthorizedAccessException)
+            {
+                return NvmeStatus.InternalError;
+            }
+            _attached[id] = [];
+            _createdByCommand.Add(id);
+            nsid = id;
+            return NvmeStatus.Success;
+        }
+    }
+
+    /// <summary>
+    /// Namespace Management delete (SEL 1): detaches <paramref name="nsid"/> from every controller and removes it; the
+    /// image file is deleted only if Namespace Management created it. Invalid Namespace or Format if unknown.
+    /// </summary>
+    public NvmeStatus DeleteNamespace(uint nsid)
+    {
+        ushort[] had;
+        lock (_gate)
+        {
+            if (!_namespaces.TryGetValue(nsid, out _))
+            {
+                return NvmeStatus.InvalidNamespaceOrFormat;
+            }
+            had = [.. _attached[nsid]];
+        }
+        if (had.Length > 0)
+        {
+            DetachNamespace(nsid, had);
+        }
+        lock (_gate)
+        {
+            if (!_namespaces.Remove(nsid, out var ns))
+            {
+                return NvmeStatus.InvalidNamespaceOrFormat;
+            }
+            _attached.Remove(nsid);
+            ns.Dispose();
+            if (_createdByCommand.Remove(nsid))
+            {
+                File.Delete(ns.Path);
+            }
+            return NvmeStatus.Success;
+        }
+    }
+
     /// <summary>The namespace with <paramref name="nsid"/>, attached or not, or null.</summary>
     public NvmeNamespace? GetNamespace(uint nsid)
     {
@@ -217,6 +319,15 @@ public sealed class NvmeSubsystem : IDisposable
         lock (_gate)
         {
             return _attached.TryGetValue(nsid, out var set) && set.Count > 1;
+        }
+    }
+
+    /// <summary>All NSIDs, ascending.</summary>
+    public IReadOnlyList<uint> NamespaceIds()
+    {
+        lock (_gate)
+        {
+            return [.. _namespaces.Keys.Order()];
         }
     }
 

@@ -244,6 +244,15 @@ public abstract class PciFunction : VfioUserDevice
     /// <summary>DEVICE_RESET: the same reset as an FLR.</summary>
     public sealed override void Reset() => FunctionLevelReset();
 
+    /// <summary>Refuses a client's DEVICE_RESET of a PF with VFs (EBUSY).</summary>
+    /// <remarks>
+    /// A client's DEVICE_RESET of a PF whose VFs are enabled is refused with EBUSY: an FLR clears VF Enable (SR-IOV
+    /// 1.1 §3.3.3.1) and would tear down every VF other VMs are using (QEMU resets every vfio-user device it
+    /// attaches, so merely attaching the host-only PF socket did that). Disable SR-IOV first, or FLR through the
+    /// PCIe Device Control register, which stays exactly as the spec says.
+    /// </remarks>
+    public override int PrepareReset() => Declaration.Sriov is not null && SriovSettings.VfEnable ? 16 /* EBUSY */ : 0;
+
     /// <summary>
     /// Resets the function: config space to its power-on image (BARs, command, MSI-X enable, VF Enable cleared), all
     /// MSI-X vectors masked, PBA cleared; then <see cref="OnFunctionReset"/>, then <see cref="SriovChanged"/> if VFs went away.
@@ -276,9 +285,8 @@ public abstract class PciFunction : VfioUserDevice
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(vector, m?.VectorCount ?? 0);
         lock (_lock)
         {
-            if (CanDeliverLocked(vector) && Context is { } ctx)
+            if (CanDeliverLocked(vector) && Context is { } ctx && ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, vector))
             {
-                ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, vector);
                 return true;
             }
             _pba[vector >> 6] |= 1UL << (vector & 63);
@@ -647,11 +655,19 @@ public abstract class PciFunction : VfioUserDevice
         DeliverPendingLocked();
     }
 
+    /// <remarks>
+    /// The per-vector mask bits of our own MSI-X table do not gate delivery. Under VFIO the VMM virtualizes the
+    /// MSI-X table (QEMU's vfio-user-pci arms vectors with DEVICE_SET_IRQS and never writes the device's table, whose
+    /// mask bits therefore stay at their reset value, masked: PCI 3.0 §6.8.2.9); the host side keeps assigned vectors
+    /// unmasked, as vfio-pci does with the real table. So a vector is delivered when MSI-X is enabled, the function
+    /// is not masked, and the client armed it (an eventfd in the IRQ table); otherwise it is left pending in the PBA.
+    /// Found by Linux's nvme driver through QEMU (docs/realguest.md).
+    /// </remarks>
     private bool CanDeliverLocked(int vector)
     {
+        _ = vector;
         ushort ctl = MsixControlLocked();
-        return (ctl & PciMsix.ControlEnable) != 0 && (ctl & PciMsix.ControlFunctionMask) == 0
-            && (_msixTable[vector * PciMsix.EntrySize + PciMsix.EntryVectorControl] & 1) == 0;
+        return (ctl & PciMsix.ControlEnable) != 0 && (ctl & PciMsix.ControlFunctionMask) == 0;
     }
 
     /// <summary>Sends every pending vector that may now be delivered and clears its PBA bit (PCIe §6.1.4.5).</summary>

@@ -46,7 +46,7 @@ public sealed class NvmeDriverException : Exception
 /// commands that were in flight.
 /// </summary>
 /// <remarks>One thread per queue at a time (a per-queue lock enforces it); different queues may be used concurrently.</remarks>
-public sealed class NvmeDriver
+public sealed partial class NvmeDriver
 {
     private const ulong Page = 4096;
 
@@ -305,13 +305,28 @@ public sealed class NvmeDriver
             int vector = msix ? q % vectors : 0;
             SetupQueue(q, entries, vector, msix);
             ulong qd = QueueDesc(q);
-            Admin(new SubmissionQueueEntry
+            while (true)
             {
-                Opcode = (byte)NvmeAdminOpcode.CreateIoCompletionQueue,
-                Prp1 = _mem.ReadUInt64(qd + QCqBase),
-                Cdw10 = (uint)q | ((uint)(entries - 1) << 16),
-                Cdw11 = 1u | (msix ? 2u : 0u) | ((uint)vector << 16),
-            });
+                var cq = ExecuteRaw(0, new SubmissionQueueEntry
+                {
+                    Opcode = (byte)NvmeAdminOpcode.CreateIoCompletionQueue,
+                    Prp1 = _mem.ReadUInt64(qd + QCqBase),
+                    Cdw10 = (uint)q | ((uint)(entries - 1) << 16),
+                    Cdw11 = 1u | (msix ? 2u : 0u) | ((uint)vector << 16),
+                });
+                if (cq.Status.IsSuccess)
+                {
+                    break;
+                }
+                if (cq.Status != NvmeStatus.InvalidInterruptVector || vector == 0)
+                {
+                    throw new NvmeDriverException($"Create I/O CQ {q} failed", cq.Status);
+                }
+                // A secondary may have fewer interrupt resources than its MSI-X table has entries: share lower vectors.
+                vectors = vector;
+                vector = q % vectors;
+                _mem.WriteUInt32(qd + QVector, (uint)vector);
+            }
             Admin(new SubmissionQueueEntry
             {
                 Opcode = (byte)NvmeAdminOpcode.CreateIoSubmissionQueue,
@@ -671,14 +686,16 @@ public sealed class NvmeDriver
 
     // ---- admin helpers ----
 
-    private ulong ScratchPage()
+    private ulong ScratchPage() => ReservedBuffer(OffScratchPage, Page);
+
+    /// <summary>A buffer reserved on first use, its address kept in the state block at <paramref name="slot"/>.</summary>
+    private ulong ReservedBuffer(int slot, ulong size)
     {
-        // One page reserved on first use, its address kept in the state block.
-        ulong p = _mem.ReadUInt64(_state + OffScratchPage);
+        ulong p = _mem.ReadUInt64(_state + (ulong)slot);
         if (p == 0)
         {
-            p = Allocate(Page);
-            _mem.WriteUInt64(_state + OffScratchPage, p);
+            p = Allocate(size);
+            _mem.WriteUInt64(_state + (ulong)slot, p);
         }
         return p;
     }

@@ -11,6 +11,7 @@ namespace Vmig.Guest.Nvme;
 ///  16  u64 RegionBase            24  u64 RegionSize          32 u64 AllocNext (bump allocator)
 ///  40  u16 IoQueues              42  u16 IoQueueEntries      44 u16 AdminEntries   46 u16 Dstrd
 ///  48  u64 ShadowDoorbellGpa     56  u64 EventIdxGpa         64 u32 MaxTransfer (bytes)  72 u64 ScratchPage (Identify)
+///  80  u64 TransferBuffer (64 KiB, for controller state and tracking data)
 /// 128 + 64*qid  queue descriptor (qid 0 = admin):
 ///   +0 u64 SqBase  +8 u64 CqBase  +16 u16 Entries  +18 u16 SqTail  +20 u16 CqHead  +22 u8 Phase  +23 u8 Flags (bit0 IEN)
 ///  +24 u64 SlotTable (Entries-1 slots of 32 B)  +32 u64 PrpPages (one 4 KiB page per slot)  +40 u16 Vector
@@ -39,6 +40,7 @@ public static class NvmeDriverState
     public const int OffEventIdx = 56;
     public const int OffMaxTransfer = 64;
     public const int OffScratchPage = 72;
+    public const int OffTransferBuffer = 80;
 
     public const int OffQueues = 128;
     public const int QueueDescSize = 64;

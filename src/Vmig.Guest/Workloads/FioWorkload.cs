@@ -517,10 +517,7 @@ public sealed class FioWorkload : IGuestProgram
         {
             ArgumentNullException.ThrowIfNull(environment);
             ulong gpa = StateGpa(registers);
-            var name = new byte[DeviceNameMax];
-            environment.Memory.Read(gpa + HDevice, name);
-            string device = Encoding.UTF8.GetString(name).TrimEnd('\0');
-            return Attach(environment.Memory, environment.GetService<IGuestBlockDevice>(device), gpa);
+            return Attach(environment.Memory, environment.GetService<IGuestBlockDevice>(DeviceName(environment.Memory, gpa)), gpa);
         }
     }
 }

@@ -8,10 +8,12 @@ public enum FeatureId : byte
     Arbitration = 0x01,
     PowerManagement = 0x02,
     TemperatureThreshold = 0x04,
+    ErrorRecovery = 0x05,
     VolatileWriteCache = 0x06,
     NumberOfQueues = 0x07,
     InterruptCoalescing = 0x08,
     InterruptVectorConfiguration = 0x09,
+    WriteAtomicityNormal = 0x0A,
     AsynchronousEventConfiguration = 0x0B,
     KeepAliveTimer = 0x0F,
 

@@ -200,3 +200,104 @@ public readonly record struct NvmeControllerStateV0Header(ushort Ver, ushort Nio
         return true;
     }
 }
+
+/// <summary>
+/// Track Receive data for tracked memory changes (layout after the libnvme 3.2 man page, reference §5.6.2): a 16-byte
+/// header {u8 VER, u8 ATTRB, le16 CNTLID, le32 NTMCD (descriptor count), le16 RPMPG, u8 rsvd[6]} and NTMCD 16-byte
+/// descriptors {le64 SADDR, le32 LEN in RPMPG pages, u8 rsvd[4]}. In this project RPMPG encodes the page size as
+/// 2^(12 + RPMPG) bytes (0 = 4 KiB), like CC.MPS; the reference leaves its encoding open.
+/// </summary>
+public readonly record struct TrackedMemoryChangesHeader(byte Ver, byte Attrb, ushort Cntlid, uint Ntmcd, ushort Rpmpg)
+{
+    public const int Size = 16;
+
+    /// <summary>ATTRB bit 0: more changes remain than fitted in the buffer (read again).</summary>
+    public bool More => (Attrb & 1) != 0;
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        d[0] = Ver;
+        d[1] = Attrb;
+        BinaryPrimitives.WriteUInt16LittleEndian(d[2..], Cntlid);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[4..], Ntmcd);
+        BinaryPrimitives.WriteUInt16LittleEndian(d[8..], Rpmpg);
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out TrackedMemoryChangesHeader v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        v = new TrackedMemoryChangesHeader(s[0], s[1], BinaryPrimitives.ReadUInt16LittleEndian(s[2..]),
+            BinaryPrimitives.ReadUInt32LittleEndian(s[4..]), BinaryPrimitives.ReadUInt16LittleEndian(s[8..]));
+        return true;
+    }
+}
+
+/// <summary>One tracked memory change: <see cref="Length"/> pages from <see cref="Saddr"/> (16 bytes on the wire).</summary>
+public readonly record struct TrackedMemoryChange(ulong Saddr, uint Length)
+{
+    public const int Size = 16;
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        BinaryPrimitives.WriteUInt64LittleEndian(d, Saddr);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[8..], Length);
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out TrackedMemoryChange v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        v = new TrackedMemoryChange(BinaryPrimitives.ReadUInt64LittleEndian(s), BinaryPrimitives.ReadUInt32LittleEndian(s[8..]));
+        return true;
+    }
+}
+
+/// <summary>
+/// User Data Migration Queue entry (Controller Data Queue type 0, 32 bytes; reference §5.6.2 after libvfn): NSID 3:0,
+/// NLB 7:4 (blocks), SLBA 15:8, reserved 30:16, attribute byte 31: bit 0 phase tag, bits 3:1 ESA (0 = a range,
+/// 1 first, 2 last: logging stopped, 3 last: suspended, 7 last: queue full), bits 7:6 LBACIR (0 this range changed,
+/// 1 all LBAs changed, 2 no range reported).
+/// </summary>
+public readonly record struct UserDataChangeEntry(uint Nsid, uint Nlb, ulong Slba, bool Phase, byte Esa, byte Lbacir)
+{
+    public const int Size = 32;
+
+    public const byte EsaRange = 0;
+    public const byte EsaFirst = 1;
+    public const byte EsaLastStopped = 2;
+    public const byte EsaLastSuspended = 3;
+    public const byte EsaLastQueueFull = 7;
+
+    public byte Attr => (byte)((Phase ? 1 : 0) | ((Esa & 7) << 1) | ((Lbacir & 3) << 6));
+
+    public void WriteTo(Span<byte> d)
+    {
+        d[..Size].Clear();
+        BinaryPrimitives.WriteUInt32LittleEndian(d, Nsid);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[4..], Nlb);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[8..], Slba);
+        d[31] = Attr;
+    }
+
+    public static bool TryRead(ReadOnlySpan<byte> s, out UserDataChangeEntry v)
+    {
+        if (s.Length < Size)
+        {
+            v = default;
+            return false;
+        }
+        byte a = s[31];
+        v = new UserDataChangeEntry(BinaryPrimitives.ReadUInt32LittleEndian(s), BinaryPrimitives.ReadUInt32LittleEndian(s[4..]),
+            BinaryPrimitives.ReadUInt64LittleEndian(s[8..]), (a & 1) != 0, (byte)((a >> 1) & 7), (byte)(a >> 6));
+        return true;
+    }
+}

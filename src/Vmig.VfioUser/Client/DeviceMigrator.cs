@@ -77,7 +77,12 @@ public static class DeviceMigrator
                 while (rounds < options.MaxPreCopyRounds)
                 {
                     rounds++;
-                    long moved = Pump(source, target, buf);
+                    // A round reads at most what the device reported pending at its start (or the stop-copy estimate):
+                    // a device that dirties faster than we read would otherwise never give the short read.
+                    long cap = source.SupportsPrecopyInfo && source.GetPrecopyInfo() is { } start
+                        ? (long)Math.Min(start.InitialBytes + start.DirtyBytes, long.MaxValue / 2) + buf.Length
+                        : estimate > 0 ? estimate + buf.Length : long.MaxValue;
+                    long moved = Pump(source, target, buf, cap);
                     pre += moved;
                     PrecopyInfo? info = source.SupportsPrecopyInfo ? source.GetPrecopyInfo() : null;
                     progress?.Report(new(DeviceMigrationPhase.PreCopy, rounds, pre, info, estimate));
@@ -98,7 +103,7 @@ public static class DeviceMigrator
             }
             var down = Stopwatch.StartNew();
             source.SetState(DeviceState.StopCopy);
-            stop = Pump(source, target, buf);
+            stop = Pump(source, target, buf, long.MaxValue);
             progress?.Report(new(DeviceMigrationPhase.StopCopy, rounds, pre + stop, null, estimate));
             progress?.Report(new(DeviceMigrationPhase.Resume, rounds, pre + stop, null, estimate));
             target.SetState(DeviceState.Running);
@@ -116,11 +121,11 @@ public static class DeviceMigrator
         }
     }
 
-    /// <summary>Reads until a short reply, writing every chunk to the target. Returns the bytes moved.</summary>
-    private static long Pump(VfioUserClient source, VfioUserClient target, byte[] buf)
+    /// <summary>Reads until a short reply (or <paramref name="cap"/> bytes), writing every chunk to the target. Returns the bytes moved.</summary>
+    private static long Pump(VfioUserClient source, VfioUserClient target, byte[] buf, long cap)
     {
         long moved = 0;
-        while (true)
+        while (moved < cap)
         {
             int n = source.ReadMigrationData(buf);
             if (n > 0)
@@ -133,6 +138,7 @@ public static class DeviceMigrator
                 return moved;
             }
         }
+        return moved;
     }
 
     private static void Recover(VfioUserClient source, VfioUserClient target)

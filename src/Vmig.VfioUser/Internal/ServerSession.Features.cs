@@ -182,6 +182,11 @@ internal sealed partial class ServerSession
 
     private int LoggingReport(VfioUserConnection c, VfioUserMessage m, DeviceFeatureHead head, ReadOnlySpan<byte> data)
     {
+        // A GET's argsz is the reply size it accepts; the request must still carry iova, length and page_size.
+        if (data.Length < 24)
+        {
+            return Errno.EINVAL;
+        }
         ulong iova = BinaryPrimitives.ReadUInt64LittleEndian(data);
         ulong length = BinaryPrimitives.ReadUInt64LittleEndian(data[8..]);
         ulong pageSize = BinaryPrimitives.ReadUInt64LittleEndian(data[16..]);

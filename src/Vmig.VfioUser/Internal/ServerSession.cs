@@ -213,6 +213,13 @@ internal sealed partial class ServerSession : IMessageDma
             }
             try
             {
+                // mmap succeeds past the end of the file, but a device access there raises SIGBUS and kills the
+                // server: the window must lie inside the file as it is now.
+                long fileSize = MemFd.GetSize(fd);
+                if (r.Offset > (ulong)fileSize || r.Size > (ulong)fileSize - r.Offset)
+                {
+                    return Errno.EINVAL;
+                }
                 map = Mapping.Map(fd, (long)r.Offset, (long)r.Size, writable: (prot & DmaProt.Write) != 0);
             }
             catch (NativeException e)
@@ -488,6 +495,11 @@ internal sealed partial class ServerSession : IMessageDma
         if (m.Length != 0)
         {
             return Errno.EINVAL;
+        }
+        int refused = _device.PrepareReset();
+        if (refused != 0)
+        {
+            return refused;
         }
         // ARCHITECTURE §6: reset returns the migration state to RUNNING (kernel UAPI) and ends any data stream.
         _server.Migration.Reset();

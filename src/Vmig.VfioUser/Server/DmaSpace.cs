@@ -104,7 +104,7 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
                 }
             }
             var nw = new Window(iova, size, prot, mapping, mappingOffset);
-            if (_logging)
+            if (_logging && mapping is not null)
             {
                 nw.DirtyBits = NewBits(size, _logPageShift);
             }
@@ -368,9 +368,11 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
             }
             _logPageSize = pageSize;
             _logPageShift = BitOperations.TrailingZeroCount(pageSize);
+            // Only fd-backed windows are logged here (message windows are tracked by the client, libvfio-user #751);
+            // a message window's size is not bounded by any real memory, so no bitmap is allocated for it.
             foreach (var w in _windows)
             {
-                w.DirtyBits = NewBits(w.Size, _logPageShift);
+                w.DirtyBits = w.Mapping is null ? null : NewBits(w.Size, _logPageShift);
             }
             _logging = true;
         }

@@ -41,6 +41,12 @@ public abstract class VfioUserDevice
     /// <summary>Writes region bytes; same contract as <see cref="ReadRegion"/>.</summary>
     public abstract int WriteRegion(int index, ulong offset, ReadOnlySpan<byte> data);
 
+    /// <summary>
+    /// Asked before a DEVICE_RESET runs: 0 to go ahead, or an errno to refuse it (nothing is reset, the client gets
+    /// the error). E.g. EBUSY from an SR-IOV PF whose VFs are in use.
+    /// </summary>
+    public virtual int PrepareReset() => 0;
+
     /// <summary>DEVICE_RESET: return to power-on state. The SDK has already reset migration state to RUNNING.</summary>
     public virtual void Reset()
     {

@@ -39,6 +39,37 @@ public static class MigrationSource
     }
 }
 
+/// <summary>Operator recovery after an in-doubt migration.</summary>
+public static class MigrationRecovery
+{
+    /// <summary>
+    /// Resumes a source left paused by an "in-doubt" migration: every device back to RUNNING (reset if that fails),
+    /// dirty logging off, vCPUs running. Call it only when you know the target is not running the VM (e.g. its
+    /// process is gone); otherwise two copies of the VM run.
+    /// </summary>
+    /// <returns>Null, or what could not be recovered (a device that neither returned to RUNNING nor reset).</returns>
+    /// <exception cref="InvalidOperationException">The VM completed a migration (it must never run again).</exception>
+    public static string? ResumeInDoubtSource(Vm vm)
+    {
+        ArgumentNullException.ThrowIfNull(vm);
+        if (vm.State == VmRunState.MigratedAway)
+        {
+            throw new InvalidOperationException("this VM completed its migration; it must not run again");
+        }
+        string? problem = null;
+        foreach (var d in vm.Devices)
+        {
+            if (d.SupportsDirtyLogging)
+            {
+                DeviceControl.StopLoggingQuietly(d);
+            }
+            problem ??= DeviceControl.RecoverToRunning(d);
+        }
+        vm.Resume();
+        return problem;
+    }
+}
+
 /// <summary>Sends a VM's state to a set of section writers; shared by live migration and snapshots.</summary>
 internal sealed class StateSender
 {
@@ -144,11 +175,12 @@ internal sealed class StateSender
     {
         var w = _channels[channel];
         var buffer = new byte[RamPages.MaxPayload];
+        var scratch = new byte[RamPages.MaxPagesPerSection * GuestRam.PageSize];
         long pages = 0, zeros = 0;
         for (int i = start; i < runs.Count; i += step)
         {
             var (first, count) = runs[i];
-            int len = RamPages.Encode(_vm.Memory, round, first, count, buffer, out int z);
+            int len = RamPages.Encode(_vm.Memory, round, first, count, scratch, buffer, out int z);
             w.Write(SectionType.RamPages, buffer.AsSpan(0, len));
             _throttle?.Consume(len + SectionHeader.Size);
             pages += count;
@@ -197,6 +229,12 @@ internal sealed class SourceSession
             if (_vm.State == VmRunState.MigratedAway)
             {
                 throw new InvalidOperationException("this VM already migrated away");
+            }
+            // STOP_COPY is mandatory (reference §1.2): a device without it blocks migration, as in QEMU.
+            var blocker = _vm.Devices.FirstOrDefault(d => (d.Description.MigrationFlags & MigrationFlags.StopCopy) == 0);
+            if (blocker is not null)
+            {
+                throw new InvalidOperationException($"device {blocker.Description.Name} is not migratable (no STOP_COPY)");
             }
             // --- handshake: nothing on the source changes until the target says yes.
             Report(MigrationPhase.Handshake, 0, 0, 0, 0, 0);
@@ -305,7 +343,9 @@ internal sealed class SourceSession
         {
             throw;
         }
-        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException or System.Security.Authentication.AuthenticationException)
+        // Whatever went wrong (socket, stream format, a device step, a bug in a device adapter), the source VM must come
+        // back: every failure before the commit point rolls back.
+        catch (Exception e) when (e is not OutOfMemoryException)
         {
             _report.Error = _ct.IsCancellationRequested ? $"cancelled ({e.Message})" : e.Message;
             if (committed)

@@ -308,8 +308,8 @@ internal sealed class TargetSession
             Discard(vm, devices);
             throw;
         }
-        catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException or SocketException
-            or ObjectDisposedException or TimeoutException or AggregateException or KeyNotFoundException or System.Security.Authentication.AuthenticationException)
+        // Any failure discards the incoming VM and releases its devices.
+        catch (Exception e) when (e is not OutOfMemoryException)
         {
             _report.Outcome = "failed";
             _report.Error = e.Message;

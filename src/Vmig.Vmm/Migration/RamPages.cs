@@ -22,26 +22,31 @@ internal static class RamPages
 
     /// <summary>
     /// Encodes pages [first, first+count) (count ≤ <see cref="MaxPagesPerSection"/>) of <paramref name="ram"/> into
-    /// <paramref name="buffer"/>, with all-zero pages as ZERO records. Returns the payload length and counts.
+    /// <paramref name="buffer"/>, with all-zero pages as ZERO records. The pages are read with
+    /// <see cref="GuestRam.ReadUntracked"/> into <paramref name="scratch"/> (≥ count pages), so never-touched RAM
+    /// is not allocated by the scan. Returns the payload length.
     /// </summary>
-    public static int Encode(GuestRam ram, uint round, long first, int count, byte[] buffer, out int zeroPages)
+    public static int Encode(GuestRam ram, uint round, long first, int count, byte[] scratch, byte[] buffer, out int zeroPages)
     {
+        // A page a vCPU or device is writing right now may be copied torn; its dirty bit is set again, so the next
+        // round (at the latest the final one, with everything stopped) resends it.
+        ram.ReadUntracked((ulong)first << GuestRam.PageShift, scratch.AsSpan(0, count * GuestRam.PageSize));
         BinaryPrimitives.WriteUInt32LittleEndian(buffer, round);
         BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(4), 0);
         int pos = PayloadHeaderSize;
         zeroPages = 0;
         int i = 0;
+        bool zero = IsZero(scratch, 0);
         while (i < count)
         {
-            bool zero = IsZero(ram, first + i);
             int j = i + 1;
-            while (j < count && IsZero(ram, first + j) == zero)
+            bool nextZero = false;
+            while (j < count && (nextZero = IsZero(scratch, j)) == zero)
             {
                 j++;
             }
             int n = j - i;
-            ulong gpa = (ulong)(first + i) << GuestRam.PageShift;
-            BinaryPrimitives.WriteUInt64LittleEndian(buffer.AsSpan(pos), gpa);
+            BinaryPrimitives.WriteUInt64LittleEndian(buffer.AsSpan(pos), (ulong)(first + i) << GuestRam.PageShift);
             BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 8), (uint)n);
             BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 12), zero ? ZeroFlag : 0);
             pos += RecordHeaderSize;
@@ -52,12 +57,11 @@ internal static class RamPages
             else
             {
                 int bytes = n * GuestRam.PageSize;
-                // A page a vCPU is writing right now may be copied torn; its dirty bit is set again, so the
-                // next round (at the latest the final, paused one) resends it.
-                ram.GetHostSpan(gpa, bytes).CopyTo(buffer.AsSpan(pos));
+                scratch.AsSpan(i * GuestRam.PageSize, bytes).CopyTo(buffer.AsSpan(pos));
                 pos += bytes;
             }
             i = j;
+            zero = nextZero;
         }
         return pos;
     }
@@ -104,18 +108,19 @@ internal static class RamPages
                 ulong pageGpa = gpa + ((ulong)k * GuestRam.PageSize);
                 lock (pageRounds.LockFor(firstPage + k))
                 {
-                    if (!pageRounds.TryClaim(firstPage + k, round))
+                    if (!pageRounds.TryClaim(firstPage + k, round, out bool neverWritten))
                     {
                         continue;
                     }
-                    Span<byte> dst = ram.GetHostSpan(pageGpa, GuestRam.PageSize);
-                    if (zero)
+                    if (!zero)
                     {
-                        dst.Clear();
+                        payload.Slice(pos + (k * GuestRam.PageSize), GuestRam.PageSize).CopyTo(ram.GetHostSpan(pageGpa, GuestRam.PageSize));
                     }
-                    else
+                    else if (!neverWritten)
                     {
-                        payload.Slice(pos + (k * GuestRam.PageSize), GuestRam.PageSize).CopyTo(dst);
+                        // Incoming RAM starts as a fresh (all-zero) memfd: a page no earlier round wrote is already
+                        // zero, and clearing it would only allocate it.
+                        ram.GetHostSpan(pageGpa, GuestRam.PageSize).Clear();
                     }
                 }
             }
@@ -128,8 +133,8 @@ internal static class RamPages
         return pages;
     }
 
-    private static bool IsZero(GuestRam ram, long page) =>
-        !ram.GetHostSpan((ulong)page << GuestRam.PageShift, GuestRam.PageSize).ContainsAnyExcept((byte)0);
+    private static bool IsZero(byte[] pages, int index) =>
+        !pages.AsSpan(index * GuestRam.PageSize, GuestRam.PageSize).ContainsAnyExcept((byte)0);
 }
 
 /// <summary>The latest round that wrote each page on the target, with striped locks for concurrent channels.</summary>
@@ -150,10 +155,15 @@ internal sealed class PageRounds
 
     public object LockFor(long page) => _locks[page & 255];
 
-    /// <summary>Under <see cref="LockFor"/>: true (and records the round) unless a later round already wrote the page.</summary>
-    public bool TryClaim(long page, uint round)
+    /// <summary>
+    /// Under <see cref="LockFor"/>: true (and records the round) unless a later round already wrote the page;
+    /// <paramref name="neverWritten"/> says no round had written it before.
+    /// </summary>
+    public bool TryClaim(long page, uint round, out bool neverWritten)
     {
-        if (_rounds[page] > round)
+        uint previous = _rounds[page];
+        neverWritten = previous == 0;
+        if (previous > round)
         {
             return false;
         }

@@ -116,6 +116,8 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
         Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.AsynchronousEventConfiguration, 0x100)).IsSuccess);
         Assert.Equal(0x100u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.AsynchronousEventConfiguration)).Dw0);
         Assert.Equal(4u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.Arbitration | (3 << 8))).Dw0);
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.KeepAliveTimer, 15000)).IsSuccess);
+        Assert.Equal(15000u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.KeepAliveTimer)).Dw0);
         Assert.Equal(NvmeStatus.InvalidField, Admin(Op(NvmeAdminOpcode.SetFeatures, 0x7F)));
         Assert.Equal(NvmeStatus.FeatureNotSaveable, Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.Arbitration | (1u << 31))));
         Assert.Equal(NvmeStatus.InvalidOpcode, Admin(Op((NvmeAdminOpcode)0xEE)));
@@ -123,6 +125,37 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
         var abort = AdminC(Op(NvmeAdminOpcode.Abort, 1 | (5u << 16)));
         Assert.True(abort.Status.IsSuccess);
         Assert.Equal(1u, abort.Dw0 & 1); // not aborted: it had completed
+    }
+
+    [Fact]
+    public void Mandatory_features_power_temperature_error_recovery_vector_config_and_write_atomicity()
+    {
+        // Linux's nvme-cli reads these; they are mandatory for a PCIe I/O controller (docs/realguest.md finding 3).
+        Assert.Equal(0u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.PowerManagement)).Dw0);
+        Assert.Equal(NvmeStatus.InvalidField, Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.PowerManagement, 1))); // NPSS = 0
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.PowerManagement, 0x20)).IsSuccess); // WH = 1
+        Assert.Equal(0x20u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.PowerManagement)).Dw0);
+
+        Assert.Equal(358u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.TemperatureThreshold)).Dw0);
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.TemperatureThreshold, 350)).IsSuccess);
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.TemperatureThreshold, (1u << 20) | 270)).IsSuccess);
+        Assert.Equal(350u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.TemperatureThreshold)).Dw0);
+        Assert.Equal(270u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.TemperatureThreshold, 1u << 20)).Dw0);
+        Assert.Equal(358u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.TemperatureThreshold | (1 << 8))).Dw0); // default
+        Assert.Equal(NvmeStatus.InvalidField, Admin(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.TemperatureThreshold, 1u << 16))); // no sensor 1
+
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.ErrorRecovery, 100)).IsSuccess);
+        Assert.Equal(100u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.ErrorRecovery)).Dw0);
+        Assert.Equal(NvmeStatus.InvalidField, Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.ErrorRecovery, 1u << 16))); // DULBE
+
+        Assert.Equal(0u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.InterruptVectorConfiguration, 0)).Dw0);
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.InterruptVectorConfiguration, (1u << 16) | 1)).IsSuccess);
+        Assert.Equal((1u << 16) | 1, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.InterruptVectorConfiguration, 1)).Dw0);
+        Assert.Equal(NvmeStatus.InvalidField, Admin(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.InterruptVectorConfiguration, 0xFFFF)));
+
+        Assert.True(Admin(Op(NvmeAdminOpcode.SetFeatures, (uint)FeatureId.WriteAtomicityNormal, 1)).IsSuccess);
+        Assert.Equal(1u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.WriteAtomicityNormal)).Dw0);
+        Assert.Equal(4u, AdminC(Op(NvmeAdminOpcode.GetFeatures, (uint)FeatureId.WriteAtomicityNormal | (3 << 8))).Dw0); // changeable
     }
 
     [Fact]

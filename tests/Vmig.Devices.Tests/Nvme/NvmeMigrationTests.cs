@@ -97,43 +97,18 @@ public sealed class NvmeMigrationTests
         byte[] fmt = pf.IdentifyRaw(IdentifyCns.SupportedControllerStateFormats, 0, 0);
         Assert.Equal(1, fmt[0]);
 
-        SubmissionQueueEntry Send(MigrationSendSelect sel, uint cdw11, uint mos = 0) =>
-            new() { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = (uint)sel | (mos << 16), Cdw11 = cdw11 };
-        pf.Execute(0, Send(MigrationSendSelect.Suspend, 1 | (1u << 16)));
-
-        ulong buf = pf.Allocate(64 * 1024);
-        var recv = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationReceive, Cdw11 = 1, Cdw15 = 1024 / 4 - 1 };
-        var c = pf.Execute(0, recv, buf, 1024);
-        Assert.Equal(1u, c.Dw0 & 1); // CSUP
-        byte[] head = new byte[1024];
-        pram.Read(buf, head);
-        Assert.True(ControllerStateHeader.TryRead(head, out var hdr));
+        Assert.True(pf.SuspendSecondary(1).IsSuccess);
+        byte[] viaAdmin = pf.GetSecondaryState(1, out bool csup);
+        Assert.True(csup);
+        Assert.True(ControllerStateHeader.TryRead(viaAdmin, out var hdr));
         Assert.True(hdr.Suspended);
-        int size = (int)(ControllerStateHeader.Size + (hdr.Nvmecss + hdr.Vss) * 4);
-        byte[] viaAdmin = new byte[size];
-        for (int off = 0; off < size; off += 1024)
-        {
-            pf.Execute(0, recv with { Cdw12 = (uint)off }, buf, 1024);
-            byte[] chunk = new byte[1024];
-            pram.Read(buf, chunk);
-            chunk.AsSpan(0, Math.Min(1024, size - off)).CopyTo(viaAdmin.AsSpan(off));
-        }
         Assert.True(rig.Subsystem.Migration.GetControllerState(1, out byte[] viaHost).IsSuccess);
         Assert.Equal(viaHost, viaAdmin);
 
-        // Set Controller State in SEQIND chunks through the admin queue, then Resume; the VF carries on.
-        int padded = (size + 1023) / 1024 * 1024;
-        byte[] send = new byte[padded];
-        viaAdmin.CopyTo(send, 0);
-        int chunks = padded / 1024;
-        for (int i = 0; i < chunks; i++)
-        {
-            uint seq = chunks == 1 ? 3u : i == 0 ? 1u : i == chunks - 1 ? 2u : 0u;
-            pram.Write(buf, send.AsSpan(i * 1024, 1024));
-            var set = Send(MigrationSendSelect.SetControllerState, 1, seq) with { Cdw12 = (uint)(i * 1024), Cdw15 = 1024 / 4 - 1 };
-            Assert.True(pf.ExecuteRaw(0, set, buf, 1024).Status.IsSuccess);
-        }
-        pf.Execute(0, Send(MigrationSendSelect.Resume, 1));
+        // Set Controller State through the admin queue (SEQIND chunks when larger than one transfer), then Resume.
+        Assert.True(pf.SetSecondaryState(1, viaAdmin).IsSuccess);
+        Assert.True(pf.ResumeSecondary(1).IsSuccess);
+        Assert.Equal(NvmeStatus.ControllerNotSuspended, pf.ResumeSecondary(1));
         Assert.True(vf.Read(2, rig.Nsid, 5, 1, 512, Buf + 4096).IsSuccess);
         byte[] back = new byte[512];
         vram.Read(Buf + 4096, back);
@@ -241,9 +216,10 @@ public sealed class NvmeMigrationTests
         var (ram, fn) = rig.Connect(1, vectors: 5, wrapDma: d => counter = new CountingDma(d));
         var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize);
         ushort cid = drv.Submit(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.AsynchronousEventRequest });
-        long start = Interlocked.Read(ref counter!.Accesses);
         var mig = rig.Subsystem.Migration;
         Assert.True(mig.Suspend(1, SuspendType.Suspend).IsSuccess);
+        // The baseline is taken once suspended: until then the shadow-doorbell poller may legitimately read guest RAM.
+        long start = Interlocked.Read(ref counter!.Accesses);
         Assert.True(mig.GetControllerState(1, out var st).IsSuccess);
         Assert.True(mig.SetControllerState(1, st, out string err).IsSuccess, err);
         Assert.True(mig.GetControllerState(1, out var st2).IsSuccess);
@@ -255,5 +231,88 @@ public sealed class NvmeMigrationTests
         Assert.Equal(start, Interlocked.Read(ref counter.Accesses));
         Assert.True(mig.Resume(1).IsSuccess);
         Assert.True(drv.Wait(0, cid, 2000).Status.IsSuccess); // the event raised while suspended is delivered after resume
+    }
+
+    [Fact]
+    public void Controller_data_queue_logs_the_lba_ranges_a_secondary_changes()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        var (vram, vfn) = rig.Connect(1, vectors: 5);
+        var vf = NvmeDriver.Initialize(vram, vfn, Region, RegionSize);
+        Assert.True(rig.Subsystem.AttachNamespace(rig.Nsid, [0]).IsSuccess);
+        var (pram, pfn) = rig.Connect(0);
+        var pf = NvmeDriver.Initialize(pram, pfn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
+        ulong cdq = pf.Allocate(4096);
+        var create = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.ControllerDataQueue, Cdw11 = 1 | (1u << 16), Cdw12 = 64, Prp1 = cdq }; // 8 entries
+        Assert.Equal(NvmeStatus.InvalidControllerIdentifier, pf.ExecuteRaw(0, create with { Cdw11 = 1 }).Status);
+        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, create with { Cdw11 = 1u << 16 }).Status);
+        uint cdqid = pf.Execute(0, create).Dw0;
+        var track = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.TrackSend, Cdw10 = 0 | (1u << 16), Cdw11 = cdqid };
+        pf.Execute(0, track);
+
+        vram.Write(Buf, Pattern(4096, 1));
+        Assert.True(vf.Write(1, rig.Nsid, 100, 8, 512, Buf).IsSuccess);
+        Assert.True(vf.ExecuteRaw(1, NvmeDriver.ReadWrite(NvmeIoOpcode.WriteZeroes, rig.Nsid, 500, 4)).Status.IsSuccess);
+        Assert.True(vf.Read(1, rig.Nsid, 100, 8, 512, Buf).IsSuccess); // reads are not logged
+        UserDataChangeEntry Entry(int i)
+        {
+            byte[] b = new byte[32];
+            pram.Read(cdq + (ulong)(i * 32), b);
+            UserDataChangeEntry.TryRead(b, out var e);
+            return e;
+        }
+        Assert.Equal(new UserDataChangeEntry(rig.Nsid, 8, 100, true, 0, 0), Entry(0));
+        Assert.Equal(new UserDataChangeEntry(rig.Nsid, 4, 500, true, 0, 0), Entry(1));
+        Assert.False(Entry(2).Phase);
+
+        // Consume two, then fill the queue: the last free slot gets the "queue full" marker and logging stops.
+        pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.SetFeatures, Cdw10 = (uint)FeatureId.ControllerDataQueue, Cdw11 = cdqid, Cdw12 = 2 });
+        Assert.Equal(2u, pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.GetFeatures, Cdw10 = (uint)FeatureId.ControllerDataQueue, Cdw11 = cdqid }).Dw0);
+        for (int i = 0; i < 10; i++)
+        {
+            Assert.True(vf.ExecuteRaw(1, NvmeDriver.ReadWrite(NvmeIoOpcode.WriteZeroes, rig.Nsid, (ulong)(1000 + i), 1)).Status.IsSuccess);
+        }
+        Assert.Equal(new UserDataChangeEntry(rig.Nsid, 1, 1000, true, 0, 0), Entry(2));
+        Assert.Equal(UserDataChangeEntry.EsaLastQueueFull, Entry(0).Esa); // slot 0 after wrap: phase flipped
+        Assert.False(Entry(0).Phase);
+
+        // Restart logging after consuming everything; a suspend ends it with the "suspended" marker and DUDMQ deletes the queue.
+        pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.SetFeatures, Cdw10 = (uint)FeatureId.ControllerDataQueue, Cdw11 = cdqid, Cdw12 = 1 });
+        pf.Execute(0, track);
+        pf.Execute(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 0, Cdw11 = 1 | (1u << 16) | (1u << 31) });
+        Assert.Equal((UserDataChangeEntry.EsaLastSuspended, false), (Entry(1).Esa, Entry(1).Phase));
+        Assert.Equal(NvmeStatus.InvalidQueueIdentifier, pf.ExecuteRaw(0, track).Status);
+    }
+
+    [Fact]
+    public void Set_controller_state_in_first_middle_last_chunks_through_the_admin_queue()
+    {
+        var (rig, state) = SavedState();
+        using var owner = rig;
+        var (pram, pfn) = rig.Connect(0);
+        var pf = NvmeDriver.Initialize(pram, pfn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
+        ulong buf = pf.Allocate(4096);
+        const int Chunk = 128;
+        byte[] padded = new byte[(state.Length + Chunk - 1) / Chunk * Chunk];
+        state.CopyTo(padded, 0);
+        int chunks = padded.Length / Chunk;
+        Assert.True(chunks >= 3);
+        for (int i = 0; i < chunks; i++)
+        {
+            uint seq = i == 0 ? 1u : i == chunks - 1 ? 2u : 0u;
+            pram.Write(buf, padded.AsSpan(i * Chunk, Chunk));
+            var set = new SubmissionQueueEntry
+            {
+                Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (seq << 16), Cdw11 = 1, Cdw12 = (uint)(i * Chunk), Cdw15 = (Chunk / 4) - 1,
+            };
+            Assert.True(pf.ExecuteRaw(0, set, buf, Chunk).Status.IsSuccess);
+        }
+        Assert.True(rig.Subsystem.Migration.GetControllerState(1, out var after).IsSuccess);
+        Assert.Equal(state, after);
+        // A last chunk whose offset does not continue the sequence is refused.
+        pram.Write(buf, padded.AsSpan(0, Chunk));
+        Assert.True(pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (1u << 16), Cdw11 = 1, Cdw15 = (Chunk / 4) - 1 }, buf, Chunk).Status.IsSuccess);
+        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (2u << 16), Cdw11 = 1, Cdw12 = 4 * Chunk, Cdw15 = (Chunk / 4) - 1 }, buf, Chunk).Status);
     }
 }

@@ -31,7 +31,7 @@ public sealed class NvmePciTests
         byte[] cfg = new byte[64];
         pf.ReadConfig(0, cfg);
         Assert.Equal(0x1B36, BinaryPrimitives.ReadUInt16LittleEndian(cfg));
-        Assert.Equal(0x0010, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
+        Assert.Equal(0x5A10, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
         Assert.Equal(new byte[] { 0x02, 0x08, 0x01 }, cfg.AsSpan(9, 3).ToArray());
         Assert.Equal(0x4u, BinaryPrimitives.ReadUInt32LittleEndian(cfg.AsSpan(0x10)) & 0x7); // 64-bit memory BAR
         Assert.Equal(NvmeController.Bar0Size, (int)pf.Regions[0].Size);
@@ -43,7 +43,7 @@ public sealed class NvmePciTests
         rig.Subsystem.EnableVfs(2);
         var vf = rig.Subsystem.GetVfFunction(1)!;
         vf.ReadConfig(0, cfg);
-        Assert.Equal(0x0011, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
+        Assert.Equal(0x5A11, BinaryPrimitives.ReadUInt16LittleEndian(cfg.AsSpan(2)));
         Assert.NotNull(vf.Migration);
         Assert.Equal(MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, vf.Migration!.MigrationFlags);
         Assert.Equal((ushort)2, vf.Controller.Cntlid);
@@ -68,6 +68,24 @@ public sealed class NvmePciTests
         byte[] back = new byte[d.Length];
         ram.Read(Buf, back);
         Assert.Equal(d, back);
+    }
+
+    [Fact]
+    public void Driver_shares_vectors_when_a_vf_has_fewer_interrupt_resources_than_msix_entries()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1, queues: 9, vectors: 3);
+        var f = rig.Subsystem.GetVfFunction(0)!;
+        var (ram, fn) = Attach(f);
+        using var _ = ram;
+        Assert.Equal(9, fn.MsixVectorCount);
+        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 8 });
+        Assert.Equal(8, drv.IoQueueCount);
+        Assert.All(f.Controller.WithLock(s => s.Cqs.Where(c => c is not null).Select(c => c!.Vector).ToList()), v => Assert.True(v < 3));
+        for (int q = 1; q <= 8; q++)
+        {
+            Assert.True(drv.Read(q, rig.Nsid, (ulong)q, 1, 512, Buf).IsSuccess);
+        }
     }
 
     [Fact]
@@ -217,5 +235,68 @@ public sealed class NvmePciTests
         Assert.Contains("not an NVMe", Assert.Throws<MigrationException>(() => tm2.WriteData(new byte[32])).Message);
         tm2.Step(DeviceState.Stop, DeviceState.Resuming);
         Assert.Contains("no controller state", Assert.Throws<MigrationException>(() => tm2.Step(DeviceState.Resuming, DeviceState.Stop)).Message);
+    }
+
+    [Fact]
+    public void Memory_change_tracking_on_the_primary_reports_exactly_the_pages_the_vf_wrote()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        var (ram, fn) = Attach(rig.Subsystem.GetVfFunction(0)!);
+        using var _ = ram;
+        var vf = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, ShadowDoorbells = false });
+        ulong cq1 = ram.ReadUInt64(Region + NvmeDriverState.OffQueues + NvmeDriverState.QueueDescSize + NvmeDriverState.QCqBase);
+
+        var (pram, pfn) = Attach(rig.Subsystem.PrimaryFunction);
+        using var pr = pram;
+        Assert.True(rig.Subsystem.AttachNamespace(rig.Nsid, [0]).IsSuccess);
+        var pf = NvmeDriver.Initialize(pram, pfn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
+        var start = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.TrackSend, Cdw10 = 1 | (1u << 16), Cdw11 = 1 };
+        Assert.True(pf.ExecuteRaw(0, start).Status.IsSuccess);
+        Assert.Equal(NvmeStatus.CommandSequenceError, pf.ExecuteRaw(0, start).Status);
+
+        // The VF reads 8 KiB: the device writes two buffer pages and one CQ entry; writing to the disk writes no guest page.
+        Assert.True(vf.Read(1, rig.Nsid, 0, 16, 512, Buf + 0x3000).IsSuccess);
+        ram.Write(Buf + 0x8000, Pattern(512, 1));
+        Assert.True(vf.Write(1, rig.Nsid, 0, 1, 512, Buf + 0x8000).IsSuccess);
+
+        ulong page = pf.Allocate(4096);
+        var recv = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.TrackReceive, Cdw11 = 1, Cdw15 = 1023 };
+        pf.Execute(0, recv, page, 4096);
+        byte[] b = new byte[4096];
+        pram.Read(page, b);
+        Assert.True(TrackedMemoryChangesHeader.TryRead(b, out var h));
+        Assert.Equal((ushort)1, h.Cntlid);
+        Assert.False(h.More);
+        var runs = Enumerable.Range(0, (int)h.Ntmcd).Select(i =>
+        {
+            TrackedMemoryChange.TryRead(b.AsSpan(16 + (16 * i)), out var r);
+            return r;
+        }).OrderBy(r => r.Saddr).ToList();
+        var expected = new[] { new TrackedMemoryChange(Buf + 0x3000, 2), new TrackedMemoryChange(cq1, 1) }.OrderBy(r => r.Saddr).ToList();
+        Assert.Equal(expected, runs);
+
+        // Read-and-clear: nothing new since.
+        pf.Execute(0, recv, page, 4096);
+        pram.Read(page, b);
+        Assert.True(TrackedMemoryChangesHeader.TryRead(b, out h));
+        Assert.Equal(0u, h.Ntmcd);
+        // A buffer too small for all runs keeps the rest for the next call.
+        Assert.True(vf.Read(1, rig.Nsid, 0, 1, 512, Buf + 0x20000).IsSuccess);
+        Assert.True(vf.Read(1, rig.Nsid, 0, 1, 512, Buf + 0x40000).IsSuccess);
+        pf.Execute(0, recv with { Cdw15 = (32 / 4) - 1 }, page, 32);
+        pram.Read(page, b.AsSpan(0, 32));
+        Assert.True(TrackedMemoryChangesHeader.TryRead(b, out h));
+        Assert.Equal((1u, true), (h.Ntmcd, h.More));
+        var rest = new List<TrackedMemoryChange>();
+        Assert.True(rig.Subsystem.Migration.ReceiveTrackedChanges(1, 16, rest, out bool more).IsSuccess);
+        Assert.False(more);
+        Assert.Equal(2, rest.Count);
+
+        Assert.True(pf.ExecuteRaw(0, start with { Cdw10 = 1 }).Status.IsSuccess);
+        Assert.Equal(NvmeStatus.CommandSequenceError, pf.ExecuteRaw(0, recv, page, 4096).Status);
+        Assert.Equal(NvmeStatus.InvalidControllerIdentifier, pf.ExecuteRaw(0, start with { Cdw11 = 7 }).Status);
+        Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, start with { Cdw10 = 5 }).Status);
+        Assert.Equal(NvmeStatus.InvalidQueueIdentifier, pf.ExecuteRaw(0, start with { Cdw10 = 1u << 16 }).Status); // SEL 0 names a CDQ that does not exist
     }
 }

@@ -213,4 +213,60 @@ public sealed class NvmeSubsystemTests
         Assert.Equal(2u, nsid);
         Assert.Equal(3UL, rig.Subsystem.GetNamespace(nsid)!.BlockCount);
     }
+
+    [Fact]
+    public void Namespace_management_creates_and_deletes_file_backed_namespaces_through_the_primary()
+    {
+        string nsDir = Path.Combine(Path.GetTempPath(), "vmig-nsmgmt-" + Guid.NewGuid().ToString("N"));
+        using var rig = new NvmeRig(options: new NvmeSubsystemOptions { NamespaceDirectory = nsDir });
+        try
+        {
+            rig.ProvisionVf(1, attach: false);
+            var (pram, pfn) = rig.Connect(0);
+            var pf = NvmeDriver.Initialize(pram, pfn, Region, RegionSize, new NvmeDriverOptions { Interrupts = false });
+            ulong page = pf.Allocate(4096);
+            byte[] idns = new byte[4096];
+            new IdentifyNamespace { Nsze = 256, Ncap = 256, Flbas = 1 }.WriteTo(idns);
+            pram.Write(page, idns);
+            var create = new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.NamespaceManagement, Cdw10 = 0 };
+            uint nsid = pf.Execute(0, create, page, 4096).Dw0;
+            Assert.Equal(2u, nsid);
+            Assert.Equal(256L * 4096, new FileInfo(Path.Combine(nsDir, "ns2.img")).Length);
+            Assert.True(rig.Subsystem.AttachNamespace(nsid, [1]).IsSuccess);
+
+            var (vram, vfn) = rig.Connect(1, vectors: 5);
+            var vf = Init(vram, vfn);
+            Assert.Equal([nsid], vf.ActiveNamespaces());
+            Assert.Equal(4096, vf.IdentifyNamespace(nsid).FormattedLbaSize);
+            vram.Write(Buf, Pattern(4096, 9));
+            Assert.True(vf.Write(1, nsid, 255, 1, 4096, Buf).IsSuccess);
+            Assert.Equal(NvmeStatus.LbaOutOfRange, vf.Write(1, nsid, 256, 1, 4096, Buf));
+
+            Assert.True(pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.NamespaceManagement, Cdw10 = 1, Nsid = nsid }).Status.IsSuccess);
+            Assert.False(File.Exists(Path.Combine(nsDir, "ns2.img")));
+            Assert.Empty(vf.ActiveNamespaces());
+            Assert.Equal(NvmeStatus.InvalidNamespaceOrFormat, pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.NamespaceManagement, Cdw10 = 1, Nsid = nsid }).Status);
+            // An LBA format the controller does not offer
+            new IdentifyNamespace { Nsze = 16, Flbas = 5 }.WriteTo(idns);
+            pram.Write(page, idns);
+            Assert.Equal(new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true), pf.ExecuteRaw(0, create, page, 4096).Status);
+            // The namespace given by the host side (not created by command) keeps its file when deleted.
+            Assert.True(rig.Subsystem.DeleteNamespace(rig.Nsid).IsSuccess);
+            Assert.True(File.Exists(rig.NamespacePath));
+        }
+        finally
+        {
+            if (Directory.Exists(nsDir))
+            {
+                Directory.Delete(nsDir, recursive: true);
+            }
+        }
+    }
+
+    [Fact]
+    public void Namespace_management_without_a_directory_is_refused()
+    {
+        using var rig = new NvmeRig();
+        Assert.Equal(NvmeStatus.InvalidField, rig.Subsystem.CreateNamespace(16, 512, out _));
+    }
 }

@@ -28,6 +28,9 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
     public DmaSpace Dma { get; }
     public ulong Size { get; }
 
+    /// <summary>The memfd behind this RAM (to hand to a vfio-user server with DMA_MAP).</summary>
+    public UnixFd Fd => _fd;
+
     public void Read(ulong gpa, Span<byte> destination) => _map.GetSpan(Check(gpa, destination.Length), destination.Length).CopyTo(destination);
 
     public void Write(ulong gpa, ReadOnlySpan<byte> source)

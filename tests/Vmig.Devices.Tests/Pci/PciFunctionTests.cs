@@ -290,33 +290,27 @@ public sealed class PciFunctionTests : IDisposable
     }
 
     [Fact]
-    public void Msix_MaskedVectorIsPending_ThenDeliveredOnUnmask()
+    public void Msix_TableMaskBitsDoNotGate_VectorsTheClientArmedAreDelivered()
     {
+        // VFIO model: the VMM virtualizes the MSI-X table (QEMU never writes ours), so our table's mask bits, which
+        // reset to masked, must not hold interrupts back; enable + function mask + the client's eventfd decide.
         var f = Attached();
         EnableMemoryAndBusMaster(f);
         EnableMsix(f);
-        // Vectors start masked.
         Assert.Equal(1u, Bar32(f, 2, 5 * 16 + 12));
-        Assert.False(f.SignalMsix(5));
-        Assert.True(f.IsMsixPending(5));
-        Assert.Equal(1u << 5, Bar32(f, 2, 0x2000));
-        Assert.Equal(0ul, _ram.Irqs.Take(VfioPci.MsixIrqIndex, 5));
-
-        SetVectorMask(f, 5, masked: false);
-        Assert.Equal(1ul, _ram.Irqs.Take(VfioPci.MsixIrqIndex, 5, 1000));
-        Assert.False(f.IsMsixPending(5));
-        Assert.Equal(0u, Bar32(f, 2, 0x2000));
-
         Assert.True(f.SignalMsix(5));
         Assert.Equal(1ul, _ram.Irqs.Take(VfioPci.MsixIrqIndex, 5, 1000));
+        Assert.False(f.IsMsixPending(5));
 
-        // Vector 66 lives in the second PBA word.
+        // Vector 66 lives in the second PBA word: pending while the function is masked, delivered when cleared.
+        EnableMsix(f, functionMask: true);
         Assert.False(f.SignalMsix(66));
         Assert.Equal(1u << 2, Bar32(f, 2, 0x2008));
         SetBar32(f, 2, 0x2008, 0); // PBA is read-only
         Assert.Equal(1u << 2, Bar32(f, 2, 0x2008));
-        SetVectorMask(f, 66, masked: false);
+        EnableMsix(f);
         Assert.Equal(1ul, _ram.Irqs.Take(VfioPci.MsixIrqIndex, 66, 1000));
+        Assert.Equal(0u, Bar32(f, 2, 0x2008));
         Assert.Equal(0ul, _ram.Irqs.Take(VfioPci.MsixIrqIndex, 5)); // no stray interrupt on another vector
     }
 
@@ -432,11 +426,11 @@ public sealed class PciFunctionTests : IDisposable
         SetCfg32(src, PciConfig.Bar0, 0xFEB0_0000);
         SetCfg32(src, PciConfig.Bar0 + 8, 0xC000_0000);
         SetCfg32(src, PciConfig.Bar0 + 12, 0x7);
-        EnableMsix(src);
+        EnableMsix(src, functionMask: true);
         SetBar32(src, 2, 7 * 16, 0xFEE0_0000);
         SetBar32(src, 2, 7 * 16 + 8, 0x41);
         SetVectorMask(src, 7, masked: false);
-        Assert.False(src.SignalMsix(69)); // masked → pending
+        Assert.False(src.SignalMsix(69)); // function masked → pending
         var state = src.SaveConfigState();
 
         var dst = new TestFunction(Declaration());
@@ -450,9 +444,9 @@ public sealed class PciFunctionTests : IDisposable
         Assert.True(dst.IsMsixPending(69));
         Assert.Equal(0x7_C000_0000ul, dst.GetBarAddress(2));
         Assert.Equal(0x41u, Bar32(dst, 2, 7 * 16 + 8));
-        // The pending vector is delivered on the target once unmasked there.
+        // The pending vector is delivered on the target once the function mask is cleared there.
         dst.OnAttached(_ram.Context);
-        SetVectorMask(dst, 69, masked: false);
+        EnableMsix(dst);
         Assert.Equal(1ul, _ram.Irqs.Take(VfioPci.MsixIrqIndex, 69, 1000));
     }
 

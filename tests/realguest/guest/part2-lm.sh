@@ -16,12 +16,13 @@ echo "realguest part 2: kernel $(uname -r), $(nvme version 2>/dev/null | tr '\n'
 
 # The guest sees the PF and, when run.sh attaches it too (vmig target), the VF under test. The PF is the
 # controller whose Identify Secondary Controller List is not empty; the VF is the other one.
-VF_CTRL= VF_NS=
+VF_CTRL= VF_NS= VF_BDF=
 c_enumerate() {
   lspci -nn
-  local d c ctrls=()
+  local d c ctrls=() fns=()
   for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/class" 2>/dev/null)" = 0x010802 ] || continue
+    fns+=("$(basename "$d")")
     for c in "$d"/nvme/nvme*; do [ -e "$c" ] && ctrls+=("$(basename "$c")"); done
   done
   [ ${#ctrls[@]} -ge 1 ] || { why "no NVMe controller (class 0x010802 with the nvme driver) in the guest"; return 1; }
@@ -39,6 +40,17 @@ c_enumerate() {
   [ -n "$CTRL" ] || CTRL=${ctrls[0]}   # no controller lists secondaries: list-secondary will say so
   CDEV=/dev/$CTRL; BDF=$(basename "$(readlink -f /sys/class/nvme/$CTRL/device)")
   for c in "${ctrls[@]}"; do [ "$c" != "$CTRL" ] && VF_CTRL=$c; done
+  local f
+  for f in "${fns[@]}"; do [ "$f" != "$BDF" ] && VF_BDF=$f; done
+  if [ -n "$VF_BDF" ] && [ -z "$VF_CTRL" ]; then
+    echo "VF function $VF_BDF has no live nvme controller (driver: $(basename "$(readlink -f /sys/bus/pci/devices/$VF_BDF/driver 2>/dev/null)" 2>/dev/null || echo none)); kernel said:"
+    dmesg | grep -a "$VF_BDF\|nvme" | tail -n 5
+  fi
+  find_vf_ns
+  echo "PF: $CTRL ($BDF)  VF: ${VF_BDF:-no second function} ${VF_CTRL:+controller $VF_CTRL} ${VF_NS:+namespace $VF_NS}"
+}
+
+find_vf_ns() {
   if [ -n "$VF_CTRL" ]; then
     # run.sh boots with nvme_core.multipath=N, so each controller has its own nvme<ctrl>n<nsid>;
     # the multipath naming is handled in case that changes. The namespace may appear after "live".
@@ -47,7 +59,6 @@ c_enumerate() {
     if [ -n "$p" ]; then p=$(basename "$p"); VF_NS=/dev/${p%%c*}n${p##*n}
     else VF_NS=$(ls -d /sys/class/nvme/$VF_CTRL/${VF_CTRL}n* 2>/dev/null | head -n1 | sed 's,.*/,/dev/,'); fi
   fi
-  echo "PF: $CTRL ($BDF)  VF: ${VF_CTRL:-not attached} ${VF_NS:+namespace $VF_NS}"
 }
 
 c_lm_plugin() {
@@ -82,6 +93,36 @@ c_secondary() {
   [ -n "${VF_CNTLID:-}" ] || VF_CNTLID=${scids%% *}
   [ -n "${VF_CNTLID:-}" ] || { why "no secondary controller listed; cannot pick a VF CNTLID"; return 1; }
   VF_CNTLID=$((VF_CNTLID)); echo "VF CNTLID=$VF_CNTLID"
+}
+
+# QEMU resets every vfio-user device when the VM starts (VFIO_USER_DEVICE_RESET). For the PF that is a function-level
+# reset, which clears VF Enable in its SR-IOV capability (PCIe SR-IOV: VFs cease to exist) and, in vmig, takes the
+# secondaries offline: the VF in this guest then fails its probe ("Device not ready; aborting initialisation").
+# This check does what the host's PF driver does after a PF reset: set NumVFs and VF Enable | VF MSE through the PF's
+# config space (QEMU hides the SR-IOV capability from the guest but forwards the writes; vmig's PF has it at
+# SRIOV_CAP, default 0x100), give the secondary VQ/VI resources and set it online (Virtualization Management), then
+# bind the VF to nvme again.
+c_pf_enables_vf() {
+  [ -n "$VF_BDF" ] || { why "no VF function attached"; return 77; }
+  if [ -n "$VF_CTRL" ]; then echo "VF already live as $VF_CTRL: nothing to do"; return 0; fi
+  local cap=$(( ${SRIOV_CAP:-0x100} ))
+  setpci -s "$BDF" "$(printf '%x' $((cap + 0x10))).w=1" && setpci -s "$BDF" "$(printf '%x' $((cap + 0x08))).w=9" \
+    || { why "writing NumVFs / VF Enable to the PF's SR-IOV capability at 0x$(printf %x $cap) failed"; return 1; }
+  nvme virt-mgmt "$CDEV" -c "$VF_CNTLID" -r 0 -a 8 -n 5 && nvme virt-mgmt "$CDEV" -c "$VF_CNTLID" -r 1 -a 8 -n 5 \
+    && nvme virt-mgmt "$CDEV" -c "$VF_CNTLID" -a 9 \
+    || { why "Virtualization Management (assign VQ/VI, online) of CNTLID $VF_CNTLID failed"; return 1; }
+  nvme list-secondary "$CDEV" | grep -E 'SCID|SCS' | head -n 2
+  echo "$VF_BDF" > /sys/bus/pci/drivers/nvme/bind 2>/dev/null
+  local c i
+  for ((i=0; i<300; i++)); do
+    for c in /sys/bus/pci/devices/$VF_BDF/nvme/nvme*; do [ -e "$c" ] && VF_CTRL=$(basename "$c"); done
+    [ -n "$VF_CTRL" ] && [ "$(cat /sys/class/nvme/$VF_CTRL/state 2>/dev/null)" = live ] && break
+    sleep 0.1
+  done
+  [ -n "$VF_CTRL" ] && [ "$(cat /sys/class/nvme/$VF_CTRL/state)" = live ] \
+    || { why "VF $VF_BDF did not come up under nvme after VF Enable + online: $(dmesg | grep -a "$VF_BDF\|nvme" | tail -n1)"; return 1; }
+  find_vf_ns
+  echo "VF $VF_BDF is live as $VF_CTRL ($VF_NS) after the PF re-enabled it"
 }
 
 CDQID=
@@ -164,6 +205,7 @@ c_vf_io() {
 BG_PID=
 c_vf_stalled() {   # TP4159 Suspend: the suspended controller processes no further commands until Resume
   need_vf || return
+  VF_KMSG_BASE=$(dmesg | grep -ciE "$VF_CTRL.*(timeout|reset|abort)")
   ( dd if="$VF_NS" of=/tmp/vf-bg bs=64k skip=$((VF_OFF/65536)) count=1 iflag=direct status=none; echo $? > /tmp/vf-bg.rc ) &
   BG_PID=$!
   sleep 3
@@ -180,7 +222,9 @@ c_vf_resumed() {
   [ -s /tmp/vf-bg.rc ] || { why "the read outstanding on the VF did not complete within 10 s of Resume"; dmesg | grep -i "$VF_CTRL" | tail -n 5; return 1; }
   [ "$(cat /tmp/vf-bg.rc)" = 0 ] || { why "the read outstanding across Suspend/Resume failed (dd rc $(cat /tmp/vf-bg.rc))"; return 1; }
   cmp -s /tmp/vf-bg $VF_PAT || { why "the read outstanding across Suspend/Resume returned wrong data"; return 1; }
-  dmesg | grep -iE "$VF_CTRL.*(timeout|reset|abort)" && { why "the kernel timed out or reset the VF around Suspend/Resume"; return 1; }
+  # Only kernel messages that appeared since the read was submitted count (the VF's failed boot-time probe doesn't).
+  local new; new=$(dmesg | grep -iE "$VF_CTRL.*(timeout|reset|abort)" | tail -n +$(( ${VF_KMSG_BASE:-0} + 1 )))
+  [ -z "$new" ] || { echo "$new"; why "the kernel timed out or reset the VF around Suspend/Resume: $(echo "$new" | head -n1)"; return 1; }
   echo "outstanding read completed after Resume with the right data; no timeouts"
 }
 
@@ -221,6 +265,7 @@ run lm-plugin c_lm_plugin
 run hmlms c_hmlms
 run list-secondary c_secondary
 REQUIRES="enumerate lm-plugin list-secondary"
+run pf-enables-vf c_pf_enables_vf
 run vf-io-before c_vf_io
 run create-cdq c_create_cdq
 REQUIRES="enumerate lm-plugin list-secondary create-cdq"

@@ -2,15 +2,18 @@ using System.Text.Json;
 using Microsoft.Extensions.Logging;
 using Vmig.Devices.Nvme;
 using Vmig.Devices.Pci;
+using Vmig.VfioUser.Protocol;
 using Vmig.VfioUser.Server;
 
 namespace Vmig.RealguestHost;
 
 /// <summary>
 /// Stand-in for `vmig host --config FILE` (realguest suite, until the real one serves NVMe): reads the JSON that
-/// tests/realguest/run.sh writes (runDir, subsystems[0].namespaces[0].file/lbaSize, secondaryControllers,
-/// pfSocket), builds an <see cref="NvmeSubsystem"/>, provisions and onlines secondary controller 1, attaches
-/// namespace 1 to it, and serves the PF on runDir/pfSocket and VF n on runDir/nvme0-vf{n}.sock until SIGTERM.
+/// tests/realguest/run.sh writes for `vmig host` (runtimeDir, nvme[0].name/namespaces[0].path+lbaSize/vfs/
+/// queuesPerVf/vectorsPerVf, plus optional pfDeviceId/vfDeviceId hex), builds an <see cref="NvmeSubsystem"/>, enables the VFs through
+/// the PF's SR-IOV capability, provisions and onlines each secondary controller, attaches namespace 1 to the
+/// secondaries, and serves the project's own <see cref="NvmeFunction"/>s — the PF on runtimeDir/NAME-pf.sock, VF n
+/// on runtimeDir/NAME-vf{n}.sock — until SIGTERM. It adds no device behaviour (except the RG_MSIX_UNMASK diagnosis aid).
 /// </summary>
 internal static class Program
 {
@@ -25,40 +28,42 @@ internal static class Program
         var log = loggers.CreateLogger("realguest-host");
         using var doc = JsonDocument.Parse(File.ReadAllText(args[2]));
         var root = doc.RootElement;
-        string runDir = root.GetProperty("runDir").GetString()!;
-        var sub = root.GetProperty("subsystems")[0];
+        string runDir = root.GetProperty("runtimeDir").GetString()!;
+        var sub = root.GetProperty("nvme")[0];
+        string name = sub.GetProperty("name").GetString()!;
         var ns = sub.GetProperty("namespaces")[0];
-        int vfs = sub.GetProperty("secondaryControllers").GetInt32();
-        string pfSocket = Path.Combine(runDir, sub.GetProperty("pfSocket").GetString()!);
+        int vfs = sub.GetProperty("vfs").GetInt32();
+        ushort queues = (ushort)(sub.GetProperty("queuesPerVf").GetInt32() + 1);
+        ushort vectors = (ushort)sub.GetProperty("vectorsPerVf").GetInt32();
+        string pfSocket = Path.Combine(runDir, name + "-pf.sock");
 
         var defaults = new NvmeSubsystemOptions();
         using var subsystem = new NvmeSubsystem(defaults with
         {
-            SerialNumber = sub.GetProperty("serial").GetString()!,
-            Subnqn = sub.GetProperty("nqn").GetString()!,
+            SerialNumber = $"VMIG-{name}",
+            Subnqn = $"nqn.2026-11.io.vmig:nvme:{name}",
             // Optional overrides: the defaults 1B36:0010/0011 are QEMU's NVMe (Linux applies its quirks) and
             // QEMU's pvpanic-pci (Linux binds pvpanic-pci to the VF, not nvme).
             DeviceId = sub.TryGetProperty("pfDeviceId", out var pd) ? Convert.ToUInt16(pd.GetString(), 16) : defaults.DeviceId,
             VfDeviceId = sub.TryGetProperty("vfDeviceId", out var vd) ? Convert.ToUInt16(vd.GetString(), 16) : defaults.VfDeviceId,
         });
-        uint nsid = subsystem.AddNamespace(ns.GetProperty("file").GetString()!, ns.GetProperty("lbaSize").GetInt32(), ns.GetProperty("nsid").GetUInt32());
-        subsystem.SetEnabledVfs(vfs);
-        var servers = new List<VfioUserServer>();
-        var functions = new List<NvmeFunction>();
+        uint nsid = subsystem.AddNamespace(ns.GetProperty("path").GetString()!, ns.GetProperty("lbaSize").GetInt32());
         var opts = subsystem.Options;
         log.LogInformation("PCI ids: PF {Vendor:x4}:{Pf:x4}, VF {Vendor:x4}:{Vf:x4}", opts.VendorId, opts.DeviceId, opts.VendorId, opts.VfDeviceId);
-        var pf = new NvmeFunction(subsystem.Primary, opts.VendorId, opts.DeviceId);
-        functions.Add(pf);
-        servers.Add(new VfioUserServer(pf, pfSocket, loggers: loggers));
+        // What a host PF driver does: VF Enable through the PF's SR-IOV capability, then VQ/VI resources and Online.
+        subsystem.EnableVfs(vfs);
+        bool unmask = Environment.GetEnvironmentVariable("RG_MSIX_UNMASK") == "1";
+        var servers = new List<VfioUserServer>
+        {
+            new(Wrap(subsystem.PrimaryFunction, unmask), pfSocket, loggers: loggers),
+        };
         var vfCntlids = new List<ushort>();
         for (int i = 0; i < vfs; i++)
         {
-            var ctrl = subsystem.Secondaries[i];
-            subsystem.ProvisionSecondary(ctrl.Cntlid, queues: 5, vectors: 5);
-            vfCntlids.Add(ctrl.Cntlid);
-            var vf = new NvmeFunction(ctrl, opts.VendorId, opts.VfDeviceId);
-            functions.Add(vf);
-            servers.Add(new VfioUserServer(vf, Path.Combine(runDir, $"nvme0-vf{i}.sock"), loggers: loggers));
+            var fn = subsystem.GetVfFunction(i) ?? throw new InvalidOperationException($"VF {i} not enabled");
+            subsystem.ProvisionSecondary(fn.Controller.Cntlid, queues, vectors);
+            vfCntlids.Add(fn.Controller.Cntlid);
+            servers.Add(new VfioUserServer(Wrap(fn, unmask), Path.Combine(runDir, $"{name}-vf{i}.sock"), loggers: loggers));
         }
         var st = subsystem.AttachNamespace(nsid, vfCntlids);
         log.LogInformation("namespace {Nsid} attached to {Cntlids}: {Status}", nsid, string.Join(",", vfCntlids), st);
@@ -85,56 +90,65 @@ internal static class Program
         }
         return 0;
     }
+
+    private static VfioUserDevice Wrap(NvmeFunction fn, bool unmask) => unmask ? new MsixUnmaskingDevice(fn) : fn;
 }
 
 /// <summary>
-/// An NVMe controller as a PCIe function: class 0x010802, BAR0 (64-bit, <see cref="NvmeController.Bar0Size"/>)
-/// forwards to the controller's registers and doorbells, MSI-X (9 vectors) in BAR4 (table at 0, PBA at 0x1000).
-/// FLR resets the controller.
+/// RG_MSIX_UNMASK=1 only, a diagnosis aid, not a fix: with QEMU's vfio-user-pci the MSI-X table lives in QEMU (as with
+/// kernel vfio-pci), so the guest's table writes never reach the server. The device-side table keeps its reset state
+/// (every vector masked, PCI Local Bus 6.0 §6.8.2.9) and <see cref="PciFunction.SignalMsix"/> only sets PBA bits:
+/// Linux's admin commands time out ("I/O n QID 0 timeout, completion polled"). This decorator clears the device-side
+/// Vector Control mask bits after attach, reset and config writes, i.e. trusts the client's SET_IRQS arming, so the
+/// rest of the suite can run against the project's NvmeFunction.
 /// </summary>
-internal sealed class NvmeFunction(NvmeController controller, ushort vendorId, ushort deviceId) : PciFunction(new PciFunctionDeclaration
+internal sealed class MsixUnmaskingDevice(NvmeFunction inner) : VfioUserDevice
 {
-    VendorId = vendorId,
-    DeviceId = deviceId,
-    SubsystemVendorId = vendorId,
-    SubsystemId = deviceId,
-    ClassCode = 0x010802,
-    Bars = [new PciBar(NvmeController.Bar0Size, Is64Bit: true), null, null, null, new PciBar(0x2000), null],
-    Msix = new PciMsixLayout(9, 4, 0, 4, 0x1000),
-})
-{
-    protected override int ReadBar(int bar, ulong offset, Span<byte> data) =>
-        bar == 0 ? controller.ReadBar0((long)offset, data) : base.ReadBar(bar, offset, data);
+    public override DeviceInfoFlags InfoFlags => inner.InfoFlags;
+    public override IReadOnlyList<RegionDescriptor> Regions => inner.Regions;
+    public override IReadOnlyList<IrqDescriptor> Irqs => inner.Irqs;
+    public override Vmig.Migration.IMigrationDevice? Migration => inner.Migration;
 
-    protected override int WriteBar(int bar, ulong offset, ReadOnlySpan<byte> data) =>
-        bar == 0 ? controller.WriteBar0((long)offset, data) : base.WriteBar(bar, offset, data);
+    public override int ReadRegion(int index, ulong offset, Span<byte> data) => inner.ReadRegion(index, offset, data);
 
-    protected override void OnFunctionReset() => controller.Reset();
+    public override int WriteRegion(int index, ulong offset, ReadOnlySpan<byte> data)
+    {
+        int rc = inner.WriteRegion(index, offset, data);
+        if (index == VfioPci.ConfigRegionIndex)
+        {
+            Unmask();
+        }
+        return rc;
+    }
 
-    /// <summary>
-    /// RG_MSIX_VIA_SET_IRQS=1: raise the vector straight through the client's SET_IRQS eventfd. With QEMU's
-    /// vfio-user-pci the MSI-X table lives in QEMU (as with kernel vfio-pci): the guest's table writes never reach
-    /// the server, so the device-side table keeps its reset state (every vector masked) and
-    /// <see cref="PciFunction.SignalMsix"/> only ever sets PBA bits. This switch exists to show that diagnosis and
-    /// to let the rest of the suite run; it is not a fix.
-    /// </summary>
-    private static readonly bool MsixViaSetIrqs = Environment.GetEnvironmentVariable("RG_MSIX_VIA_SET_IRQS") == "1";
+    public override void Reset()
+    {
+        inner.Reset();
+        Unmask();
+    }
 
     public override void OnAttached(DeviceContext context)
     {
         base.OnAttached(context);
-        controller.Attach(BusMasterDma, v =>
-        {
-            if (!SignalMsix(v) && MsixViaSetIrqs && IsMsixEnabled)
-            {
-                Context?.Irqs.Trigger(Vmig.VfioUser.Protocol.VfioPci.MsixIrqIndex, v);
-            }
-        });
+        inner.OnAttached(context);
+        Unmask();
     }
 
     public override void OnDetached()
     {
-        controller.Detach();
+        inner.OnDetached();
         base.OnDetached();
+    }
+
+    private void Unmask()
+    {
+        var m = inner.Declaration.Msix!;
+        Span<byte> zero = stackalloc byte[4];
+        zero.Clear();
+        for (int v = 0; v < m.VectorCount; v++)
+        {
+            // Vector Control is dword 3 of each 16-byte entry; writing it through the BAR also delivers pending bits.
+            inner.WriteRegion(m.TableBar, m.TableOffset + (ulong)(v * 16) + 12, zero);
+        }
     }
 }

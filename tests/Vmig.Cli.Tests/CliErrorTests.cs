@@ -1,0 +1,92 @@
+namespace Vmig.Cli.Tests;
+
+public sealed class CliErrorTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-cli-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private static readonly TimeSpan T = TimeSpan.FromSeconds(60);
+
+    [Fact]
+    public void Host_config_with_a_wrong_type_names_file_line_and_field()
+    {
+        string cfg = Path.Combine(_dir, "h.json");
+        File.WriteAllText(cfg, "{\n  \"name\": \"h\",\n  \"accelerators\": [ { \"name\": \"a\", \"vfs\": \"many\" } ]\n}\n");
+        var (code, output) = VmigProcess.Run(T, "host", "--config", cfg);
+        Assert.Equal(1, code);
+        Assert.Contains("h.json:3", output, StringComparison.Ordinal);
+        Assert.Contains("vfs", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Host_yaml_config_with_an_unknown_field_names_the_line()
+    {
+        string cfg = Path.Combine(_dir, "h.yaml");
+        File.WriteAllText(cfg, "name: h\naccelerators:\n  - name: a\n    bogus: 1\n");
+        var (code, output) = VmigProcess.Run(T, "host", "--config", cfg);
+        Assert.Equal(1, code);
+        Assert.Contains("h.yaml:4", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Host_config_value_out_of_range_is_refused_with_the_field()
+    {
+        string cfg = Path.Combine(_dir, "h.json");
+        File.WriteAllText(cfg, """{ "name": "h", "runtimeDir": "RUN", "accelerators": [ { "name": "a", "vfs": 0 } ] }""".Replace("RUN", Path.Combine(_dir, "run"), StringComparison.Ordinal));
+        var (code, output) = VmigProcess.Run(T, "host", "--config", cfg);
+        Assert.Equal(1, code);
+        Assert.Contains("accelerators[a].vfs", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Missing_config_file_is_a_clear_error()
+    {
+        var (code, output) = VmigProcess.Run(T, "host", "--config", Path.Combine(_dir, "nope.json"));
+        Assert.Equal(1, code);
+        Assert.Contains("nope.json", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Vm_needs_exactly_one_of_config_incoming_restore()
+    {
+        var (code, output) = VmigProcess.Run(T, "vm");
+        Assert.NotEqual(0, code);
+        Assert.Contains("exactly one of --config, --incoming or --restore", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Device_migrate_requires_both_sockets()
+    {
+        var (code, output) = VmigProcess.Run(T, "device", "migrate", "--from", "/tmp/x.sock");
+        Assert.NotEqual(0, code);
+        Assert.Contains("--to", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Migrate_to_a_vm_that_does_not_exist_says_so()
+    {
+        var (code, output) = VmigProcess.Run(T, "migrate", Path.Combine(_dir, "none.ctl"), "--to", "tcp:127.0.0.1:1");
+        Assert.Equal(1, code);
+        Assert.Contains("no VM answers", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Bad_tcp_endpoint_is_refused()
+    {
+        var (code, output) = VmigProcess.Run(T, "vm", "--incoming", "udp:1.2.3.4", "--device", "a=b");
+        Assert.Equal(1, code);
+        Assert.Contains("tcp:HOST:PORT", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Every_command_has_help_with_an_example()
+    {
+        foreach (string[] c in new[] { new[] { "demo" }, ["host"], ["vm"], ["migrate"], ["snapshot"], ["status"], ["device", "migrate"], ["device", "info"], ["conform"], ["fuzz"], ["bench"] })
+        {
+            var (code, output) = VmigProcess.Run(T, [.. c, "--help"]);
+            Assert.True(code == 0, string.Join(' ', c) + ": " + output);
+            Assert.Contains("Example", output, StringComparison.Ordinal);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using System.Text.Json;
+using Vmig.Native;
+
+namespace Vmig.Cli.Tests;
+
+/// <summary>Real processes: two device hosts, a VM, an incoming VM, and `vmig migrate` killed with SIGTERM mid-way.</summary>
+public sealed class MigrationInterruptTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-sigterm-").FullName;
+    private readonly List<Process> _procs = [];
+
+    public void Dispose()
+    {
+        foreach (var p in _procs)
+        {
+            if (!p.HasExited)
+            {
+                ProcessSignals.Send(p.Id, ProcessSignals.SIGTERM);
+                if (!p.WaitForExit(5000))
+                {
+                    p.Kill(true);
+                }
+            }
+            p.Dispose();
+        }
+        Directory.Delete(_dir, true);
+    }
+
+    private Process Start(params string[] args)
+    {
+        var p = VmigProcess.Start(args);
+        p.OutputDataReceived += (_, _) => { };
+        p.ErrorDataReceived += (_, _) => { };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        _procs.Add(p);
+        return p;
+    }
+
+    private static void WaitFor(Func<bool> cond, string what)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!cond())
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), "timed out waiting for " + what);
+            Thread.Sleep(50);
+        }
+    }
+
+    [Fact]
+    public void Sigterm_to_vmig_migrate_mid_migration_leaves_the_vm_running_at_the_source_with_nothing_lost()
+    {
+        string ns = Path.Combine(_dir, "ns.img");
+        foreach (string h in new[] { "A", "B" })
+        {
+            File.WriteAllText(Path.Combine(_dir, $"host{h}.json"), JsonSerializer.Serialize(new
+            {
+                name = "host" + h,
+                runtimeDir = Path.Combine(_dir, h),
+                nvme = new[] { new { name = "nvme0", vfs = 1, namespaces = new[] { new { path = ns, size = "16M" } } } },
+            }));
+            Start("host", "--config", Path.Combine(_dir, $"host{h}.json"));
+        }
+        WaitFor(() => File.Exists(Path.Combine(_dir, "A", "host.json")) && File.Exists(Path.Combine(_dir, "B", "host.json")), "device hosts");
+        File.WriteAllText(Path.Combine(_dir, "job.fio"), "[w]\nrw=randwrite\nbs=4k\niodepth=4\nsize=4M\nverify=crc32c\ntime_based=1\nruntime=600\n");
+        File.WriteAllText(Path.Combine(_dir, "vm.json"), JsonSerializer.Serialize(new
+        {
+            name = "vm0",
+            memory = "64M",
+            runtimeDir = Path.Combine(_dir, "vmA"),
+            devices = new[] { new { name = "nvme0", socket = Path.Combine(_dir, "A", "nvme0-vf0.sock") } },
+            workloads = new object[] { new { kind = "fio", device = "nvme0", job = "job.fio" }, new { kind = "memory-dirtier", size = "16M", rate = "8M" } },
+        }));
+        Start("vm", "--config", Path.Combine(_dir, "vm.json"));
+        string ctl = Path.Combine(_dir, "vmA", "vm0.ctl");
+        WaitFor(() => File.Exists(ctl), "vm0 control socket");
+        int port = FreePort();
+        var target = Start("vm", "--incoming", $"tcp:127.0.0.1:{port}", "--name", "vm0", "--runtime-dir", Path.Combine(_dir, "vmB"),
+            "--device", $"nvme0={Path.Combine(_dir, "B", "nvme0-vf0.sock")}");
+        Thread.Sleep(2000);
+
+        // 1 MiB/s makes the 64 MiB RAM copy take a minute: the SIGTERM lands in pre-copy.
+        var migrate = Start("migrate", ctl, "--to", $"tcp:127.0.0.1:{port}", "--max-bandwidth", "1M");
+        Thread.Sleep(2500);
+        Assert.False(migrate.HasExited, "the migration should still be running");
+        Assert.True(ProcessSignals.Send(migrate.Id, ProcessSignals.SIGTERM));
+        Assert.True(migrate.WaitForExit(20_000));
+
+        // The source rolls back: still Running, still answering; the target gave up.
+        WaitFor(() => Status(ctl) == "Running", "source back to Running");
+        Assert.True(target.WaitForExit(60_000), "the target should discard and exit");
+        Assert.False(File.Exists(Path.Combine(_dir, "vmB", "vm0.ctl")));
+        Thread.Sleep(500);
+        var (code, output) = VmigProcess.Run(TimeSpan.FromSeconds(60), "status", ctl, "--json");
+        Assert.Equal(0, code);
+        Assert.Contains("\"Running\"", output, StringComparison.Ordinal);
+        using var c = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        c.Connect(new UnixDomainSocketEndPoint(ctl));
+        using var s = new NetworkStream(c);
+        using var w = new StreamWriter(s) { AutoFlush = true };
+        using var r = new StreamReader(s);
+        w.WriteLine("{\"op\":\"verify\"}");
+        using var v = JsonDocument.Parse(r.ReadLine()!);
+        var res = v.RootElement.GetProperty("result");
+        Assert.True(res.GetProperty("writes").GetInt64() > 0);
+        Assert.Equal(0, res.GetProperty("lost").GetInt64());
+        Assert.Equal(0, res.GetProperty("corrupt").GetInt64());
+    }
+
+    private static string? Status(string ctl)
+    {
+        var (code, output) = VmigProcess.Run(TimeSpan.FromSeconds(30), "status", ctl, "--json");
+        if (code != 0)
+        {
+            return null;
+        }
+        int i = output.IndexOf('{', StringComparison.Ordinal);
+        using var d = JsonDocument.Parse(output[i..]);
+        return d.RootElement.GetProperty("state").GetString();
+    }
+
+    private static int FreePort()
+    {
+        var l = new TcpListener(IPAddress.Loopback, 0);
+        l.Start();
+        int p = ((IPEndPoint)l.LocalEndpoint).Port;
+        l.Stop();
+        return p;
+    }
+}
