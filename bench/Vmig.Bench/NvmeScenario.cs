@@ -84,6 +84,7 @@ internal static class NvmeScenario
         var owned = new Stack<IDisposable>();
         IGuestPciFunction gfn;
         DirectFunction? direct = null;
+        CountingFunction? counting = null;
         uint nsid = 1;
         if (vfSocket is not null)
         {
@@ -93,7 +94,8 @@ internal static class NvmeScenario
             dev.DmaMap(0, ram.Size, ram.Fd, 0);
             var vfn = new VmPciFunction(dev);
             owned.Push(vfn);
-            gfn = vfn;
+            counting = new CountingFunction(vfn);
+            gfn = counting;
         }
         else
         {
@@ -117,7 +119,7 @@ internal static class NvmeScenario
         }
         try
         {
-            RunWorkload(ctx, name, ram, gfn, direct, nsid, rawPath, fileBytes, shadow, qd, write);
+            RunWorkload(ctx, name, ram, gfn, direct, counting, nsid, rawPath, fileBytes, shadow, qd, write);
         }
         finally
         {
@@ -145,7 +147,7 @@ internal static class NvmeScenario
         }
     }
 
-    private static void RunWorkload(BenchContext ctx, string name, GuestRam ram, IGuestPciFunction fn, DirectFunction? direct, uint nsid,
+    private static void RunWorkload(BenchContext ctx, string name, GuestRam ram, IGuestPciFunction fn, DirectFunction? direct, CountingFunction? counting, uint nsid,
         string rawPath, long fileBytes, bool shadow, int qd, bool write)
     {
         var drv = NvmeDriver.Initialize(ram, fn, DriverRegion, DriverRegionSize,
@@ -160,6 +162,7 @@ internal static class NvmeScenario
         var lat = new List<double>();
         long ios = 0;
         direct?.ResetCounters();
+        counting?.ResetCounters();
 
         (double, double) Vmig()
         {
@@ -212,6 +215,12 @@ internal static class NvmeScenario
         {
             f.Extra["vmig mean latency µs (QD ÷ IOPS)"] = qd / f.Value.Median * 1e6;
         }
+        if (counting is not null)
+        {
+            f.Extra["MMIO doorbell REGION_WRITEs per I/O"] = Interlocked.Read(ref counting.DoorbellWrites) / (double)Math.Max(1, ios);
+            f.Extra["interrupt waits that got an interrupt, per I/O"] = Interlocked.Read(ref counting.InterruptsSeen) / (double)Math.Max(1, ios);
+            f.Extra["interrupt waits that timed out, per I/O"] = Interlocked.Read(ref counting.WaitTimeouts) / (double)Math.Max(1, ios);
+        }
         if (direct is not null)
         {
             f.Extra["MMIO doorbell writes per I/O"] = Interlocked.Read(ref direct.DoorbellWrites) / (double)Math.Max(1, ios);
@@ -250,6 +259,45 @@ internal static class NvmeScenario
                 throw new TimeoutException($"QD{qd}: {done} of {ops} completed in 30 s");
             }
             fn.WaitInterrupt(1, 5);
+        }
+    }
+
+    /// <summary>Counts what the driver does through a function: doorbell writes (BAR0 ≥ 0x1000) and interrupt waits.</summary>
+    private sealed class CountingFunction(IGuestPciFunction inner) : IGuestPciFunction
+    {
+        public long DoorbellWrites;
+        public long InterruptsSeen;
+        public long WaitTimeouts;
+
+        public void ResetCounters()
+        {
+            Interlocked.Exchange(ref DoorbellWrites, 0);
+            Interlocked.Exchange(ref InterruptsSeen, 0);
+            Interlocked.Exchange(ref WaitTimeouts, 0);
+        }
+
+        public int MsixVectorCount => inner.MsixVectorCount;
+
+        public void ReadConfig(int offset, Span<byte> data) => inner.ReadConfig(offset, data);
+
+        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => inner.WriteConfig(offset, data);
+
+        public void MmioRead(int bar, ulong offset, Span<byte> data) => inner.MmioRead(bar, offset, data);
+
+        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+        {
+            if (offset >= 0x1000 && offset < 0x2000)
+            {
+                Interlocked.Increment(ref DoorbellWrites);
+            }
+            inner.MmioWrite(bar, offset, data);
+        }
+
+        public bool WaitInterrupt(int vector, int timeoutMs)
+        {
+            bool got = inner.WaitInterrupt(vector, timeoutMs);
+            Interlocked.Increment(ref got ? ref InterruptsSeen : ref WaitTimeouts);
+            return got;
         }
     }
 
