@@ -132,13 +132,13 @@ internal static class NvmeScenario
 
     /// <summary>Connects to the VF; the server takes one client at a time and refuses a new one until it has seen the
     /// previous client's disconnect, so a reconnect right after a figure is retried briefly.</summary>
-    private static VfioVmDevice Connect(string socket)
+    private static VfioUserVmDevice Connect(string socket)
     {
         for (int attempt = 0; ; attempt++)
         {
             try
             {
-                return new VfioVmDevice(socket, "nvme0", "nvme", "bench");
+                return VfioUserVmDevice.Connect(socket, "nvme0", "nvme", "bench");
             }
             catch (Vmig.VfioUser.VfioUserException) when (attempt < 100)
             {
