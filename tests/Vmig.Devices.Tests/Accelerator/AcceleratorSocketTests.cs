@@ -128,7 +128,7 @@ public sealed class AcceleratorSocketTests : IDisposable
 
         var moved = AcceleratorDriver.Attach(ram, dstFn, 0x10_0000);
         var seen = new HashSet<uint>();
-        uint crc = Vmig.Devices.Pci.Crc32C.Compute(dstPf.GetVf(0).Memory.GetSpan(0, 16 << 20));
+        uint crc = Vmig.Spec.Crc32C.Compute(dstPf.GetVf(0).Memory.GetSpan(0, 16 << 20));
         foreach (var s in slots)
         {
             var c = moved.Wait(s);
