@@ -27,7 +27,7 @@ internal static class AccelScenario
         using var dstPeer = ctx.StartPeer("accel", "accel-dst", bytes);
         using var rawA = ctx.StartPeer("raw", "accel-rawa", bytes);
         using var rawB = ctx.StartPeer("raw", "accel-rawb", bytes);
-        using var src = new VfioVmDevice(srcPeer.SocketPath, "accel0", "accel", "bench");
+        using var src = VfioUserVmDevice.Connect(srcPeer.SocketPath, "accel0", "accel", "bench");
         using var dst = VfioUserClient.Connect(dstPeer.SocketPath);
         using var ra = new RawClient(rawA.SocketPath);
         using var rb = new RawClient(rawB.SocketPath);
@@ -160,7 +160,7 @@ internal static class AccelScenario
         return total;
     }
 
-    private static void TrackingOverhead(BenchContext ctx, VfioVmDevice dev, AcceleratorDriver drv, GuestRam ram)
+    private static void TrackingOverhead(BenchContext ctx, VfioUserVmDevice dev, AcceleratorDriver drv, GuestRam ram)
     {
         const ulong JobBytes = 256 << 10;
         const ulong Guest = 0x40_0000;

@@ -32,13 +32,32 @@ internal static class NvmeScenario
         string rawPath = Path.Combine(ctx.Directory, "raw.img");
         FillFile(path, fileBytes);
         FillFile(rawPath, fileBytes);
-        foreach (bool shadow in new[] { true, false })
+        PeerProcess? peer = null;
+        try
         {
-            foreach (int qd in new[] { 1, 32 })
+            peer = ctx.StartPeer("nvme", "nvme-vf", fileBytes);
+        }
+        catch (InvalidOperationException e)
+        {
+            ctx.Report.Skipped["nvme over vfio-user"] = e.Message;
+        }
+        using (peer)
+        {
+            foreach (bool viaSocket in new[] { true, false })
             {
-                foreach (bool write in new[] { false, true })
+                if (viaSocket && peer is null)
                 {
-                    RunOne(ctx, path, rawPath, fileBytes, shadow, qd, write);
+                    continue;
+                }
+                foreach (bool shadow in new[] { true, false })
+                {
+                    foreach (int qd in new[] { 1, 32 })
+                    {
+                        foreach (bool write in new[] { false, true })
+                        {
+                            RunOne(ctx, viaSocket ? peer!.SocketPath : null, path, rawPath, fileBytes, shadow, qd, write);
+                        }
+                    }
                 }
             }
         }
@@ -55,24 +74,82 @@ internal static class NvmeScenario
         }
     }
 
-    private static void RunOne(BenchContext ctx, string path, string rawPath, long fileBytes, bool shadow, int qd, bool write)
+    /// <summary>One figure. <paramref name="vfSocket"/> non-null: the driver reaches an NVMe VF in the peer process over
+    /// vfio-user (REGION_WRITE doorbells, memfd DMA, eventfd MSI-X); null: the primary controller in this process.</summary>
+    private static void RunOne(BenchContext ctx, string? vfSocket, string path, string rawPath, long fileBytes, bool shadow, int qd, bool write)
     {
-        string name = $"4 KiB random {(write ? "write" : "read")} QD{qd}, shadow doorbells {(shadow ? "on" : "off")}";
+        string name = $"{(vfSocket is null ? "in-process" : "VF over vfio-user")}: 4 KiB rand {(write ? "write" : "read")} QD{qd}, shadow {(shadow ? "on" : "off")}";
         ctx.Progress("nvme: " + name);
-        using var subsystem = new NvmeSubsystem(new NvmeSubsystemOptions { MaxSecondaryControllers = 1 });
-        uint nsid = subsystem.AddNamespace(path, Block);
-        if (!subsystem.AttachNamespace(nsid, [0]).IsSuccess)
-        {
-            throw new InvalidOperationException("namespace attach failed");
-        }
         using var ram = GuestRam.Create(64UL << 20, "bench-nvme-ram");
-        using var dma = new DmaSpace();
-        int rc = dma.Map(0, ram.Size, DmaProt.Read | DmaProt.Write, Mapping.Map(ram.Fd, 0, (long)ram.Size));
-        if (rc != 0)
+        var owned = new Stack<IDisposable>();
+        IGuestPciFunction gfn;
+        DirectFunction? direct = null;
+        CountingFunction? counting = null;
+        uint nsid = 1;
+        if (vfSocket is not null)
         {
-            throw new InvalidOperationException($"DMA map: errno {rc}");
+            var dev = Connect(vfSocket);
+            owned.Push(dev);
+            dev.Reset();
+            dev.DmaMap(0, ram.Size, ram.Fd, 0);
+            var vfn = new VmPciFunction(dev);
+            owned.Push(vfn);
+            counting = new CountingFunction(vfn);
+            gfn = counting;
         }
-        using var fn = new DirectFunction(subsystem.Primary, dma, 2);
+        else
+        {
+            var subsystem = new NvmeSubsystem(new NvmeSubsystemOptions { MaxSecondaryControllers = 1 });
+            owned.Push(subsystem);
+            nsid = subsystem.AddNamespace(path, Block);
+            if (!subsystem.AttachNamespace(nsid, [0]).IsSuccess)
+            {
+                throw new InvalidOperationException("namespace attach failed");
+            }
+            var dma = new DmaSpace();
+            owned.Push(dma);
+            int rc = dma.Map(0, ram.Size, DmaProt.Read | DmaProt.Write, Mapping.Map(ram.Fd, 0, (long)ram.Size));
+            if (rc != 0)
+            {
+                throw new InvalidOperationException($"DMA map: errno {rc}");
+            }
+            direct = new DirectFunction(subsystem.Primary, dma, 2);
+            owned.Push(direct);
+            gfn = direct;
+        }
+        try
+        {
+            RunWorkload(ctx, name, ram, gfn, direct, counting, nsid, rawPath, fileBytes, shadow, qd, write);
+        }
+        finally
+        {
+            while (owned.Count > 0)
+            {
+                owned.Pop().Dispose();
+            }
+        }
+    }
+
+    /// <summary>Connects to the VF; the server takes one client at a time and refuses a new one until it has seen the
+    /// previous client's disconnect, so a reconnect right after a figure is retried briefly.</summary>
+    private static VfioUserVmDevice Connect(string socket)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return VfioUserVmDevice.Connect(socket, "nvme0", "nvme", "bench");
+            }
+            catch (Vmig.VfioUser.VfioUserException) when (attempt < 100)
+            {
+                Thread.Sleep(20);
+            }
+        }
+    }
+
+    private static void RunWorkload(BenchContext ctx, string name, GuestRam ram, IGuestPciFunction fn, DirectFunction? direct, CountingFunction? counting, uint nsid,
+        string rawPath, long fileBytes, bool shadow, int qd, bool write)
+    {
         var drv = NvmeDriver.Initialize(ram, fn, DriverRegion, DriverRegionSize,
             new NvmeDriverOptions { IoQueues = 1, IoQueueEntries = 64, ShadowDoorbells = shadow, Interrupts = true });
         using var raw = File.OpenHandle(rawPath, FileMode.Open, FileAccess.ReadWrite);
@@ -80,10 +157,12 @@ internal static class NvmeScenario
         var rngV = new Random(1);
         var rngB = new Random(1);
         var op = write ? NvmeIoOpcode.Write : NvmeIoOpcode.Read;
-        int opsPerSlice = qd == 1 ? 500 : 2000;
+        // Over the socket an I/O costs far more: smaller slices keep each figure to seconds.
+        int opsPerSlice = direct is null ? (qd == 1 ? 100 : 400) : (qd == 1 ? 500 : 2000);
         var lat = new List<double>();
         long ios = 0;
-        fn.ResetCounters();
+        direct?.ResetCounters();
+        counting?.ResetCounters();
 
         (double, double) Vmig()
         {
@@ -121,7 +200,7 @@ internal static class NvmeScenario
             }
         }));
 
-        int slices = ctx.Options.Quick ? 6 : 12;
+        int slices = ctx.Options.Quick ? 6 : 8;
         var (b, v) = Measure.Paired(ctx.Options.RunCount, slices, Raw, Vmig, perOp: false);
         var f = Measure.Figure("nvme", name, "IOPS", b, v,
             "raw pread/pwrite 4 KiB at random offsets of a same-size file into guest RAM, one thread" + (qd > 1 ? " (QD has no meaning for sync pread)" : ""),
@@ -136,13 +215,22 @@ internal static class NvmeScenario
         {
             f.Extra["vmig mean latency µs (QD ÷ IOPS)"] = qd / f.Value.Median * 1e6;
         }
-        f.Extra["MMIO doorbell writes per I/O"] = Interlocked.Read(ref fn.DoorbellWrites) / (double)Math.Max(1, ios);
-        f.Extra["interrupts per I/O"] = Interlocked.Read(ref fn.Interrupts) / (double)Math.Max(1, ios);
+        if (counting is not null)
+        {
+            f.Extra["MMIO doorbell REGION_WRITEs per I/O"] = Interlocked.Read(ref counting.DoorbellWrites) / (double)Math.Max(1, ios);
+            f.Extra["interrupt waits that got an interrupt, per I/O"] = Interlocked.Read(ref counting.InterruptsSeen) / (double)Math.Max(1, ios);
+            f.Extra["interrupt waits that timed out, per I/O"] = Interlocked.Read(ref counting.WaitTimeouts) / (double)Math.Max(1, ios);
+        }
+        if (direct is not null)
+        {
+            f.Extra["MMIO doorbell writes per I/O"] = Interlocked.Read(ref direct.DoorbellWrites) / (double)Math.Max(1, ios);
+            f.Extra["interrupts per I/O"] = Interlocked.Read(ref direct.Interrupts) / (double)Math.Max(1, ios);
+        }
         ctx.Report.Figures.Add(f);
         drv.Shutdown();
     }
 
-    private static void RunQueueDepth(NvmeDriver drv, DirectFunction fn, uint nsid, NvmeIoOpcode op, long blocks, int qd, int ops, Random rng)
+    private static void RunQueueDepth(NvmeDriver drv, IGuestPciFunction fn, uint nsid, NvmeIoOpcode op, long blocks, int qd, int ops, Random rng)
     {
         int submitted = 0, done = 0;
         for (int i = 0; i < qd && submitted < ops; i++, submitted++)
@@ -171,6 +259,45 @@ internal static class NvmeScenario
                 throw new TimeoutException($"QD{qd}: {done} of {ops} completed in 30 s");
             }
             fn.WaitInterrupt(1, 5);
+        }
+    }
+
+    /// <summary>Counts what the driver does through a function: doorbell writes (BAR0 ≥ 0x1000) and interrupt waits.</summary>
+    private sealed class CountingFunction(IGuestPciFunction inner) : IGuestPciFunction
+    {
+        public long DoorbellWrites;
+        public long InterruptsSeen;
+        public long WaitTimeouts;
+
+        public void ResetCounters()
+        {
+            Interlocked.Exchange(ref DoorbellWrites, 0);
+            Interlocked.Exchange(ref InterruptsSeen, 0);
+            Interlocked.Exchange(ref WaitTimeouts, 0);
+        }
+
+        public int MsixVectorCount => inner.MsixVectorCount;
+
+        public void ReadConfig(int offset, Span<byte> data) => inner.ReadConfig(offset, data);
+
+        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => inner.WriteConfig(offset, data);
+
+        public void MmioRead(int bar, ulong offset, Span<byte> data) => inner.MmioRead(bar, offset, data);
+
+        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+        {
+            if (offset >= 0x1000 && offset < 0x2000)
+            {
+                Interlocked.Increment(ref DoorbellWrites);
+            }
+            inner.MmioWrite(bar, offset, data);
+        }
+
+        public bool WaitInterrupt(int vector, int timeoutMs)
+        {
+            bool got = inner.WaitInterrupt(vector, timeoutMs);
+            Interlocked.Increment(ref got ? ref InterruptsSeen : ref WaitTimeouts);
+            return got;
         }
     }
 

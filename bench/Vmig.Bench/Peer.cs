@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using Vmig.Devices.Accelerator;
+using Vmig.Devices.Nvme;
 using Vmig.VfioUser.Server;
 
 namespace Vmig.Bench;
@@ -101,7 +102,7 @@ internal static class PeerMain
     {
         if (args.Length < 4)
         {
-            Console.Error.WriteLine("usage: Vmig.Bench serve state|raw|accel SOCKET BYTES");
+            Console.Error.WriteLine("usage: Vmig.Bench serve state|raw|accel|nvme SOCKET BYTES");
             return 2;
         }
         string kind = args[1], sock = args[2];
@@ -124,6 +125,34 @@ internal static class PeerMain
                         devs.Add(dev);
                     }
                     crc = () => devs.Aggregate(0u, (c, d) => System.Numerics.BitOperations.Crc32C(c, d.Checksum()));
+                    break;
+                }
+            case "nvme":
+                {
+                    // One NVMe subsystem with a BYTES-sized namespace file (4 KiB LBAs) next to the socket; VF 0 served.
+                    string img = sock + ".img";
+                    using (var f = new FileStream(img, FileMode.Create, FileAccess.Write))
+                    {
+                        var chunk = new byte[1 << 20];
+                        new Random(11).NextBytes(chunk);
+                        for (long o = 0; o < bytes; o += chunk.Length)
+                        {
+                            f.Write(chunk);
+                        }
+                    }
+                    var sub = new NvmeSubsystem(new NvmeSubsystemOptions { MaxSecondaryControllers = 1, MaxQueuesPerSecondary = 3, MaxVectorsPerSecondary = 2 });
+                    uint nsid = sub.AddNamespace(img, 4096);
+                    if (!sub.AttachNamespace(nsid, [1]).IsSuccess)
+                    {
+                        throw new InvalidOperationException("namespace attach failed");
+                    }
+                    sub.ProvisionSecondary(1, 3, 2);
+                    sub.EnableVfs(1);
+                    var server = new VfioUserServer(sub.GetVfFunction(0) ?? throw new InvalidOperationException("VF 0 did not come up"), sock);
+                    server.Start();
+                    owned.Add(sub);
+                    owned.Add(server);
+                    crc = () => 0;
                     break;
                 }
             case "raw":

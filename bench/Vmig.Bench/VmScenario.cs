@@ -82,7 +82,7 @@ internal static class VmScenario
     private static void Growth(BenchContext ctx)
     {
         bool quick = ctx.Options.Quick;
-        int reps = quick ? 1 : 3;
+        int reps = quick ? 1 : 2;
         long[] rams = quick ? [256 * MiB, 512 * MiB, 1024 * MiB] : [256 * MiB, 512 * MiB, 1024 * MiB, 2048 * MiB, 4096 * MiB];
         long[] devs = quick ? [0, 64 * MiB, 256 * MiB] : [0, 256 * MiB, 1024 * MiB, 4096 * MiB];
         int[] counts = [1, 2, 4, 8];
@@ -136,7 +136,7 @@ internal static class VmScenario
                 (dstPeer, dstSocks) = ctx.StartStatePeers("vm-dst", devices, deviceBytes);
                 for (int i = 0; i < devices; i++)
                 {
-                    srcDevices.Add(new VfioVmDevice(srcSocks[i], $"state{i}", "bench-state", $"bytes={deviceBytes}"));
+                    srcDevices.Add(VfioUserVmDevice.Connect(srcSocks[i], $"state{i}", "bench-state", $"bytes={deviceBytes}"));
                 }
             }
             var programs = new GuestProgramRegistry().Add(MemoryDirtier.Factory);
@@ -147,7 +147,7 @@ internal static class VmScenario
             listener.Start();
             var dst = dstSocks;
             var accept = MigrationTarget.AcceptAsync(listener, new VmConfig { Name = "bench", Programs = programs },
-                d => new VfioVmDevice(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile));
+                d => VfioUserVmDevice.Connect(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile));
             var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) })
                 .GetAwaiter().GetResult();
             target = accept.GetAwaiter().GetResult();

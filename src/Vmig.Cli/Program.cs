@@ -20,6 +20,7 @@ internal static class Program
         root.Subcommands.Add(DeviceCommands.Create());
         root.Subcommands.Add(ConformCommands.CreateConform());
         root.Subcommands.Add(ConformCommands.CreateFuzz());
+        root.Subcommands.Add(BenchCommand.Create());
         return root.Parse(args).Invoke();
     }
 }

@@ -82,7 +82,7 @@ public sealed class CliErrorTests : IDisposable
     [Fact]
     public void Every_command_has_help_with_an_example()
     {
-        foreach (string[] c in new[] { new[] { "demo" }, ["host"], ["vm"], ["migrate"], ["snapshot"], ["status"], ["device", "migrate"], ["device", "info"], ["conform"], ["fuzz"] })
+        foreach (string[] c in new[] { new[] { "demo" }, ["host"], ["vm"], ["migrate"], ["snapshot"], ["status"], ["device", "migrate"], ["device", "info"], ["conform"], ["fuzz"], ["bench"] })
         {
             var (code, output) = VmigProcess.Run(T, [.. c, "--help"]);
             Assert.True(code == 0, string.Join(' ', c) + ": " + output);

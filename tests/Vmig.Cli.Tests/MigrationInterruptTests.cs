@@ -10,45 +10,17 @@ namespace Vmig.Cli.Tests;
 public sealed class MigrationInterruptTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("vmig-sigterm-").FullName;
-    private readonly List<Process> _procs = [];
+    private readonly VmigProcesses _procs = new();
 
     public void Dispose()
     {
-        foreach (var p in _procs)
-        {
-            if (!p.HasExited)
-            {
-                ProcessSignals.Send(p.Id, ProcessSignals.SIGTERM);
-                if (!p.WaitForExit(5000))
-                {
-                    p.Kill(true);
-                }
-            }
-            p.Dispose();
-        }
+        _procs.Dispose();
         Directory.Delete(_dir, true);
     }
 
-    private Process Start(params string[] args)
-    {
-        var p = VmigProcess.Start(args);
-        p.OutputDataReceived += (_, _) => { };
-        p.ErrorDataReceived += (_, _) => { };
-        p.BeginOutputReadLine();
-        p.BeginErrorReadLine();
-        _procs.Add(p);
-        return p;
-    }
+    private Process Start(params string[] args) => _procs.Start(args);
 
-    private static void WaitFor(Func<bool> cond, string what)
-    {
-        var sw = Stopwatch.StartNew();
-        while (!cond())
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), "timed out waiting for " + what);
-            Thread.Sleep(50);
-        }
-    }
+    private static void WaitFor(Func<bool> cond, string what) => VmigProcesses.WaitFor(cond, what);
 
     [Fact]
     public void Sigterm_to_vmig_migrate_mid_migration_leaves_the_vm_running_at_the_source_with_nothing_lost()
@@ -97,14 +69,7 @@ public sealed class MigrationInterruptTests : IDisposable
         var (code, output) = VmigProcess.Run(TimeSpan.FromSeconds(60), "status", ctl, "--json");
         Assert.Equal(0, code);
         Assert.Contains("\"Running\"", output, StringComparison.Ordinal);
-        using var c = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        c.Connect(new UnixDomainSocketEndPoint(ctl));
-        using var s = new NetworkStream(c);
-        using var w = new StreamWriter(s) { AutoFlush = true };
-        using var r = new StreamReader(s);
-        w.WriteLine("{\"op\":\"verify\"}");
-        using var v = JsonDocument.Parse(r.ReadLine()!);
-        var res = v.RootElement.GetProperty("result");
+        var res = VmigProcesses.Control(ctl, "{\"op\":\"verify\"}").GetProperty("result");
         Assert.True(res.GetProperty("writes").GetInt64() > 0);
         Assert.Equal(0, res.GetProperty("lost").GetInt64());
         Assert.Equal(0, res.GetProperty("corrupt").GetInt64());

@@ -1,5 +1,3 @@
-using System.Diagnostics;
-using System.Net.Sockets;
 using System.Text.Json;
 
 namespace Vmig.Cli.Tests;
@@ -7,52 +5,12 @@ namespace Vmig.Cli.Tests;
 public sealed class SnapshotTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("vmig-snap-").FullName;
-    private readonly List<Process> _procs = [];
+    private readonly VmigProcesses _procs = new();
 
     public void Dispose()
     {
-        foreach (var p in _procs)
-        {
-            if (!p.HasExited)
-            {
-                p.Kill(true);
-            }
-            p.Dispose();
-        }
+        _procs.Dispose();
         Directory.Delete(_dir, true);
-    }
-
-    private Process Start(params string[] args)
-    {
-        var p = VmigProcess.Start(args);
-        p.OutputDataReceived += (_, _) => { };
-        p.ErrorDataReceived += (_, _) => { };
-        p.BeginOutputReadLine();
-        p.BeginErrorReadLine();
-        _procs.Add(p);
-        return p;
-    }
-
-    private static JsonElement Call(string ctl, string request)
-    {
-        using var c = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        c.Connect(new UnixDomainSocketEndPoint(ctl));
-        using var s = new NetworkStream(c);
-        using var w = new StreamWriter(s) { AutoFlush = true };
-        using var r = new StreamReader(s);
-        w.WriteLine(request);
-        using var d = JsonDocument.Parse(r.ReadLine()!);
-        return d.RootElement.Clone();
-    }
-
-    private static void WaitFor(string path)
-    {
-        var sw = Stopwatch.StartNew();
-        while (!File.Exists(path))
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), "timed out waiting for " + path);
-            Thread.Sleep(50);
-        }
     }
 
     [Fact]
@@ -65,26 +23,26 @@ public sealed class SnapshotTests : IDisposable
             runtimeDir = Path.Combine(_dir, "a"),
             workloads = new[] { new { kind = "memory-dirtier", size = "16M", rate = "8M" } },
         }));
-        var src = Start("vm", "--config", Path.Combine(_dir, "vm.json"));
+        var src = _procs.Start("vm", "--config", Path.Combine(_dir, "vm.json"));
         string ctl = Path.Combine(_dir, "a", "s0.ctl");
-        WaitFor(ctl);
+        VmigProcesses.WaitFor(() => File.Exists(ctl), ctl);
         Thread.Sleep(1000);
         string snap = Path.Combine(_dir, "s0.snap");
         var (code, output) = VmigProcess.Run(TimeSpan.FromSeconds(60), "snapshot", ctl, "--to", snap);
         Assert.True(code == 0, output);
         Assert.True(new FileInfo(snap).Length > 1 << 20);
-        Assert.Equal("Running", Call(ctl, "{\"op\":\"status\"}").GetProperty("result").GetProperty("state").GetString());
-        Call(ctl, "{\"op\":\"quit\"}");
+        Assert.Equal("Running", VmigProcesses.Control(ctl, "{\"op\":\"status\"}").GetProperty("result").GetProperty("state").GetString());
+        VmigProcesses.Control(ctl, "{\"op\":\"quit\"}");
         Assert.True(src.WaitForExit(20_000));
 
-        Start("vm", "--restore", snap, "--name", "s0", "--runtime-dir", Path.Combine(_dir, "b"));
+        _procs.Start("vm", "--restore", snap, "--name", "s0", "--runtime-dir", Path.Combine(_dir, "b"));
         string ctl2 = Path.Combine(_dir, "b", "s0.ctl");
-        WaitFor(ctl2);
+        VmigProcesses.WaitFor(() => File.Exists(ctl2), ctl2);
         Thread.Sleep(500);
-        var st = Call(ctl2, "{\"op\":\"status\"}").GetProperty("result");
+        var st = VmigProcesses.Control(ctl2, "{\"op\":\"status\"}").GetProperty("result");
         Assert.Equal("Running", st.GetProperty("state").GetString());
         Assert.True(st.GetProperty("vcpus")[0].GetProperty("slices").GetInt64() > 0);
-        var v = Call(ctl2, "{\"op\":\"verify\"}").GetProperty("result");
+        var v = VmigProcesses.Control(ctl2, "{\"op\":\"verify\"}").GetProperty("result");
         Assert.Equal(0, v.GetProperty("corrupt").GetInt64());
 
         // A corrupted snapshot is refused with a clear error, nothing starts.

@@ -326,11 +326,13 @@ public sealed class MigrationTests : IDisposable
     public async Task NonConvergingVm_StopsAtMaxRoundsAndStillMigratesConsistently()
     {
         // Unthrottled dirtying of 8 MiB with a 0 ms downtime limit never converges: switchover is forced by MaxRounds.
+        // The 32 MiB/s cap makes every round last long enough for the dirtier to dirty pages on any machine (an
+        // idle fast machine otherwise finished a round before the dirtier's vCPU was scheduled, and converged).
         using var src = TestVms.Dirtier(16, "gpa=0,size=8M,rate=0");
         src.Start();
         TestVms.WaitUntil(() => src.Vcpus[0].Slices > 20);
         var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices, new MigrationTargetOptions { StartVcpus = false });
-        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3, DowntimeLimit = TimeSpan.Zero });
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3, DowntimeLimit = TimeSpan.Zero, MaxBandwidth = 32L << 20 });
         using var dst = await target;
         Assert.Equal(4, report.Rounds.Count); // 3 pre-copy rounds + the final one
         Assert.True(report.Rounds[^1].Pages > 0);

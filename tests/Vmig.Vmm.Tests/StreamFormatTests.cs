@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Vmm;
 using Vmig.Vmm.Migration;

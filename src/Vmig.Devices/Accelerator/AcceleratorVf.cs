@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using System.Runtime.InteropServices;
 using Vmig.Devices.Pci;

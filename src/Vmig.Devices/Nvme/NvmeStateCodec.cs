@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Devices.Pci;
 using Vmig.Spec.Nvme;

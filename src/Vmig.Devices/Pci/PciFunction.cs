@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using System.Numerics;
 using Vmig.Spec.Pci;

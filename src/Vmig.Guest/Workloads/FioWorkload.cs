@@ -135,7 +135,7 @@ public sealed class FioWorkload : IGuestProgram
             }
             w.ReadSync(b, sw, timeoutMs);
             memory.Read(w._buffers, w._buf);
-            if (Crc32C(w._buf) == (uint)e)
+            if (Spec.Crc32C.Compute(w._buf) == (uint)e)
             {
                 verified++;
             }
@@ -237,7 +237,7 @@ public sealed class FioWorkload : IGuestProgram
             {
                 _m.Read(buf, _buf);
                 // The write is acknowledged: only now does the ledger promise this content.
-                _m.WriteUInt64(_ledger + (block * 8), ((ulong)gen << 32) | Crc32C(_buf));
+                _m.WriteUInt64(_ledger + (block * 8), ((ulong)gen << 32) | Spec.Crc32C.Compute(_buf));
                 Add(HWrites, 1);
             }
             else if (op == OpRead)
@@ -247,7 +247,7 @@ public sealed class FioWorkload : IGuestProgram
                 if (_verify && (e >> 32) != 0)
                 {
                     _m.Read(buf, _buf);
-                    if (Crc32C(_buf) != (uint)e)
+                    if (Spec.Crc32C.Compute(_buf) != (uint)e)
                     {
                         Add(HMismatch, 1);
                     }
@@ -423,21 +423,6 @@ public sealed class FioWorkload : IGuestProgram
             x ^= x << 17;
             BinaryPrimitives.WriteUInt64LittleEndian(b[i..], x);
         }
-    }
-
-    private static uint Crc32C(ReadOnlySpan<byte> data)
-    {
-        uint crc = 0xFFFFFFFF;
-        while (data.Length >= 8)
-        {
-            crc = BitOperations.Crc32C(crc, BinaryPrimitives.ReadUInt64LittleEndian(data));
-            data = data[8..];
-        }
-        foreach (byte x in data)
-        {
-            crc = BitOperations.Crc32C(crc, x);
-        }
-        return ~crc;
     }
 
     private sealed class NoDevice : IGuestBlockDevice

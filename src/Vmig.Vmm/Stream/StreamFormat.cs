@@ -1,39 +1,8 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using System.Numerics;
 
 namespace Vmig.Vmm.Stream;
-
-/// <summary>
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78, init 0xFFFFFFFF, final XOR 0xFFFFFFFF — the iSCSI /
-/// RFC 3720 variant; "123456789" → 0xE3069283), computed with the CPU's crc32 instruction through
-/// <see cref="BitOperations.Crc32C(uint, ulong)"/>.
-/// </summary>
-public static class Crc32C
-{
-    /// <summary>CRC of <paramref name="data"/>.</summary>
-    public static uint Compute(ReadOnlySpan<byte> data) => Finish(Append(Start, data));
-
-    /// <summary>The running value to start with.</summary>
-    public const uint Start = 0xFFFFFFFF;
-
-    /// <summary>Feeds <paramref name="data"/> into a running value.</summary>
-    public static uint Append(uint crc, ReadOnlySpan<byte> data)
-    {
-        while (data.Length >= 8)
-        {
-            crc = BitOperations.Crc32C(crc, BinaryPrimitives.ReadUInt64LittleEndian(data));
-            data = data[8..];
-        }
-        foreach (byte b in data)
-        {
-            crc = BitOperations.Crc32C(crc, b);
-        }
-        return crc;
-    }
-
-    /// <summary>Final XOR of a running value.</summary>
-    public static uint Finish(uint crc) => ~crc;
-}
 
 /// <summary>
 /// Section types of the migration stream (docs/stream-format.md §3). Direction: S→T source to target (or to a

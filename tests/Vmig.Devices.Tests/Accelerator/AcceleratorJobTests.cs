@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Devices.Accelerator;
 using Vmig.Devices.Tests.Pci;
@@ -232,7 +233,7 @@ public sealed class AcceleratorJobTests : IDisposable
         var c = d.Run(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, AcceleratorRig.BufferArea, 0, 4096));
         Assert.Equal(AcceleratorJobStatus.Success, c.Status);
         Assert.Equal(0u, c.Sequence); // counters restarted
-        Assert.Equal(Vmig.Devices.Pci.Crc32C.Compute(Enumerable.Repeat((byte)0x55, 4096).ToArray()), c.Result); // device memory kept
+        Assert.Equal(Vmig.Spec.Crc32C.Compute(Enumerable.Repeat((byte)0x55, 4096).ToArray()), c.Result); // device memory kept
     }
 
     [Fact]

@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using Vmig.Devices.Accelerator;
 using Vmig.Spec.Accelerator;
 
@@ -37,7 +38,7 @@ public sealed class AcceleratorLayoutTests
         var b = new byte[AcceleratorRecordHeader.Size];
         h.WriteTo(b);
         Assert.Equal(Convert.FromHexString("41564D52" + "0100" + "0200" + "0020000001000000" + "00100000" + "00000000"), b.AsSpan(0, 24).ToArray());
-        Assert.Equal(Vmig.Devices.Pci.Crc32C.Compute(b.AsSpan(0, 24)), BitConverter.ToUInt32(b, 24));
+        Assert.Equal(Vmig.Spec.Crc32C.Compute(b.AsSpan(0, 24)), BitConverter.ToUInt32(b, 24));
         Assert.True(AcceleratorRecordHeader.TryRead(b, out var back));
         Assert.Equal(h, back);
         for (int i = 0; i < 28; i++)

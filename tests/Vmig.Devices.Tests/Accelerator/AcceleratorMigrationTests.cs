@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Devices.Accelerator;
 using Vmig.Guest.Accelerator;
@@ -162,7 +163,7 @@ public sealed class AcceleratorMigrationTests
         }
         // The target computes over the migrated memory exactly what the source held.
         var crcSrc = src.Vf.Memory.GetSpan(0, 256 * 1024).ToArray();
-        Assert.Equal(Vmig.Devices.Pci.Crc32C.Compute(crcSrc), td.Run(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, AcceleratorRig.BufferArea, 0, 256 * 1024)).Result);
+        Assert.Equal(Vmig.Spec.Crc32C.Compute(crcSrc), td.Run(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, AcceleratorRig.BufferArea, 0, 256 * 1024)).Result);
     }
 
     [Fact]
@@ -228,7 +229,7 @@ public sealed class AcceleratorMigrationTests
         var payload = state.AsSpan(stateAt + AcceleratorRecordHeader.Size, (int)BinaryPrimitives.ReadUInt32LittleEndian(state.AsSpan(stateAt + 16)));
         BinaryPrimitives.WriteUInt32LittleEndian(payload[0..], AcceleratorRegister.ControlEnable);
         BinaryPrimitives.WriteUInt32LittleEndian(payload[16..], 3); // ring size 3
-        BinaryPrimitives.WriteUInt32LittleEndian(state.AsSpan(stateAt + AcceleratorRecordHeader.Size + payload.Length), Vmig.Devices.Pci.Crc32C.Compute(payload));
+        BinaryPrimitives.WriteUInt32LittleEndian(state.AsSpan(stateAt + AcceleratorRecordHeader.Size + payload.Length), Vmig.Spec.Crc32C.Compute(payload));
         Load(state, expectWriteFailure: false);
     }
 

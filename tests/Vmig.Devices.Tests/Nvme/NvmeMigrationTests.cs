@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
@@ -182,7 +183,7 @@ public sealed class NvmeMigrationTests
         byte[] foreign = (byte[])state.Clone();
         int nvmeBytes = (int)(BinaryPrimitives.ReadUInt32LittleEndian(foreign.AsSpan(16)) * 4);
         BinaryPrimitives.WriteUInt32LittleEndian(foreign.AsSpan(ControllerStateHeader.Size + nvmeBytes), 0x12345678);
-        BinaryPrimitives.WriteUInt32LittleEndian(foreign.AsSpan(foreign.Length - 4), Vmig.Devices.Pci.Crc32C.Compute(foreign.AsSpan(0, foreign.Length - 4)));
+        BinaryPrimitives.WriteUInt32LittleEndian(foreign.AsSpan(foreign.Length - 4), Vmig.Spec.Crc32C.Compute(foreign.AsSpan(0, foreign.Length - 4)));
         Assert.Equal(NvmeStatus.InvalidField, mig.SetControllerState(1, foreign, out string e3));
         Assert.Contains("foreign", e3);
 

@@ -1,3 +1,4 @@
+using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Devices.Pci;
 using Vmig.Spec.Pci;
@@ -490,5 +491,5 @@ public sealed class PciFunctionTests : IDisposable
 
     [Fact]
     public void Crc32C_MatchesCheckValue() =>
-        Assert.Equal(0xE3069283u, Vmig.Devices.Pci.Crc32C.Compute("123456789"u8));
+        Assert.Equal(0xE3069283u, Vmig.Spec.Crc32C.Compute("123456789"u8));
 }
