@@ -69,7 +69,8 @@ public sealed class MigrationInterruptTests : IDisposable
         var (code, output) = VmigProcess.Run(TimeSpan.FromSeconds(60), "status", ctl, "--json");
         Assert.Equal(0, code);
         Assert.Contains("\"Running\"", output, StringComparison.Ordinal);
-        var res = VmigProcesses.Control(ctl, "{\"op\":\"verify\"}").GetProperty("result");
+        var reply = VmigProcesses.Control(ctl, "{\"op\":\"verify\"}");
+        Assert.True(reply.TryGetProperty("result", out var res) && res.ValueKind == JsonValueKind.Object, "verify failed: " + reply);
         Assert.True(res.GetProperty("writes").GetInt64() > 0);
         Assert.Equal(0, res.GetProperty("lost").GetInt64());
         Assert.Equal(0, res.GetProperty("corrupt").GetInt64());
