@@ -67,7 +67,7 @@ public sealed class AcceleratorSocketTests : IDisposable
 
     private (AcceleratorPf Pf, VfioUserClient Client) Host(string name, UnixFd ram)
     {
-        var pf = Own(new AcceleratorPf(1, AcceleratorProfile.Create(16 << 20, 64)));
+        var pf = Own(new AcceleratorPf(1, AcceleratorProfile.Create(64 << 20, 64)));
         pf.EnableVfs(1);
         var server = Own(new VfioUserServer(pf.GetVf(0), Path.Combine(_dir, name + ".sock"), null, NullLoggerFactory.Instance));
         server.Start();
@@ -105,7 +105,7 @@ public sealed class AcceleratorSocketTests : IDisposable
         new Random(9).NextBytes(data);
         ram.Write(0x20_0000, data);
         Assert.Equal(AcceleratorJobStatus.Success, driver.Run(new AcceleratorJob(AcceleratorOpcode.CopyToDevice, 0, 0, 0x20_0000, 0x1000, (ulong)data.Length)).Status);
-        // After the first pre-copy round, the guest queues long jobs (CRC of all 16 MiB of device memory, ~40× a
+        // After the first pre-copy round, the guest queues long jobs (CRC of all 64 MiB of device memory, far longer than a
         // suspend round trip even on an idle machine): the switchover
         // follows within a round trip, so the source finishes only what it fetched by then and the rest move.
         var slots = new List<uint>();
@@ -115,7 +115,7 @@ public sealed class AcceleratorSocketTests : IDisposable
             {
                 for (int i = 0; i < 24; i++)
                 {
-                    slots.Add(driver.Submit(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, 0x30_0000 + (ulong)i * 4, 0, 16 << 20)));
+                    slots.Add(driver.Submit(new AcceleratorJob(AcceleratorOpcode.Crc32C, 0, 0, 0x30_0000 + (ulong)i * 4, 0, 64 << 20)));
                 }
             }
         });
@@ -129,7 +129,7 @@ public sealed class AcceleratorSocketTests : IDisposable
 
         var moved = AcceleratorDriver.Attach(ram, dstFn, 0x10_0000);
         var seen = new HashSet<uint>();
-        uint crc = Vmig.Spec.Crc32C.Compute(dstPf.GetVf(0).Memory.GetSpan(0, 16 << 20));
+        uint crc = Vmig.Spec.Crc32C.Compute(dstPf.GetVf(0).Memory.GetSpan(0, 64 << 20));
         foreach (var s in slots)
         {
             var c = moved.Wait(s);
@@ -139,7 +139,7 @@ public sealed class AcceleratorSocketTests : IDisposable
         }
         Assert.Equal(25u, dstPf.GetVf(0).Registers.CompletedJobs);
         Assert.True(srcPf.GetVf(0).Registers.CompletedJobs < 25, "every job finished on the source: nothing was in flight at the switchover");
-        Assert.True(srcPf.GetVf(0).Memory.GetSpan(0, 16 << 20).SequenceEqual(dstPf.GetVf(0).Memory.GetSpan(0, 16 << 20)));
+        Assert.True(srcPf.GetVf(0).Memory.GetSpan(0, 64 << 20).SequenceEqual(dstPf.GetVf(0).Memory.GetSpan(0, 64 << 20)));
         var back = new byte[data.Length];
         Assert.Equal(AcceleratorJobStatus.Success, moved.Run(new AcceleratorJob(AcceleratorOpcode.CopyFromDevice, 0, 0, 0x28_0000, 0x1000, (ulong)data.Length)).Status);
         ram.Read(0x28_0000, back);
