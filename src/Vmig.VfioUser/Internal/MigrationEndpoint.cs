@@ -30,8 +30,6 @@ internal sealed class MigrationEndpoint
 
     public void Negotiate(VfioUserCapabilities caps) => _caps = caps;
 
-    public IDmaSpace WrapDma(DmaSpace dma) => dma;
-
     /// <summary>Resets migration state to RUNNING and ends any open data stream (DEVICE_RESET, ARCHITECTURE §6).</summary>
     public void Reset() => Driver?.Reset();
 

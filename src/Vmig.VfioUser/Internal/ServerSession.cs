@@ -182,7 +182,7 @@ internal sealed partial class ServerSession : IMessageDma
         {
             c.SendReply(m.Header, reply);
         }
-        _device.OnAttached(new DeviceContext(_server.Migration.WrapDma(_dma), _irqs, _logger));
+        _device.OnAttached(new DeviceContext(_dma, _irqs, _logger));
         return 0;
     }
 

@@ -33,6 +33,8 @@ public sealed class VfioUserConnection : IDisposable
     private readonly object _sendLock = new();
     private readonly ConcurrentDictionary<ushort, Pending> _pending = new();
     private readonly Queue<VfioUserMessage> _deferred = new();
+    // Receive-thread scratch for fds: most messages carry none, so a message gets its own list only when some arrived.
+    private readonly List<UnixFd> _scratchFds = [];
     private VfioUserRequestHandler? _handler;
     private Thread? _receiveThread;
     private int _nextId;
@@ -81,7 +83,7 @@ public sealed class VfioUserConnection : IDisposable
     public VfioUserMessage SendRequest(VfioUserCommand command, ReadOnlySpan<byte> payload, ReadOnlySpan<byte> bulk = default,
         ReadOnlySpan<int> fds = default, int timeoutMs = 0)
     {
-        var p = new Pending(command);
+        var p = new Pending();
         ushort id;
         do
         {
@@ -317,27 +319,22 @@ public sealed class VfioUserConnection : IDisposable
         while (true)
         {
             Span<byte> hb = stackalloc byte[VfioUserHeader.Size];
-            var fds = new List<UnixFd>();
+            var fds = _scratchFds;
             if (!_socket.Receive(hb, fds, out bool truncated))
             {
+                CloseAll(fds);
                 return null;
             }
             var h = VfioUserHeader.ReadFrom(hb);
             if (h.MessageSize < VfioUserHeader.Size)
             {
-                foreach (var f in fds)
-                {
-                    f.Dispose();
-                }
+                CloseAll(fds);
                 throw new VfioUserException(Errno.EINVAL, $"{Name}: msg_size {h.MessageSize} is smaller than the header; framing lost");
             }
             long payload = h.MessageSize - VfioUserHeader.Size;
             if (payload > MaxPayloadSize)
             {
-                foreach (var f in fds)
-                {
-                    f.Dispose();
-                }
+                CloseAll(fds);
                 Drain(payload);
                 _logger.LogWarning("{Name}: refused {Command}: msg_size {Size} over the {Max}-byte bound", Name, h.Command, h.MessageSize, MaxPayloadSize);
                 if (h.IsCommand)
@@ -349,9 +346,13 @@ public sealed class VfioUserConnection : IDisposable
             byte[]? buf = payload == 0 ? null : ArrayPool<byte>.Shared.Rent((int)payload);
             try
             {
-                if (payload > 0 && !_socket.Receive(buf.AsSpan(0, (int)payload), fds, out bool t2))
+                if (payload > 0)
                 {
-                    throw new EndOfStreamException("peer closed mid-message");
+                    if (!_socket.Receive(buf.AsSpan(0, (int)payload), fds, out bool t2))
+                    {
+                        throw new EndOfStreamException("peer closed mid-message");
+                    }
+                    truncated |= t2;
                 }
             }
             catch
@@ -360,15 +361,22 @@ public sealed class VfioUserConnection : IDisposable
                 {
                     ArrayPool<byte>.Shared.Return(buf);
                 }
-                foreach (var f in fds)
-                {
-                    f.Dispose();
-                }
+                CloseAll(fds);
                 throw;
             }
-            var msg = new VfioUserMessage(h, buf, (int)payload, fds, truncated || fds.Count > MaxIncomingFds);
-            return msg;
+            List<UnixFd>? owned = fds.Count == 0 ? null : [.. fds];
+            fds.Clear();
+            return new VfioUserMessage(h, buf, (int)payload, owned, truncated || (owned?.Count ?? 0) > MaxIncomingFds);
         }
+    }
+
+    private static void CloseAll(List<UnixFd> fds)
+    {
+        foreach (var f in fds)
+        {
+            f.Dispose();
+        }
+        fds.Clear();
     }
 
     private void Drain(long bytes)
@@ -431,9 +439,8 @@ public sealed class VfioUserConnection : IDisposable
         _socket.Dispose();
     }
 
-    private sealed class Pending(VfioUserCommand command)
+    private sealed class Pending
     {
-        public VfioUserCommand Command { get; } = command;
         public ManualResetEventSlim Done { get; } = new(false);
         public VfioUserMessage? Reply { get; set; }
     }

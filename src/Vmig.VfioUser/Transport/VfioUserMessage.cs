@@ -11,9 +11,9 @@ namespace Vmig.VfioUser.Transport;
 public sealed class VfioUserMessage : IDisposable
 {
     private byte[]? _buffer;
-    private readonly List<UnixFd> _fds;
+    private readonly List<UnixFd>? _fds;
 
-    internal VfioUserMessage(VfioUserHeader header, byte[]? buffer, int length, List<UnixFd> fds, bool fdsTruncated)
+    internal VfioUserMessage(VfioUserHeader header, byte[]? buffer, int length, List<UnixFd>? fds, bool fdsTruncated)
     {
         Header = header;
         _buffer = buffer;
@@ -31,7 +31,7 @@ public sealed class VfioUserMessage : IDisposable
     public ReadOnlySpan<byte> Payload => _buffer is null ? default : _buffer.AsSpan(0, Length);
 
     /// <summary>Number of fds received with the message.</summary>
-    public int FdCount => _fds.Count;
+    public int FdCount => _fds?.Count ?? 0;
 
     /// <summary>The peer sent more fds than the socket layer accepts (the excess was closed by the kernel).</summary>
     public bool FdsTruncated { get; }
@@ -39,7 +39,7 @@ public sealed class VfioUserMessage : IDisposable
     /// <summary>Takes ownership of fd <paramref name="index"/> (the caller must dispose it). Null if already taken.</summary>
     public UnixFd? TakeFd(int index)
     {
-        if ((uint)index >= (uint)_fds.Count)
+        if (_fds is null || (uint)index >= (uint)_fds.Count)
         {
             throw new ArgumentOutOfRangeException(nameof(index));
         }
@@ -55,10 +55,13 @@ public sealed class VfioUserMessage : IDisposable
         {
             ArrayPool<byte>.Shared.Return(b);
         }
-        foreach (var fd in _fds)
+        if (_fds is not null)
         {
-            fd?.Dispose();
+            foreach (var fd in _fds)
+            {
+                fd?.Dispose();
+            }
+            _fds.Clear();
         }
-        _fds.Clear();
     }
 }
