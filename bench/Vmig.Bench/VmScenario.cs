@@ -62,6 +62,14 @@ internal static class VmScenario
             {
                 f.Extra[$"last run: phase {phase} ms"] = ms;
             }
+            foreach (var (step, ms) in last.StepMilliseconds)
+            {
+                f.Extra[$"last run: step {step} ms"] = ms;
+            }
+            foreach (var (step, ms) in last.TargetStepMilliseconds)
+            {
+                f.Extra[$"last run: target step {step} ms"] = ms;
+            }
             foreach (var (section, b) in last.BytesBySection)
             {
                 f.Extra[$"last run: section {section} MiB"] = b / (double)MiB;

@@ -39,6 +39,10 @@ internal static unsafe partial class Libc
 
     public const int POLLIN = 1;
 
+    public const int ENXIO = 6;
+    public const int SEEK_DATA = 3;
+    public const int SEEK_HOLE = 4;
+
     [StructLayout(LayoutKind.Sequential)]
     public struct IoVec
     {
@@ -106,6 +110,9 @@ internal static unsafe partial class Libc
 
     [LibraryImport("libc", SetLastError = true)]
     public static partial int ftruncate(int fd, long length);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial long lseek(int fd, long offset, int whence);
 
     [LibraryImport("libc", SetLastError = true)]
     public static partial void* mmap(void* addr, nuint length, int prot, int flags, int fd, long offset);

@@ -51,6 +51,32 @@ public sealed class PageBitmap
     /// <summary>Clears every page.</summary>
     public void Clear() => Array.Clear(_words);
 
+    /// <summary>Clears pages [<paramref name="firstPage"/>, +<paramref name="count"/>) (clamped to <see cref="PageCount"/>).</summary>
+    public void ClearRange(long firstPage, long count)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(firstPage);
+        ArgumentOutOfRangeException.ThrowIfNegative(count);
+        long end = Math.Min(PageCount, firstPage + count);
+        long p = firstPage;
+        // Partial head word, whole words, partial tail word.
+        while (p < end && (p & 63) != 0)
+        {
+            _words[p >> 6] &= ~(1UL << (int)(p & 63));
+            p++;
+        }
+        if (end - p >= 64)
+        {
+            long words = (end - p) >> 6;
+            Array.Clear(_words, (int)(p >> 6), (int)words);
+            p += words << 6;
+        }
+        while (p < end)
+        {
+            _words[p >> 6] &= ~(1UL << (int)(p & 63));
+            p++;
+        }
+    }
+
     /// <summary>Number of set pages.</summary>
     public long Count()
     {

@@ -10,6 +10,7 @@ public class StreamFormatTests
 {
     // Golden bytes computed independently (bitwise CRC-32C in Python), see docs/stream-format.md §5.
     private const string StreamHeaderGolden = "564d49475354524d01000000dda888ad";
+    private const string StreamHeader11Golden = "564d49475354524d01000100aa302abe";
     private const string OptionalRoundInfoGolden = "0d000000030000002f32d0ee010203";
     private const string EndOfStateGolden = "09000100000000006ea01f68";
 
@@ -18,10 +19,13 @@ public class StreamFormatTests
         Assert.Equal(0xE3069283u, Crc32C.Compute("123456789"u8));
 
     [Fact]
-    public void StreamHeader_GoldenBytes()
+    public void StreamHeader_GoldenBytes_CurrentIs11And10StillWritable()
     {
         var ms = new MemoryStream();
         new SectionWriter(ms).WriteStreamHeader();
+        Assert.Equal(StreamHeader11Golden, Convert.ToHexStringLower(ms.ToArray()));
+        ms = new MemoryStream();
+        new SectionWriter(ms).WriteStreamHeader(minor: 0);
         Assert.Equal(StreamHeaderGolden, Convert.ToHexStringLower(ms.ToArray()));
     }
 
@@ -134,7 +138,7 @@ public class StreamFormatTests
         b[0] = (byte)'X';
         Assert.Throws<StreamFormatException>(() => new SectionReader(new MemoryStream(b)).ReadStreamHeader());
         var ms = new MemoryStream();
-        new SectionWriter(ms).WriteStreamHeader(major: 2);
+        new SectionWriter(ms).WriteStreamHeader(major: 2, minor: 0);
         ms.Position = 0;
         var e = Assert.Throws<StreamFormatException>(() => new SectionReader(ms).ReadStreamHeader());
         Assert.Contains("version 2.0", e.Message, StringComparison.Ordinal);
@@ -148,8 +152,7 @@ public class StreamFormatTests
         src.Write(4096 * 3, new byte[] { 0xAB, 0xCD });
         src.Write(4096 * 5, Enumerable.Repeat((byte)7, 4096).ToArray());
         var buf = new byte[RamPages.MaxPayload];
-        var scratch = new byte[256 * 4096];
-        int len = RamPages.Encode(src, 2, 0, 16, scratch, buf, out int zeros);
+        int len = RamPages.Encode(src, 2, 0, 16, buf, out int zeros);
         Assert.Equal(14, zeros);
         // Two data pages + records for runs [0-2]z [3]d [4]z [5]d [6-15]z = 5 records.
         Assert.Equal(8 + (5 * 16) + (2 * 4096), len);
@@ -159,7 +162,7 @@ public class StreamFormatTests
         {
             earlier.Write(0, Enumerable.Repeat((byte)0xEE, 4096).ToArray());
             var b1 = new byte[RamPages.MaxPayload];
-            RamPages.Apply(dst, b1.AsSpan(0, RamPages.Encode(earlier, 1, 0, 1, scratch, b1, out _)), rounds);
+            RamPages.Apply(dst, b1.AsSpan(0, RamPages.Encode(earlier, 1, 0, 1, b1, out _)), rounds);
             Assert.Equal(0xEE, dst.GetHostSpan(0, 1)[0]);
         }
         Assert.Equal(16, RamPages.Apply(dst, buf.AsSpan(0, len), rounds));
@@ -168,7 +171,7 @@ public class StreamFormatTests
         // An older round arriving late (another connection) must not overwrite newer pages.
         using var old = GuestRam.Create(64 * 1024);
         old.Write(4096 * 5, Enumerable.Repeat((byte)1, 4096).ToArray());
-        int oldLen = RamPages.Encode(old, 1, 5, 1, scratch, buf, out _);
+        int oldLen = RamPages.Encode(old, 1, 5, 1, buf, out _);
         RamPages.Apply(dst, buf.AsSpan(0, oldLen), rounds);
         Assert.Equal(7, dst.GetHostSpan(4096 * 5, 1)[0]);
     }

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.Text.Json;
 using Vmig.Migration;
 using Vmig.Vmm.Stream;
@@ -87,66 +88,105 @@ internal static class DeviceControl
 
     /// <summary>
     /// Stop side of the switchover, P2P-safe: every P2P device to RUNNING_P2P/PRE_COPY_P2P first, then every device
-    /// to STOP_COPY (devices without P2P go there directly, as the kernel routes them).
+    /// to STOP_COPY (devices without P2P go there directly, as the kernel routes them). Within a stage the devices move
+    /// in parallel (each has its own connection); the stages stay ordered, which is all the P2P rule asks (reference
+    /// §2.3: no device leaves a P2P state for STOP before all are quiesced). <paramref name="step"/> receives
+    /// "downtime.device-p2p" and "downtime.device-stop-copy" with the stage's start timestamp.
     /// </summary>
-    public static void QuiesceAndStopCopy(IReadOnlyList<IVmDevice> devices)
+    public static void QuiesceAndStopCopy(IReadOnlyList<IVmDevice> devices, Action<string, long>? step = null)
     {
-        foreach (var d in devices)
+        long t = Stopwatch.GetTimestamp();
+        ForEachDevice(devices, d =>
         {
             if (HasP2P(d))
             {
                 DeviceState cur = d.GetState();
                 d.SetState(cur == DeviceState.PreCopy ? DeviceState.PreCopyP2P : DeviceState.RunningP2P);
             }
-        }
-        foreach (var d in devices)
-        {
-            d.SetState(DeviceState.StopCopy);
-        }
+        });
+        step?.Invoke("downtime.device-p2p", t);
+        t = Stopwatch.GetTimestamp();
+        ForEachDevice(devices, d => d.SetState(DeviceState.StopCopy));
+        step?.Invoke("downtime.device-stop-copy", t);
     }
 
     /// <summary>
     /// Start side on a target or restore: every device RESUMING→STOP (commit and validate), then every P2P device
-    /// →RUNNING_P2P, then every device →RUNNING.
+    /// →RUNNING_P2P, then every device →RUNNING; each stage in parallel over the devices, the stages in order.
     /// </summary>
     public static void CommitAndRun(IReadOnlyList<IVmDevice> devices)
     {
-        foreach (var d in devices)
-        {
-            d.SetState(DeviceState.Stop);
-        }
-        foreach (var d in devices)
+        ForEachDevice(devices, d => d.SetState(DeviceState.Stop));
+        ForEachDevice(devices, d =>
         {
             if (HasP2P(d))
             {
                 d.SetState(DeviceState.RunningP2P);
             }
-        }
-        foreach (var d in devices)
+        });
+        ForEachDevice(devices, d => d.SetState(DeviceState.Running));
+    }
+
+    /// <summary>
+    /// Runs <paramref name="action"/> for every device, concurrently when there are several (the calling thread takes
+    /// part, so a busy thread pool degrades to sequential, never to waiting). Every device's action runs to its end;
+    /// then the first failure (in device order) is rethrown as it was thrown.
+    /// </summary>
+    public static void ForEachDevice(IReadOnlyList<IVmDevice> devices, Action<IVmDevice> action)
+    {
+        if (devices.Count <= 1)
         {
-            d.SetState(DeviceState.Running);
+            foreach (var d in devices)
+            {
+                action(d);
+            }
+            return;
+        }
+        var errors = new Exception?[devices.Count];
+        Parallel.For(0, devices.Count, i =>
+        {
+            try
+            {
+                action(devices[i]);
+            }
+            catch (Exception e)
+            {
+                errors[i] = e;
+            }
+        });
+        var first = errors.FirstOrDefault(e => e is not null);
+        if (first is not null)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(first).Throw();
         }
     }
 
-    /// <summary>Reads a device's save stream until a short read (or <paramref name="cap"/> bytes), one DeviceData section per read.</summary>
+    /// <summary>Bytes before the device data in a DeviceData frame: section header room, then u16 index, u8 phase, u8 0.</summary>
+    public const int DeviceFrameOverhead = SectionHeader.Size + 4;
+
+    /// <summary>
+    /// Reads a device's save stream until a short read (or <paramref name="cap"/> bytes), one DeviceData section per
+    /// read. <paramref name="frame"/> holds <see cref="DeviceFrameOverhead"/> bytes and then the read buffer, so each
+    /// MIG_DATA_READ lands where the section is written from (one write per section, no copy).
+    /// </summary>
     /// <returns>Device bytes sent.</returns>
-    public static long SendDeviceData(IVmDevice device, int index, byte phase, SectionWriter writer, byte[] buffer, long cap, Throttle? throttle)
+    public static long SendDeviceData(IVmDevice device, int index, byte phase, SectionWriter writer, byte[] frame, long cap, Throttle? throttle)
     {
         long total = 0;
-        int chunk = buffer.Length - 4;
+        int chunk = frame.Length - DeviceFrameOverhead;
         while (true)
         {
-            int n = device.ReadMigrationData(buffer.AsSpan(4, chunk));
+            int n = device.ReadMigrationData(frame.AsSpan(DeviceFrameOverhead, chunk));
             if (n < 0 || n > chunk)
             {
                 throw new IOException($"device {device.Description.Name}: MIG_DATA_READ returned {n} for a {chunk}-byte buffer");
             }
             if (n > 0)
             {
-                BinaryPrimitives.WriteUInt16LittleEndian(buffer, (ushort)index);
-                buffer[2] = phase;
-                buffer[3] = 0;
-                writer.Write(SectionType.DeviceData, buffer.AsSpan(0, 4 + n));
+                BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(SectionHeader.Size), (ushort)index);
+                frame[SectionHeader.Size + 2] = phase;
+                frame[SectionHeader.Size + 3] = 0;
+                writer.WriteFramed(SectionType.DeviceData, frame, 4 + n);
                 throttle?.Consume(4 + n + SectionHeader.Size);
                 total += n;
             }

@@ -38,7 +38,8 @@ public sealed record MigrationProgress(
 /// <param name="DeviceBytes">Device migration bytes of the round.</param>
 /// <param name="Milliseconds">Duration.</param>
 /// <param name="BandwidthBytesPerSecond">Bytes ÷ duration.</param>
-public sealed record RoundReport(int Round, long Pages, long ZeroPages, long Bytes, long DeviceBytes, double Milliseconds, double BandwidthBytesPerSecond);
+/// <param name="HolePages">Pages skipped unread because they are holes in the memfd (first pass only).</param>
+public sealed record RoundReport(int Round, long Pages, long ZeroPages, long Bytes, long DeviceBytes, double Milliseconds, double BandwidthBytesPerSecond, long HolePages = 0);
 
 /// <summary>The final report of a migration or snapshot (serializable with <see cref="ToJson"/>).</summary>
 public sealed class MigrationReport
@@ -61,6 +62,25 @@ public sealed class MigrationReport
 
     /// <summary>Duration per phase name.</summary>
     public Dictionary<string, double> PhaseMilliseconds { get; } = [];
+
+    /// <summary>
+    /// Where the time went, source side, in milliseconds per step (summed over rounds), measured with Stopwatch
+    /// timestamps: "handshake.connect", "handshake.target-setup" (target opens devices, creates RAM, DMA_MAP),
+    /// "precopy.start-logging", "precopy.hole-scan", "precopy.ram", "precopy.device-data", "precopy.dirty-collect",
+    /// "switchover.wait-target" (acks and the target catching up), "downtime.pause-vcpus", "downtime.device-p2p",
+    /// "downtime.device-stop-copy", "downtime.dirty-collect", "downtime.ram", "downtime.vcpus", "downtime.device-data",
+    /// "downtime.flush", "downtime.target" (end of state sent → target's result received), "cleanup.stop-logging",
+    /// "cleanup.devices-stop".
+    /// </summary>
+    public Dictionary<string, double> StepMilliseconds { get; } = [];
+
+    /// <summary>
+    /// The target's own steps (from its optional TargetTimings section; empty from a target that does not send it):
+    /// "setup" (devices opened and RESUMING, RAM created, DMA_MAP), "receive" (state stream until EndOfState),
+    /// "backlog" (from SwitchoverStart to EndOfState), "channels" (extra connections finishing), "device-commit"
+    /// (RESUMING→STOP, →RUNNING_P2P, →RUNNING), "guest-resume" (programs re-created), "vcpu-start".
+    /// </summary>
+    public Dictionary<string, double> TargetStepMilliseconds { get; } = [];
 
     /// <summary>Stream bytes per section type name (headers included, all connections).</summary>
     public Dictionary<string, long> BytesBySection { get; } = [];

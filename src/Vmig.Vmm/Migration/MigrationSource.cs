@@ -78,6 +78,7 @@ internal sealed class StateSender
     private readonly Throttle? _throttle;
     private readonly long[] _channelPages;
     private readonly byte[] _deviceBuffer;
+    private readonly byte[]?[] _frames;
 
     public StateSender(Vm vm, IReadOnlyList<SectionWriter> channels, Throttle? throttle, int deviceChunk)
     {
@@ -85,7 +86,8 @@ internal sealed class StateSender
         _channels = channels;
         _throttle = throttle;
         _channelPages = new long[channels.Count];
-        _deviceBuffer = new byte[deviceChunk + 4];
+        _deviceBuffer = new byte[DeviceControl.DeviceFrameOverhead + deviceChunk];
+        _frames = new byte[channels.Count][];
     }
 
     public SectionWriter Main => _channels[0];
@@ -94,14 +96,25 @@ internal sealed class StateSender
 
     public long BytesWritten => _channels.Sum(c => c.BytesWritten);
 
-    /// <summary>Sends the pages set in <paramref name="dirty"/>, spread over the channels. Returns (pages, zero pages).</summary>
-    public (long Pages, long ZeroPages) SendRam(PageBitmap dirty, uint round)
+    /// <summary>
+    /// Sends the pages set in <paramref name="dirty"/>, spread over the channels. <paramref name="firstPass"/> means the
+    /// receiver's RAM is still all zero (round 1, snapshots): memfd holes are dropped from <paramref name="dirty"/>
+    /// without reading them and zero pages are omitted instead of sent as ZERO records. Returns (pages read, of those
+    /// zero, holes skipped unread).
+    /// </summary>
+    public (long Pages, long ZeroPages, long HolePages) SendRam(PageBitmap dirty, uint round, bool firstPass = false)
     {
+        long holes = 0;
+        if (firstPass)
+        {
+            long before = dirty.Count();
+            holes = before - _vm.Memory.KeepAllocatedPages(dirty);
+        }
         var runs = dirty.Runs(RamPages.MaxPagesPerSection).ToList();
         long pages = 0, zeros = 0;
         if (_channels.Count == 1 || runs.Count < 2)
         {
-            (pages, zeros) = SendRuns(0, runs, 0, 1, round);
+            (pages, zeros) = SendRuns(0, runs, 0, 1, round, firstPass);
         }
         else
         {
@@ -109,7 +122,7 @@ internal sealed class StateSender
             for (int k = 0; k < tasks.Length; k++)
             {
                 int ch = k;
-                tasks[k] = Task.Factory.StartNew(() => SendRuns(ch, runs, ch, tasks.Length, round), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+                tasks[k] = Task.Factory.StartNew(() => SendRuns(ch, runs, ch, tasks.Length, round, firstPass), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
             }
             try
             {
@@ -125,7 +138,7 @@ internal sealed class StateSender
                 zeros += t.Result.Item2;
             }
         }
-        return (pages, zeros);
+        return (pages, zeros, holes);
     }
 
     /// <summary>Sends every vCPU's register block (vCPUs must be paused).</summary>
@@ -171,24 +184,45 @@ internal sealed class StateSender
         Main.Flush();
     }
 
-    private (long, long) SendRuns(int channel, List<(long FirstPage, int Count)> runs, int start, int step, uint round)
+    /// <summary>
+    /// Packs runs i = start, start+step, … into RamPages sections of up to <see cref="RamPages.MaxPayload"/> bytes (many
+    /// runs per section), each built in place in the channel's frame and written in one call.
+    /// </summary>
+    private (long, long) SendRuns(int channel, List<(long FirstPage, int Count)> runs, int start, int step, uint round, bool omitZero)
     {
         var w = _channels[channel];
-        var buffer = new byte[RamPages.MaxPayload];
-        var scratch = new byte[RamPages.MaxPagesPerSection * GuestRam.PageSize];
+        var frame = _frames[channel] ??= new byte[SectionHeader.Size + RamPages.MaxPayload];
+        const int payloadStart = SectionHeader.Size;
+        const int empty = payloadStart + RamPages.PayloadHeaderSize;
+        RamPages.WritePayloadHeader(frame.AsSpan(payloadStart), round);
+        int pos = empty;
         long pages = 0, zeros = 0;
         for (int i = start; i < runs.Count; i += step)
         {
             var (first, count) = runs[i];
-            int len = RamPages.Encode(_vm.Memory, round, first, count, scratch, buffer, out int z);
-            w.Write(SectionType.RamPages, buffer.AsSpan(0, len));
-            _throttle?.Consume(len + SectionHeader.Size);
+            if (frame.Length - pos < RamPages.WorstCaseRunBytes(count))
+            {
+                Emit(w, frame, pos);
+                pos = empty;
+            }
+            pos = RamPages.AppendRun(_vm.Memory, first, count, frame, pos, omitZero, out int z);
             pages += count;
             zeros += z;
+        }
+        if (pos > empty)
+        {
+            Emit(w, frame, pos);
         }
         w.Flush();
         _channelPages[channel] += pages;
         return (pages, zeros);
+    }
+
+    private void Emit(SectionWriter w, byte[] frame, int end)
+    {
+        int len = end - SectionHeader.Size;
+        w.WriteFramed(SectionType.RamPages, frame, len);
+        _throttle?.Consume(len + SectionHeader.Size);
     }
 }
 
@@ -204,6 +238,7 @@ internal sealed class SourceSession
     private readonly Stopwatch _total = new();
     private readonly Stopwatch _phase = new();
     private bool _anyDeviceWithoutLog;
+    private ushort _targetMinor;
 
     public SourceSession(Vm vm, MigrationOptions o, IProgress<MigrationProgress>? progress, CancellationToken ct)
     {
@@ -238,14 +273,17 @@ internal sealed class SourceSession
             }
             // --- handshake: nothing on the source changes until the target says yes.
             Report(MigrationPhase.Handshake, 0, 0, 0, 0, 0);
+            long t = Stopwatch.GetTimestamp();
             var main = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
             _connections.Add(main);
+            t = Step("handshake.connect", t);
             var hello = new MigrationHello(Guid.NewGuid(), _o.ParallelConnections, _vm.Description);
             main.Writer.WriteStreamHeader();
             main.Writer.Write(SectionType.VmDescription, hello.ToUtf8());
             main.Writer.Flush();
-            main.Reader.ReadStreamHeader();
+            _targetMinor = main.Reader.ReadStreamHeader().Minor;
             main.Reader.Expect(SectionType.HandshakeReply);
+            Step("handshake.target-setup", t);
             var (status, reason) = SectionIo.ReadStatus(main.Reader.Payload);
             if (status != 0)
             {
@@ -273,38 +311,53 @@ internal sealed class SourceSession
             var dirty = new PageBitmap(_vm.Memory.PageCount);
             var (round, precopy) = PreCopy(sender, dirty);
 
-            // --- switchover-ack: every pre-copy device's initial bytes are loaded on the target.
-            WaitSwitchoverAcks(main, precopy.Count);
+            // --- switchover-ack: every pre-copy device's initial bytes are loaded on the target, and (1.1 target) the
+            // target has applied the last round, so its receive backlog does not land in the downtime.
+            t = Stopwatch.GetTimestamp();
+            WaitForTarget(main, precopy.Count, _targetMinor >= 1 ? round : 0);
+            Step("switchover.wait-target", t);
 
             // --- switchover (downtime starts).
             main.Writer.Write(SectionType.SwitchoverStart, []);
             pauseTicks = Stopwatch.GetTimestamp();
             _vm.Pause();
+            t = Step("downtime.pause-vcpus", pauseTicks);
             Report(MigrationPhase.Switchover, round, sender.BytesWritten, 0, 0, 0);
-            DeviceControl.QuiesceAndStopCopy(_vm.Devices);
+            DeviceControl.QuiesceAndStopCopy(_vm.Devices, (name, ticks) => Step(name, ticks));
             EndPhase("switchover");
 
             var sw = Stopwatch.StartNew();
             long before = sender.BytesWritten;
+            t = Stopwatch.GetTimestamp();
             CollectDirty(dirty);
+            t = Step("downtime.dirty-collect", t);
+            var (pages, zeros, _) = sender.SendRam(dirty, (uint)(round + 1));
+            dirty.Clear();
+            t = Step("downtime.ram", t);
+            sender.SendVcpus();
+            t = Step("downtime.vcpus", t);
+            long devBytes = sender.SendDeviceStopCopy();
+            t = Step("downtime.device-data", t);
+            sender.SendEnd();
+            committed = true;
+            long endSent = Step("downtime.flush", t);
+            AddRound(round + 1, pages, zeros, sender.BytesWritten - before, devBytes, sw.Elapsed);
+            Report(MigrationPhase.StopCopy, round + 1, sender.BytesWritten, 0, 0, 0);
+            EndPhase("stop-copy");
+            // Off the critical path: the target is loading while the logs stop (the devices are stopped already, and
+            // the final reports were taken).
+            t = Stopwatch.GetTimestamp();
             foreach (var d in _logging)
             {
                 DeviceControl.StopLoggingQuietly(d);
             }
             _logging.Clear();
-            var (pages, zeros) = sender.SendRam(dirty, (uint)(round + 1));
-            dirty.Clear();
-            sender.SendVcpus();
-            long devBytes = sender.SendDeviceStopCopy();
-            sender.SendEnd();
-            committed = true;
-            AddRound(round + 1, pages, zeros, sender.BytesWritten - before, devBytes, sw.Elapsed);
-            Report(MigrationPhase.StopCopy, round + 1, sender.BytesWritten, 0, 0, 0);
-            EndPhase("stop-copy");
+            Step("cleanup.stop-logging", t);
 
             // --- the target's result decides: running there (we never resume) or failed before running (we resume).
             Report(MigrationPhase.WaitingForTarget, round + 1, sender.BytesWritten, 0, 0, 0);
-            main.Reader.Expect(SectionType.TargetResult);
+            ReadTargetResult(main);
+            Step("downtime.target", endSent);
             var payload = main.Reader.Payload;
             if (payload.Length < 12)
             {
@@ -322,6 +375,7 @@ internal sealed class SourceSession
             }
 
             _vm.MarkMigratedAway();
+            t = Stopwatch.GetTimestamp();
             // Outside the downtime (as QEMU's save_cleanup): STOP_COPY → STOP ends the device sessions.
             foreach (var d in _vm.Devices)
             {
@@ -334,6 +388,7 @@ internal sealed class SourceSession
                     // The VM lives on the target now; a source device that fails to stop is released anyway.
                 }
             }
+            Step("cleanup.devices-stop", t);
             EndPhase("cleanup");
             _report.Outcome = "completed";
             Report(MigrationPhase.Completed, round + 1, sender.BytesWritten, 0, 0, 0);
@@ -385,6 +440,7 @@ internal sealed class SourceSession
     private (int Round, List<int> Precopy) PreCopy(StateSender sender, PageBitmap dirty)
     {
         // Start own logging from a clean slate, and every device's DMA logging over all of RAM.
+        long t = Stopwatch.GetTimestamp();
         _vm.Memory.FetchAndClearDirty(new PageBitmap(_vm.Memory.PageCount));
         foreach (var d in _vm.Devices)
         {
@@ -408,6 +464,7 @@ internal sealed class SourceSession
             }
         }
         _report.PrecopyDevices = precopy.Count;
+        Step("precopy.start-logging", t);
         var initialSent = new bool[_vm.Devices.Count];
         dirty.SetAll();
         int round = 0;
@@ -418,12 +475,15 @@ internal sealed class SourceSession
             round++;
             var sw = Stopwatch.StartNew();
             long before = sender.BytesWritten;
+            t = Stopwatch.GetTimestamp();
             if (round > 1)
             {
                 CollectDirty(dirty);
+                t = Step("precopy.dirty-collect", t);
             }
-            var (pages, zeros) = sender.SendRam(dirty, (uint)round);
+            var (pages, zeros, holes) = sender.SendRam(dirty, (uint)round, firstPass: round == 1);
             dirty.Clear();
+            t = Step("precopy.ram", t);
             long devBytes = 0;
             foreach (int i in precopy)
             {
@@ -434,6 +494,7 @@ internal sealed class SourceSession
                     initialSent[i] = true;
                 }
             }
+            t = Step("precopy.device-data", t);
             long bytes = sender.BytesWritten - before;
             double secs = Math.Max(sw.Elapsed.TotalSeconds, 1e-6);
             // Rounds with little data measure latency, not bandwidth: keep the best rate seen on a large round.
@@ -451,7 +512,7 @@ internal sealed class SourceSession
             BinaryPrimitives.WriteInt64LittleEndian(info.AsSpan(24), (long)(secs * 1e6));
             sender.Main.Write(SectionType.RoundInfo, info);
             sender.Main.Flush();
-            AddRound(round, pages, zeros, bytes, devBytes, sw.Elapsed);
+            AddRound(round, pages, zeros, bytes, devBytes, sw.Elapsed, holes);
             double expected = bandwidth > 0 ? remaining / bandwidth : double.PositiveInfinity;
             Report(MigrationPhase.PreCopy, round, sender.BytesWritten, remaining, dirtyRate, bandwidth, expected);
             bool allInitial = precopy.All(i => initialSent[i]);
@@ -508,24 +569,60 @@ internal sealed class SourceSession
         }
     }
 
-    private void WaitSwitchoverAcks(MigrationConnection main, int count)
+    /// <summary>
+    /// Reads the target's replies until every pre-copy device is acked and (when <paramref name="appliedRound"/> &gt; 0)
+    /// RoundApplied for that round came.
+    /// </summary>
+    private void WaitForTarget(MigrationConnection main, int acks, int appliedRound)
     {
         var acked = new HashSet<int>();
-        while (acked.Count < count)
+        bool applied = appliedRound == 0;
+        while (acked.Count < acks || !applied)
         {
             if (!main.Reader.ReadNext())
             {
                 throw new EndOfStreamException("target closed the connection before acknowledging switchover");
             }
-            if (main.Reader.Type == SectionType.TargetResult)
+            switch (main.Reader.Type)
             {
-                throw new IOException($"target failed: {System.Text.Encoding.UTF8.GetString(main.Reader.Payload[Math.Min(12, main.Reader.Payload.Length)..])}");
+                case SectionType.TargetResult:
+                    throw new IOException($"target failed: {System.Text.Encoding.UTF8.GetString(main.Reader.Payload[Math.Min(12, main.Reader.Payload.Length)..])}");
+                case SectionType.SwitchoverAck:
+                    acked.Add(SectionIo.ReadDeviceIndex(main.Reader.Payload, _vm.Devices.Count));
+                    break;
+                case SectionType.RoundApplied:
+                    applied |= SectionIo.ReadRound(main.Reader.Payload) >= appliedRound;
+                    break;
+                default:
+                    throw new StreamFormatException($"expected SwitchoverAck or RoundApplied, got {main.Reader.Type}");
             }
-            if (main.Reader.Type != SectionType.SwitchoverAck)
+        }
+    }
+
+    /// <summary>Reads up to TargetResult, skipping RoundApplied and taking the target's step timings.</summary>
+    private void ReadTargetResult(MigrationConnection main)
+    {
+        while (true)
+        {
+            if (!main.Reader.ReadNext())
             {
-                throw new StreamFormatException($"expected SwitchoverAck, got {main.Reader.Type}");
+                throw new StreamFormatException("stream ended; expected section TargetResult");
             }
-            acked.Add(SectionIo.ReadDeviceIndex(main.Reader.Payload, _vm.Devices.Count));
+            switch (main.Reader.Type)
+            {
+                case SectionType.TargetResult:
+                    return;
+                case SectionType.RoundApplied:
+                    break;
+                case SectionType.TargetTimings:
+                    foreach (var (k, us) in SectionIo.ReadTimings(main.Reader.Payload))
+                    {
+                        _report.TargetStepMilliseconds[k] = us / 1000.0;
+                    }
+                    break;
+                default:
+                    throw new StreamFormatException($"expected section TargetResult, got {main.Reader.Type}");
+            }
         }
     }
 
@@ -560,8 +657,19 @@ internal sealed class SourceSession
         }
     }
 
-    private void AddRound(int round, long pages, long zeros, long bytes, long devBytes, TimeSpan t) =>
-        _report.Rounds.Add(new RoundReport(round, pages, zeros, bytes, devBytes, t.TotalMilliseconds, bytes / Math.Max(t.TotalSeconds, 1e-6)));
+    private void AddRound(int round, long pages, long zeros, long bytes, long devBytes, TimeSpan t, long holes = 0) =>
+        _report.Rounds.Add(new RoundReport(round, pages, zeros, bytes, devBytes, t.TotalMilliseconds, bytes / Math.Max(t.TotalSeconds, 1e-6), holes));
+
+    /// <summary>Adds the time since <paramref name="since"/> (a Stopwatch timestamp) to step <paramref name="name"/>; returns now.</summary>
+    private long Step(string name, long since)
+    {
+        long now = Stopwatch.GetTimestamp();
+        lock (_report.StepMilliseconds)
+        {
+            _report.StepMilliseconds[name] = _report.StepMilliseconds.GetValueOrDefault(name) + Stopwatch.GetElapsedTime(since, now).TotalMilliseconds;
+        }
+        return now;
+    }
 
     private void EndPhase(string name)
     {

@@ -71,9 +71,10 @@ internal sealed class StateLoader
 
     /// <summary>
     /// Handles the current section of <paramref name="r"/>. Returns true on EndOfState. Calls
-    /// <paramref name="onInitialDataSent"/> for DeviceInitialDataSent (the target acks).
+    /// <paramref name="onInitialDataSent"/> for DeviceInitialDataSent (the target acks) and <paramref name="onRoundInfo"/>
+    /// with the round of a RoundInfo (the target answers RoundApplied).
     /// </summary>
-    public bool Handle(SectionReader r, Action<int>? onInitialDataSent)
+    public bool Handle(SectionReader r, Action<int>? onInitialDataSent, Action<uint>? onRoundInfo = null)
     {
         var p = r.Payload;
         switch (r.Type)
@@ -122,6 +123,10 @@ internal sealed class StateLoader
                 SwitchoverTicks = Stopwatch.GetTimestamp();
                 return false;
             case SectionType.RoundInfo:
+                if (p.Length >= 4)
+                {
+                    onRoundInfo?.Invoke(SectionIo.ReadRound(p));
+                }
                 return false;
             case SectionType.EndOfState:
                 return true;
@@ -134,7 +139,8 @@ internal sealed class StateLoader
     /// After EndOfState: checks completeness, commits devices (RESUMING→STOP all, →RUNNING_P2P, →RUNNING) and
     /// re-creates the guest programs.
     /// </summary>
-    public void Commit()
+    /// <param name="step">Told "device-commit" after the device transitions and "guest-resume" after the programs.</param>
+    public void Commit(Action<string>? step = null)
     {
         for (int i = 0; i < _vcpus.Length; i++)
         {
@@ -151,7 +157,9 @@ internal sealed class StateLoader
             }
         }
         DeviceControl.CommitAndRun(_vm.Devices);
+        step?.Invoke("device-commit");
         _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
+        step?.Invoke("guest-resume");
     }
 
     /// <summary>
@@ -231,6 +239,7 @@ internal sealed class TargetSession
     private readonly CancellationToken _ct;
     private readonly List<MigrationConnection> _connections = [];
     private readonly MigrationReport _report = new();
+    private readonly Dictionary<string, long> _steps = [];
 
     public TargetSession(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> factory, MigrationTargetOptions o, CancellationToken ct)
     {
@@ -249,8 +258,10 @@ internal sealed class TargetSession
         using var reg = _ct.Register(CloseAll);
         try
         {
+            long t0 = Stopwatch.GetTimestamp();
             main.Reader.ReadStreamHeader();
             main.Reader.Expect(SectionType.VmDescription);
+            long t = Stopwatch.GetTimestamp();
             var hello = MigrationHello.Parse(main.Reader.Payload);
             devices = StateLoader.OpenDevices(hello.Vm, _guest, _factory, _o.MaxMemorySize, out string reason);
             main.Writer.WriteStreamHeader();
@@ -266,6 +277,7 @@ internal sealed class TargetSession
             devices = null;
             main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
             main.Writer.Flush();
+            t = Step("setup", t);
 
             var loader = new StateLoader(vm, hello.Vm);
             var receivers = AcceptChannels(hello, vm, loader);
@@ -281,16 +293,26 @@ internal sealed class TargetSession
                 {
                     main.Writer.Write(SectionType.SwitchoverAck, SectionIo.DeviceIndexPayload(d));
                     main.Writer.Flush();
+                }, round =>
+                {
+                    main.Writer.Write(SectionType.RoundApplied, SectionIo.RoundPayload(round));
+                    main.Writer.Flush();
                 });
             }
-            foreach (var t in receivers)
+            t = Step("receive", t);
+            if (loader.SwitchoverTicks != 0)
             {
-                if (!t.Wait(_o.ReceiveTimeout))
+                Step("backlog", loader.SwitchoverTicks);
+            }
+            foreach (var r in receivers)
+            {
+                if (!r.Wait(_o.ReceiveTimeout))
                 {
                     throw new TimeoutException("a RAM connection did not finish");
                 }
             }
-            loader.Commit();
+            t = Step("channels", t);
+            loader.Commit(step => t = Step(step, t));
             if (_o.StartVcpus)
             {
                 vm.Start();
@@ -299,6 +321,9 @@ internal sealed class TargetSession
             {
                 vm.Pause();
             }
+            Step("vcpu-start", t);
+            Step("total", t0);
+            main.Writer.Write(SectionType.TargetTimings, SectionIo.TimingsPayload(_steps));
             ulong downUs = loader.SwitchoverTicks == 0 ? 0 : (ulong)(Stopwatch.GetElapsedTime(loader.SwitchoverTicks).TotalMilliseconds * 1000);
             SendResult(main, 0, downUs, null);
             // The VM runs here now; a source that misses this result stays paused (in doubt), never resumes.
@@ -414,6 +439,14 @@ internal sealed class TargetSession
         {
             StateLoader.Release(devices);
         }
+    }
+
+    /// <summary>Records step <paramref name="name"/> as the µs since <paramref name="since"/>; returns now.</summary>
+    private long Step(string name, long since)
+    {
+        long now = Stopwatch.GetTimestamp();
+        _steps[name] = (long)(Stopwatch.GetElapsedTime(since, now).TotalMilliseconds * 1000);
+        return now;
     }
 
     private void CloseAll()

@@ -20,50 +20,90 @@ internal static class RamPages
     /// <summary>Largest payload a RamPages section can have.</summary>
     public const int MaxPayload = PayloadHeaderSize + (MaxPagesPerSection * (RecordHeaderSize + GuestRam.PageSize));
 
+    /// <summary>Bytes one run of <paramref name="count"/> pages may take in a payload at most (every page its own record).</summary>
+    public static int WorstCaseRunBytes(int count) => count * (RecordHeaderSize + GuestRam.PageSize);
+
     /// <summary>
-    /// Encodes pages [first, first+count) (count ≤ <see cref="MaxPagesPerSection"/>) of <paramref name="ram"/> into
-    /// <paramref name="buffer"/>, with all-zero pages as ZERO records. The pages are read with
-    /// <see cref="GuestRam.ReadUntracked"/> into <paramref name="scratch"/> (≥ count pages), so never-touched RAM
-    /// is not allocated by the scan. Returns the payload length.
+    /// Encodes one payload: the 8-byte header and the run [first, first+count) (count ≤ <see cref="MaxPagesPerSection"/>)
+    /// into <paramref name="buffer"/>, all-zero pages as ZERO records. Returns the payload length.
     /// </summary>
-    public static int Encode(GuestRam ram, uint round, long first, int count, byte[] scratch, byte[] buffer, out int zeroPages)
+    public static int Encode(GuestRam ram, uint round, long first, int count, byte[] buffer, out int zeroPages)
     {
+        WritePayloadHeader(buffer, round);
+        return AppendRun(ram, first, count, buffer, PayloadHeaderSize, omitZeroPages: false, out zeroPages);
+    }
+
+    /// <summary>Writes the 8-byte payload header (u32 round, u32 0) at the start of <paramref name="payload"/>.</summary>
+    public static void WritePayloadHeader(Span<byte> payload, uint round)
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(payload, round);
+        BinaryPrimitives.WriteUInt32LittleEndian(payload[4..], 0);
+    }
+
+    /// <summary>
+    /// Appends records for pages [first, first+count) at <paramref name="pos"/> of <paramref name="buffer"/>, which
+    /// must have <see cref="WorstCaseRunBytes"/>(count) bytes free there. The pages are read with
+    /// <see cref="GuestRam.ReadUntracked"/> straight into their place after a record header, then compacted in place
+    /// around the zero pages (no second copy): zero pages become ZERO records, or nothing at all when
+    /// <paramref name="omitZeroPages"/> (a receiver whose RAM is still zero-filled, i.e. the first pass). Returns the
+    /// new end position.
+    /// </summary>
+    public static int AppendRun(GuestRam ram, long first, int count, byte[] buffer, int pos, bool omitZeroPages, out int zeroPages)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(count);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(count, MaxPagesPerSection);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(pos + WorstCaseRunBytes(count), buffer.Length);
         // A page a vCPU or device is writing right now may be copied torn; its dirty bit is set again, so the next
         // round (at the latest the final one, with everything stopped) resends it.
-        ram.ReadUntracked((ulong)first << GuestRam.PageShift, scratch.AsSpan(0, count * GuestRam.PageSize));
-        BinaryPrimitives.WriteUInt32LittleEndian(buffer, round);
-        BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(4), 0);
-        int pos = PayloadHeaderSize;
+        int read = pos + RecordHeaderSize;
+        ram.ReadUntracked((ulong)first << GuestRam.PageShift, buffer.AsSpan(read, count * GuestRam.PageSize));
+        Span<bool> zero = stackalloc bool[count];
         zeroPages = 0;
+        for (int k = 0; k < count; k++)
+        {
+            zero[k] = !buffer.AsSpan(read + (k * GuestRam.PageSize), GuestRam.PageSize).ContainsAnyExcept((byte)0);
+            zeroPages += zero[k] ? 1 : 0;
+        }
+        if (zeroPages == 0)
+        {
+            // Common case: one data record, already in place.
+            WriteRecord(buffer, pos, first, count, zero: false);
+            return read + (count * GuestRam.PageSize);
+        }
+        // Compaction: the write position never passes the read position of a page still to be copied (a record header
+        // only ever overwrites part of a zero page already classified).
+        int w = pos;
         int i = 0;
-        bool zero = IsZero(scratch, 0);
         while (i < count)
         {
             int j = i + 1;
-            bool nextZero = false;
-            while (j < count && (nextZero = IsZero(scratch, j)) == zero)
+            while (j < count && zero[j] == zero[i])
             {
                 j++;
             }
             int n = j - i;
-            BinaryPrimitives.WriteUInt64LittleEndian(buffer.AsSpan(pos), (ulong)(first + i) << GuestRam.PageShift);
-            BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 8), (uint)n);
-            BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 12), zero ? ZeroFlag : 0);
-            pos += RecordHeaderSize;
-            if (zero)
+            if (!zero[i])
             {
-                zeroPages += n;
-            }
-            else
-            {
+                WriteRecord(buffer, w, first + i, n, zero: false);
                 int bytes = n * GuestRam.PageSize;
-                scratch.AsSpan(i * GuestRam.PageSize, bytes).CopyTo(buffer.AsSpan(pos));
-                pos += bytes;
+                buffer.AsSpan(read + (i * GuestRam.PageSize), bytes).CopyTo(buffer.AsSpan(w + RecordHeaderSize));
+                w += RecordHeaderSize + bytes;
+            }
+            else if (!omitZeroPages)
+            {
+                WriteRecord(buffer, w, first + i, n, zero: true);
+                w += RecordHeaderSize;
             }
             i = j;
-            zero = nextZero;
         }
-        return pos;
+        return w;
+    }
+
+    private static void WriteRecord(byte[] buffer, int pos, long firstPage, int count, bool zero)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(buffer.AsSpan(pos), (ulong)firstPage << GuestRam.PageShift);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 8), (uint)count);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer.AsSpan(pos + 12), zero ? ZeroFlag : 0);
     }
 
     /// <summary>
@@ -132,9 +172,6 @@ internal static class RamPages
         }
         return pages;
     }
-
-    private static bool IsZero(byte[] pages, int index) =>
-        !pages.AsSpan(index * GuestRam.PageSize, GuestRam.PageSize).ContainsAnyExcept((byte)0);
 }
 
 /// <summary>The latest round that wrote each page on the target, with striped locks for concurrent channels.</summary>

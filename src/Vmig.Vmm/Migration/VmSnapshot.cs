@@ -34,7 +34,7 @@ public static class VmSnapshot
             var all = new PageBitmap(vm.Memory.PageCount);
             all.SetAll();
             var sw = Stopwatch.StartNew();
-            var (pages, zeros) = sender.SendRam(all, 1);
+            var (pages, zeros, _) = sender.SendRam(all, 1, firstPass: true);
             sender.SendVcpus();
             long dev = sender.SendDeviceStopCopy();
             sender.SendEnd();

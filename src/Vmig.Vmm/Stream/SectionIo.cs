@@ -45,6 +45,26 @@ public sealed class SectionWriter
         _bytesByType[t] = _bytesByType.GetValueOrDefault(t) + n;
     }
 
+    /// <summary>
+    /// Writes a section whose payload is already in <paramref name="frame"/> at offset <see cref="SectionHeader.Size"/>
+    /// (<paramref name="payloadLength"/> bytes): the header is filled into the first 12 bytes and header and payload go
+    /// to the stream in one write (a separate 12-byte header write would be its own send on a socket).
+    /// </summary>
+    public void WriteFramed(SectionType type, byte[] frame, int payloadLength)
+    {
+        ArgumentNullException.ThrowIfNull(frame);
+        ArgumentOutOfRangeException.ThrowIfNegative(payloadLength);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(payloadLength, frame.Length - SectionHeader.Size);
+        ushort t = (ushort)type;
+        var flags = SectionIo.IsOptional(type) ? SectionFlags.None : SectionFlags.Mandatory;
+        var payload = frame.AsSpan(SectionHeader.Size, payloadLength);
+        new SectionHeader(t, flags, (uint)payloadLength, SectionHeader.ComputeCrc(t, flags, payload)).WriteTo(frame);
+        _stream.Write(frame, 0, SectionHeader.Size + payloadLength);
+        long n = SectionHeader.Size + payloadLength;
+        BytesWritten += n;
+        _bytesByType[type] = _bytesByType.GetValueOrDefault(type) + n;
+    }
+
     /// <summary>Flushes the underlying stream (at sync points: handshake, switchover, end).</summary>
     public void Flush() => _stream.Flush();
 }
@@ -181,10 +201,10 @@ public sealed class SectionReader
 public static class SectionIo
 {
     /// <summary>True for types this version defines.</summary>
-    public static bool IsKnown(ushort type) => type is >= 1 and <= 14;
+    public static bool IsKnown(ushort type) => type is >= 1 and <= 16;
 
     /// <summary>True for types written without the mandatory flag.</summary>
-    public static bool IsOptional(SectionType type) => type is SectionType.RoundInfo or SectionType.SwitchoverStart;
+    public static bool IsOptional(SectionType type) => type is SectionType.RoundInfo or SectionType.SwitchoverStart or SectionType.RoundApplied or SectionType.TargetTimings;
 
     /// <summary>4-byte payload: u16 device index, u16 0.</summary>
     public static byte[] DeviceIndexPayload(int device)
@@ -207,6 +227,36 @@ public static class SectionIo
             throw new StreamFormatException($"device index {d} but the VM has {deviceCount} devices");
         }
         return d;
+    }
+
+    /// <summary>RoundApplied payload: u32 round, u32 0.</summary>
+    public static byte[] RoundPayload(uint round)
+    {
+        var b = new byte[8];
+        BinaryPrimitives.WriteUInt32LittleEndian(b, round);
+        return b;
+    }
+
+    /// <summary>Parses a RoundApplied payload (≥ 4 bytes).</summary>
+    public static uint ReadRound(ReadOnlySpan<byte> payload) => payload.Length < 4
+        ? throw new StreamFormatException($"round section of {payload.Length} bytes is shorter than 4")
+        : BinaryPrimitives.ReadUInt32LittleEndian(payload);
+
+    /// <summary>TargetTimings payload: UTF-8 JSON object, step name → microseconds (integers).</summary>
+    public static byte[] TimingsPayload(IReadOnlyDictionary<string, long> microseconds) =>
+        System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(microseconds);
+
+    /// <summary>Parses a TargetTimings payload; informational only, so anything malformed yields an empty result.</summary>
+    public static IReadOnlyDictionary<string, long> ReadTimings(ReadOnlySpan<byte> payload)
+    {
+        try
+        {
+            return System.Text.Json.JsonSerializer.Deserialize<Dictionary<string, long>>(payload) ?? [];
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            return new Dictionary<string, long>();
+        }
     }
 
     /// <summary>Status payload: u32 status, UTF-8 text.</summary>

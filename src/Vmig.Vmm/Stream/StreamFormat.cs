@@ -38,6 +38,14 @@ public enum SectionType : ushort
     RoundInfo = 13,
     /// <summary>S→T, optional, empty: the source paused its vCPUs (downtime starts).</summary>
     SwitchoverStart = 14,
+    /// <summary>
+    /// T→S, optional (since 1.1): u32 round, u32 0 — the target has applied every section the main connection carried up
+    /// to that round's RoundInfo. A 1.1 source waits for the last pre-copy round's before pausing its vCPUs, so no
+    /// receive backlog lands in the downtime.
+    /// </summary>
+    RoundApplied = 15,
+    /// <summary>T→S, optional (since 1.1): the target's step durations, UTF-8 JSON object of step name → microseconds; sent right before TargetResult.</summary>
+    TargetTimings = 16,
 }
 
 /// <summary>Section flags (u16).</summary>
@@ -57,7 +65,7 @@ public readonly struct StreamHeader
 {
     public const int Size = 16;
     public const ushort CurrentMajor = 1;
-    public const ushort CurrentMinor = 0;
+    public const ushort CurrentMinor = 1;
 
     private static ReadOnlySpan<byte> MagicBytes => "VMIGSTRM"u8;
 
