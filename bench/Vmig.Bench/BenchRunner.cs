@@ -40,7 +40,7 @@ internal sealed class BenchContext
 public static class BenchRunner
 {
     /// <summary>Scenario ids in run order.</summary>
-    public static IReadOnlyList<string> ScenarioIds { get; } = ["region", "migdata", "nvme", "accel", "vm"];
+    public static IReadOnlyList<string> ScenarioIds { get; } = ["region", "migdata", "nvme", "accel", "vm", "downtime"];
 
     /// <summary>Runs the selected scenarios. A scenario that fails is recorded in <see cref="BenchReport.Skipped"/>
     /// with the reason and the rest still run.</summary>
@@ -59,6 +59,7 @@ public static class BenchRunner
             ("nvme", () => NvmeScenario.Run(ctx)),
             ("accel", () => AccelScenario.Run(ctx)),
             ("vm", () => VmScenario.Run(ctx)),
+            ("downtime", () => DowntimeScenario.Run(ctx)),
         };
         try
         {

@@ -128,11 +128,14 @@ internal static class PeerMain
                     break;
                 }
             case "nvme":
+            case "nvme-shared":
                 {
                     // One NVMe subsystem with a BYTES-sized namespace file (4 KiB LBAs) next to the socket; VF 0 served.
-                    string img = sock + ".img";
-                    using (var f = new FileStream(img, FileMode.Create, FileAccess.Write))
+                    // "nvme-shared": the file is the one the downtime scenario created for both hosts (shared storage).
+                    string img = kind == "nvme" ? sock + ".img" : Path.Combine(Path.GetDirectoryName(sock)!, DowntimeScenario.NvmeSharedImage);
+                    if (kind == "nvme")
                     {
+                        using var f = new FileStream(img, FileMode.Create, FileAccess.Write);
                         var chunk = new byte[1 << 20];
                         new Random(11).NextBytes(chunk);
                         for (long o = 0; o < bytes; o += chunk.Length)

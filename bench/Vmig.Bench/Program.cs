@@ -42,7 +42,7 @@ internal static class Program
                 default:
                     if (args[i].StartsWith('-'))
                     {
-                        Console.Error.WriteLine("usage: Vmig.Bench [--quick] [--json FILE] [--svg DIR] [--runs N] [region|migdata|nvme|accel|vm …] | micro [BDN args]");
+                        Console.Error.WriteLine("usage: Vmig.Bench [--quick] [--json FILE] [--svg DIR] [--runs N] [region|migdata|nvme|accel|vm|downtime …] | micro [BDN args]");
                         return 2;
                     }
                     scenarios.Add(args[i]);

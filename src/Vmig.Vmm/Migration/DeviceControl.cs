@@ -164,36 +164,11 @@ internal static class DeviceControl
     /// <summary>Bytes before the device data in a DeviceData frame: section header room, then u16 index, u8 phase, u8 0.</summary>
     public const int DeviceFrameOverhead = SectionHeader.Size + 4;
 
-    /// <summary>
-    /// Reads a device's save stream until a short read (or <paramref name="cap"/> bytes), one DeviceData section per
-    /// read. <paramref name="frame"/> holds <see cref="DeviceFrameOverhead"/> bytes and then the read buffer, so each
-    /// MIG_DATA_READ lands where the section is written from (one write per section, no copy).
-    /// </summary>
-    /// <returns>Device bytes sent.</returns>
-    public static long SendDeviceData(IVmDevice device, int index, byte phase, SectionWriter writer, byte[] frame, long cap, Throttle? throttle)
+    /// <summary>Writes the DeviceData payload header (u16 index, u8 phase, u8 0) into a frame built for <see cref="Stream.SectionWriter.WriteFramed"/>.</summary>
+    public static void WriteDeviceDataHeader(byte[] frame, int index, byte phase)
     {
-        long total = 0;
-        int chunk = frame.Length - DeviceFrameOverhead;
-        while (true)
-        {
-            int n = device.ReadMigrationData(frame.AsSpan(DeviceFrameOverhead, chunk));
-            if (n < 0 || n > chunk)
-            {
-                throw new IOException($"device {device.Description.Name}: MIG_DATA_READ returned {n} for a {chunk}-byte buffer");
-            }
-            if (n > 0)
-            {
-                BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(SectionHeader.Size), (ushort)index);
-                frame[SectionHeader.Size + 2] = phase;
-                frame[SectionHeader.Size + 3] = 0;
-                writer.WriteFramed(SectionType.DeviceData, frame, 4 + n);
-                throttle?.Consume(4 + n + SectionHeader.Size);
-                total += n;
-            }
-            if (n < chunk || total >= cap)
-            {
-                return total;
-            }
-        }
+        BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(SectionHeader.Size), checked((ushort)index));
+        frame[SectionHeader.Size + 2] = phase;
+        frame[SectionHeader.Size + 3] = 0;
     }
 }

@@ -76,7 +76,8 @@ public sealed class MigrationReport
 
     /// <summary>
     /// The target's own steps (from its optional TargetTimings section; empty from a target that does not send it):
-    /// "setup" (devices opened and RESUMING, RAM created, DMA_MAP), "receive" (state stream until EndOfState),
+    /// "setup.open-devices" (each device connected, checked and moved to RESUMING), "setup.ram-and-dma-map" (memfd
+    /// created, mapped, DMA_MAP to every device, MSI-X wired), "setup.reply", "receive" (state stream until EndOfState),
     /// "backlog" (from SwitchoverStart to EndOfState), "channels" (extra connections finishing), "device-commit"
     /// (RESUMING→STOP, →RUNNING_P2P, →RUNNING), "guest-resume" (programs re-created), "vcpu-start".
     /// </summary>

@@ -77,7 +77,7 @@ internal sealed class StateSender
     private readonly IReadOnlyList<SectionWriter> _channels;
     private readonly Throttle? _throttle;
     private readonly long[] _channelPages;
-    private readonly byte[] _deviceBuffer;
+    private readonly DeviceDataPump _devicePump;
     private readonly byte[]?[] _frames;
 
     public StateSender(Vm vm, IReadOnlyList<SectionWriter> channels, Throttle? throttle, int deviceChunk)
@@ -86,7 +86,7 @@ internal sealed class StateSender
         _channels = channels;
         _throttle = throttle;
         _channelPages = new long[channels.Count];
-        _deviceBuffer = new byte[DeviceControl.DeviceFrameOverhead + deviceChunk];
+        _devicePump = new DeviceDataPump(deviceChunk);
         _frames = new byte[channels.Count][];
     }
 
@@ -156,7 +156,7 @@ internal sealed class StateSender
 
     /// <summary>Device pre-copy data of device <paramref name="index"/> on the main channel.</summary>
     public long SendDevicePrecopy(int index, long cap) =>
-        DeviceControl.SendDeviceData(_vm.Devices[index], index, 0, Main, _deviceBuffer, cap, _throttle);
+        _devicePump.Send(_vm.Devices[index], index, 0, Main, cap, _throttle);
 
     /// <summary>Device stop-copy data until the end of its stream, then DeviceEnd, for every device.</summary>
     public long SendDeviceStopCopy()
@@ -164,7 +164,7 @@ internal sealed class StateSender
         long total = 0;
         for (int i = 0; i < _vm.Devices.Count; i++)
         {
-            total += DeviceControl.SendDeviceData(_vm.Devices[i], i, 1, Main, _deviceBuffer, long.MaxValue, _throttle);
+            total += _devicePump.Send(_vm.Devices[i], i, 1, Main, long.MaxValue, _throttle);
             Main.Write(SectionType.DeviceEnd, SectionIo.DeviceIndexPayload(i));
         }
         return total;
@@ -513,7 +513,8 @@ internal sealed class SourceSession
             sender.Main.Write(SectionType.RoundInfo, info);
             sender.Main.Flush();
             AddRound(round, pages, zeros, bytes, devBytes, sw.Elapsed, holes);
-            double expected = bandwidth > 0 ? remaining / bandwidth : double.PositiveInfinity;
+            // Nothing left (e.g. an idle VM whose first pass found only holes): converged, whatever the bandwidth.
+            double expected = remaining == 0 ? 0 : bandwidth > 0 ? remaining / bandwidth : double.PositiveInfinity;
             Report(MigrationPhase.PreCopy, round, sender.BytesWritten, remaining, dirtyRate, bandwidth, expected);
             bool allInitial = precopy.All(i => initialSent[i]);
             if ((allInitial && expected <= _o.DowntimeLimit.TotalSeconds) || (round >= _o.MaxRounds && allInitial) || round >= _o.MaxRounds * 4)

@@ -46,12 +46,13 @@ public static class MigrationTarget
 }
 
 /// <summary>Applies an incoming state stream to an incoming <see cref="Vm"/>; shared by the target and restore.</summary>
-internal sealed class StateLoader
+internal sealed class StateLoader : IDisposable
 {
     private readonly Vm _vm;
     private readonly VmDescription _description;
     private readonly byte[]?[] _vcpus;
     private readonly bool[] _deviceEnded;
+    private readonly DeviceDataLoader _deviceData;
 
     public StateLoader(Vm vm, VmDescription description)
     {
@@ -60,6 +61,7 @@ internal sealed class StateLoader
         _vcpus = new byte[description.Vcpus.Count][];
         _deviceEnded = new bool[description.Devices.Count];
         PageRounds = new PageRounds(vm.Memory.PageCount);
+        _deviceData = new DeviceDataLoader(vm.Devices);
     }
 
     public PageRounds PageRounds { get; }
@@ -89,7 +91,7 @@ internal sealed class StateLoader
                     {
                         throw new StreamFormatException($"device {d}: data after its end");
                     }
-                    _vm.Devices[d].WriteMigrationData(p[4..]);
+                    _deviceData.Enqueue(d, r);
                     return false;
                 }
             case SectionType.DeviceInitialDataSent:
@@ -99,6 +101,8 @@ internal sealed class StateLoader
                     {
                         throw new StreamFormatException($"device {d}: initial-data marker for a device without PRE_COPY");
                     }
+                    // The ack promises the bytes are loaded into the device.
+                    _deviceData.Drain();
                     onInitialDataSent?.Invoke(d);
                     return false;
                 }
@@ -156,11 +160,16 @@ internal sealed class StateLoader
                 throw new StreamFormatException($"the stream ended without the end of device {d}'s data");
             }
         }
+        _deviceData.Drain();
+        _deviceData.Dispose();
         DeviceControl.CommitAndRun(_vm.Devices);
         step?.Invoke("device-commit");
         _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
         step?.Invoke("guest-resume");
     }
+
+    /// <summary>Stops the device-data helper thread (a discarded incoming VM).</summary>
+    public void Dispose() => _deviceData.Dispose();
 
     /// <summary>
     /// Checks a description against this host and opens its devices; returns the devices, or null with a reason.
@@ -255,6 +264,7 @@ internal sealed class TargetSession
         _connections.Add(main);
         Vm? vm = null;
         List<IVmDevice>? devices = null;
+        StateLoader? loader = null;
         using var reg = _ct.Register(CloseAll);
         try
         {
@@ -264,6 +274,7 @@ internal sealed class TargetSession
             long t = Stopwatch.GetTimestamp();
             var hello = MigrationHello.Parse(main.Reader.Payload);
             devices = StateLoader.OpenDevices(hello.Vm, _guest, _factory, _o.MaxMemorySize, out string reason);
+            t = Step("setup.open-devices", t);
             main.Writer.WriteStreamHeader();
             if (devices is null)
             {
@@ -275,11 +286,12 @@ internal sealed class TargetSession
             }
             vm = Vm.CreateIncoming(hello.Vm, _guest, devices);
             devices = null;
+            t = Step("setup.ram-and-dma-map", t);
             main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
             main.Writer.Flush();
-            t = Step("setup", t);
+            t = Step("setup.reply", t);
 
-            var loader = new StateLoader(vm, hello.Vm);
+            loader = new StateLoader(vm, hello.Vm);
             var receivers = AcceptChannels(hello, vm, loader);
 
             bool ended = false;
@@ -332,6 +344,7 @@ internal sealed class TargetSession
         }
         catch (VmMigrationException)
         {
+            loader?.Dispose();
             Discard(vm, devices);
             throw;
         }
@@ -348,6 +361,7 @@ internal sealed class TargetSession
             {
                 // The source is gone; it rolls back on its own when the connection drops.
             }
+            loader?.Dispose();
             Discard(vm, devices);
             throw new VmMigrationException($"incoming migration failed: {e.Message}", _report, e);
         }

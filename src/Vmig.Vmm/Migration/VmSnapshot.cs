@@ -100,9 +100,9 @@ public static class VmSnapshot
             StateLoader.Release(devices);
             throw;
         }
+        var loader = new StateLoader(vm, hello.Vm);
         try
         {
-            var loader = new StateLoader(vm, hello.Vm);
             while (true)
             {
                 if (!reader.ReadNext())
@@ -127,6 +127,7 @@ public static class VmSnapshot
         }
         catch
         {
+            loader.Dispose();
             vm.Dispose();
             throw;
         }

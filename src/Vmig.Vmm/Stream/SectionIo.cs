@@ -182,6 +182,19 @@ public sealed class SectionReader
         }
     }
 
+    /// <summary>
+    /// Hands the current payload's buffer to the caller (the payload is its first <see cref="Payload"/>.Length bytes,
+    /// as before the call) and continues with <paramref name="replacement"/> (or a new buffer of the same size), so a
+    /// consumer on another thread can own the bytes without a copy. <see cref="Payload"/> is empty afterwards.
+    /// </summary>
+    public byte[] TakePayload(byte[]? replacement = null)
+    {
+        byte[] taken = _payload;
+        _payload = replacement ?? new byte[taken.Length];
+        _length = 0;
+        return taken;
+    }
+
     /// <summary>Reads the next section and requires it to be <paramref name="expected"/>.</summary>
     /// <exception cref="StreamFormatException">Another type came, or the stream ended.</exception>
     public void Expect(SectionType expected)
