@@ -106,10 +106,14 @@ internal sealed class FakeDevice : IVmDevice
 
     public DeviceState GetState() => State;
 
+    /// <summary>SetState calls (one vfio-user request each on a real device).</summary>
+    public int Requests { get; private set; }
+
     public DeviceState SetState(DeviceState target)
     {
         lock (_lock)
         {
+            Requests++;
             uint flags = (uint)Description.MigrationFlags;
             if ((Required[(int)target] & flags) != Required[(int)target])
             {

@@ -1,0 +1,233 @@
+using System.Buffers.Binary;
+using Vmig.Migration;
+using Vmig.Native;
+using Vmig.Vmm.Migration;
+using Vmig.Vmm.Stream;
+
+namespace Vmig.Vmm.Tests;
+
+/// <summary>The migration fast paths: hole skipping, in-place RAM sections, framed writes, and the device-data pipes.</summary>
+public sealed class MigrationPathTests
+{
+    [Fact]
+    public void PageBitmap_ClearRange_ClearsExactlyTheRangeAcrossWordBoundaries()
+    {
+        var b = new PageBitmap(300);
+        b.SetAll();
+        b.ClearRange(5, 200); // partial head word, whole words, partial tail word
+        Assert.Equal(100, b.Count());
+        Assert.True(b.Get(4));
+        Assert.False(b.Get(5));
+        Assert.False(b.Get(204));
+        Assert.True(b.Get(205));
+        b.ClearRange(290, 1000); // clamped to the page count
+        Assert.Equal(90, b.Count());
+    }
+
+    [Fact]
+    public void GuestRam_KeepAllocatedPages_KeepsOnlyWrittenPages_FoundWithoutReading()
+    {
+        using var ram = GuestRam.Create(1 << 20); // 256 pages, all holes
+        ram.Write(3 * 4096 + 100, [1]);
+        ram.Write(100 * 4096, new byte[2 * 4096]); // written zeros are data too (allocated), not holes
+        ram.GetHostSpan(255 * 4096, 8).Fill(7);
+        var pages = new PageBitmap(ram.PageCount);
+        pages.SetAll();
+        Assert.Equal(4, ram.KeepAllocatedPages(pages));
+        Assert.True(pages.Get(3) && pages.Get(100) && pages.Get(101) && pages.Get(255));
+        Assert.False(pages.Get(0) || pages.Get(4) || pages.Get(99) || pages.Get(254));
+    }
+
+    [Fact]
+    public void MemFd_NextDataExtent_ReportsExtentsAndNullPastTheLastOne()
+    {
+        using var fd = MemFd.Create("extents", 64 * 4096);
+        using (var m = Mapping.Map(fd, 0, 64 * 4096))
+        {
+            m.GetSpan(10 * 4096, 3 * 4096).Fill(1);
+        }
+        Assert.Equal((10L * 4096, 13L * 4096), MemFd.NextDataExtent(fd, 0));
+        Assert.Equal((11L * 4096, 13L * 4096), MemFd.NextDataExtent(fd, 11 * 4096));
+        Assert.Null(MemFd.NextDataExtent(fd, 13 * 4096));
+    }
+
+    [Fact]
+    public void RamPages_AppendRun_CompactsInPlace_AndFirstPassOmitsZeroPages()
+    {
+        using var src = GuestRam.Create(64 * 4096);
+        // Pages: 0 data, 1-2 zero, 3-5 data, 6 zero, 7 data.
+        foreach (int p in new[] { 0, 3, 4, 5, 7 })
+        {
+            src.Write((ulong)p * 4096, Enumerable.Repeat((byte)(p + 1), 4096).ToArray());
+        }
+        var buf = new byte[RamPages.MaxPayload];
+        RamPages.WritePayloadHeader(buf, 1);
+        int end = RamPages.AppendRun(src, 0, 8, buf, RamPages.PayloadHeaderSize, omitZeroPages: true, out int zeros);
+        Assert.Equal(3, zeros);
+        // Three data records (1 + 3 + 1 pages), no ZERO records.
+        Assert.Equal(RamPages.PayloadHeaderSize + (3 * RamPages.RecordHeaderSize) + (5 * 4096), end);
+        // A second run appended after the first in the same payload.
+        src.Write(40 * 4096, Enumerable.Repeat((byte)0x40, 4096).ToArray());
+        end = RamPages.AppendRun(src, 39, 2, buf, end, omitZeroPages: false, out zeros);
+        Assert.Equal(1, zeros);
+
+        using var dst = GuestRam.Create(64 * 4096);
+        var rounds = new PageRounds(dst.PageCount);
+        Assert.Equal(7, RamPages.Apply(dst, buf.AsSpan(0, end), rounds));
+        Assert.True(src.GetHostSpan(0, 64 * 4096).SequenceEqual(dst.GetHostSpan(0, 64 * 4096)));
+    }
+
+    [Fact]
+    public void SectionWriter_WriteFramed_WritesTheSameBytesAsWrite()
+    {
+        byte[] payload = Enumerable.Range(0, 5000).Select(i => (byte)i).ToArray();
+        var a = new MemoryStream();
+        new SectionWriter(a).Write(SectionType.DeviceData, payload);
+        var frame = new byte[SectionHeader.Size + payload.Length + 7];
+        payload.CopyTo(frame, SectionHeader.Size);
+        var b = new MemoryStream();
+        var w = new SectionWriter(b);
+        w.WriteFramed(SectionType.DeviceData, frame, payload.Length);
+        Assert.Equal(a.ToArray(), b.ToArray());
+        Assert.Equal(SectionHeader.Size + payload.Length, w.BytesWritten);
+    }
+
+    [Theory]
+    [InlineData(100)]              // one short read: inline, no helper thread
+    [InlineData(4096 * 5)]         // exact multiple: the last read returns 0
+    [InlineData((4096 * 7) + 123)] // several full chunks and a tail
+    public void DeviceDataPump_SendsTheWholeStreamInOrder_AndTheLoaderWritesItBack(int length)
+    {
+        byte[] state = Enumerable.Range(0, length).Select(i => (byte)(i * 31)).ToArray();
+        var src = new StreamDevice(state);
+        var ms = new MemoryStream();
+        var writer = new SectionWriter(ms);
+        long sent = new DeviceDataPump(4096).Send(src, 0, 1, writer, long.MaxValue, null);
+        Assert.Equal(length, sent);
+
+        ms.Position = 0;
+        var reader = new SectionReader(ms);
+        var dst = new StreamDevice([]);
+        using (var loader = new DeviceDataLoader([dst]))
+        {
+            while (reader.ReadNext())
+            {
+                Assert.Equal(SectionType.DeviceData, reader.Type);
+                Assert.Equal(1, reader.Payload[2]); // phase
+                loader.Enqueue(SectionIo.ReadDeviceIndex(reader.Payload, 1), reader);
+            }
+            loader.Drain();
+        }
+        Assert.Equal(state, dst.Written.ToArray());
+    }
+
+    [Fact]
+    public void DeviceDataPump_StopsAtTheCap()
+    {
+        var src = new StreamDevice(new byte[4096 * 10]);
+        long sent = new DeviceDataPump(4096).Send(src, 0, 0, new SectionWriter(new MemoryStream()), 4096 * 3, null);
+        Assert.Equal(4096 * 3, sent);
+        Assert.Equal(4096 * 3, src.Position);
+    }
+
+    [Fact]
+    public void DeviceDataPump_ReadFailureOnTheHelperThread_IsRethrownAfterItStopped()
+    {
+        var src = new StreamDevice(new byte[4096 * 10]) { FailAtRead = 3 };
+        var e = Assert.Throws<IOException>(() => new DeviceDataPump(4096).Send(src, 0, 0, new SectionWriter(new MemoryStream()), long.MaxValue, null));
+        Assert.Contains("read 3 failed", e.Message, StringComparison.Ordinal);
+        Assert.Equal(3, src.Reads); // nothing read after the failure
+    }
+
+    [Fact]
+    public void DeviceDataLoader_WriteFailure_SurfacesAtDrain()
+    {
+        var dst = new StreamDevice([]) { FailWrites = true };
+        var ms = new MemoryStream();
+        new SectionWriter(ms).Write(SectionType.DeviceData, new byte[100]);
+        ms.Position = 0;
+        var reader = new SectionReader(ms);
+        Assert.True(reader.ReadNext());
+        using var loader = new DeviceDataLoader([dst]);
+        loader.Enqueue(0, reader);
+        var e = Assert.Throws<IOException>(loader.Drain);
+        Assert.Contains("write refused", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void OneDevice_SwitchoverAndCommit_TakeOneRequestEach_ManyDevicesKeepTheP2PStages()
+    {
+        var log = new List<string>();
+        var one = new FakeDevice("a", MigrationFlags.StopCopy | MigrationFlags.P2P, log);
+        DeviceControl.QuiesceAndStopCopy([one]);
+        Assert.Equal(DeviceState.StopCopy, one.GetState());
+        Assert.Equal(1, one.Requests);
+
+        var x = new FakeDevice("x", MigrationFlags.StopCopy | MigrationFlags.P2P, log);
+        var y = new FakeDevice("y", MigrationFlags.StopCopy | MigrationFlags.P2P, log);
+        DeviceControl.QuiesceAndStopCopy([x, y]);
+        Assert.Equal(2, x.Requests);
+        int lastP2P = Math.Max(log.IndexOf("x:Running->RunningP2P"), log.IndexOf("y:Running->RunningP2P"));
+        int firstStop = Math.Min(log.IndexOf("x:RunningP2P->Stop"), log.IndexOf("y:RunningP2P->Stop"));
+        Assert.True(lastP2P >= 0 && lastP2P < firstStop, string.Join(", ", log));
+    }
+
+    /// <summary>A device that is only a migration data stream: reads return the given state bytes in order, writes append.</summary>
+    private sealed class StreamDevice(byte[] state) : IVmDevice
+    {
+        private readonly object _lock = new();
+
+        public int Position { get; private set; }
+        public int Reads { get; private set; }
+        public int FailAtRead { get; init; } = -1;
+        public bool FailWrites { get; init; }
+        public MemoryStream Written { get; } = new();
+
+        public DeviceDescription Description { get; } = new("s", "stream", "", MigrationFlags.StopCopy);
+        public bool SupportsPrecopyInfo => false;
+        public bool SupportsStopCopySize => false;
+        public bool SupportsDirtyLogging => false;
+        public int MsixVectorCount => 0;
+
+        public int ReadMigrationData(Span<byte> buffer)
+        {
+            lock (_lock)
+            {
+                if (++Reads == FailAtRead)
+                {
+                    throw new IOException($"read {Reads} failed");
+                }
+                int n = Math.Min(buffer.Length, state.Length - Position);
+                state.AsSpan(Position, n).CopyTo(buffer);
+                Position += n;
+                return n;
+            }
+        }
+
+        public void WriteMigrationData(ReadOnlySpan<byte> data)
+        {
+            if (FailWrites)
+            {
+                throw new IOException("write refused");
+            }
+            Written.Write(data);
+        }
+
+        public void ReadRegion(int index, ulong offset, Span<byte> data) => throw new NotSupportedException();
+        public void WriteRegion(int index, ulong offset, ReadOnlySpan<byte> data) => throw new NotSupportedException();
+        public void DmaMap(ulong iova, ulong size, UnixFd fd, long fileOffset) => throw new NotSupportedException();
+        public void DmaUnmap(ulong iova, ulong size) => throw new NotSupportedException();
+        public void SetMsixEventFds(IReadOnlyList<EventFd> fds) => throw new NotSupportedException();
+        public DeviceState GetState() => DeviceState.StopCopy;
+        public DeviceState SetState(DeviceState target) => throw new NotSupportedException();
+        public PrecopyInfo GetPrecopyInfo() => throw new NotSupportedException();
+        public ulong GetStopCopySize() => throw new NotSupportedException();
+        public void StartDirtyLogging(ulong pageSize, IReadOnlyList<(ulong Iova, ulong Length)> ranges) => throw new NotSupportedException();
+        public void StopDirtyLogging() => throw new NotSupportedException();
+        public void ReportDirty(ulong iova, ulong length, ulong pageSize, Span<ulong> bitmap) => throw new NotSupportedException();
+        public void Reset() => throw new NotSupportedException();
+        public void Dispose()
+        {
+        }
+    }
+}
