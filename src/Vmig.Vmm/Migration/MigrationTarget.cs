@@ -127,9 +127,11 @@ internal sealed class StateLoader : IDisposable
                 SwitchoverTicks = Stopwatch.GetTimestamp();
                 return false;
             case SectionType.RoundInfo:
-                if (p.Length >= 4)
+                if (p.Length >= 4 && onRoundInfo is not null)
                 {
-                    onRoundInfo?.Invoke(SectionIo.ReadRound(p));
+                    // RoundApplied promises the round is loaded, device data included.
+                    _deviceData.Drain();
+                    onRoundInfo(SectionIo.ReadRound(p));
                 }
                 return false;
             case SectionType.EndOfState:
