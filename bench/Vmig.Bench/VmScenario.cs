@@ -145,6 +145,9 @@ internal static class VmScenario
                 for (int i = 0; i < devices; i++)
                 {
                     srcDevices.Add(VfioUserVmDevice.Connect(srcSocks[i], $"state{i}", "bench-state", $"bytes={deviceBytes}"));
+                    // A device host is a long-running service: open and release the target's VF once so the handshake
+                    // measures the VMM, not the JIT warm-up of a peer process started a moment ago.
+                    VfioUserVmDevice.Connect(dstSocks[i], $"state{i}", "bench-state", $"bytes={deviceBytes}").Dispose();
                 }
             }
             var programs = new GuestProgramRegistry().Add(MemoryDirtier.Factory);

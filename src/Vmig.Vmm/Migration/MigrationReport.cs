@@ -78,7 +78,7 @@ public sealed class MigrationReport
     /// The target's own steps (from its optional TargetTimings section; empty from a target that does not send it):
     /// "setup.open-devices" (each device connected, checked and moved to RESUMING), "setup.ram-and-dma-map" (memfd
     /// created, mapped, DMA_MAP to every device, MSI-X wired), "setup.reply", "receive" (state stream until EndOfState),
-    /// "backlog" (from SwitchoverStart to EndOfState), "channels" (extra connections finishing), "device-commit"
+    /// "backlog" (from SwitchoverStart to EndOfState), "channels" (extra connections finishing), "device-data-drain" (queued MIG_DATA_WRITEs finishing), "device-commit"
     /// (RESUMING→STOP, →RUNNING_P2P, →RUNNING), "guest-resume" (programs re-created), "vcpu-start".
     /// </summary>
     public Dictionary<string, double> TargetStepMilliseconds { get; } = [];

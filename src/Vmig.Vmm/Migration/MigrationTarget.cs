@@ -145,7 +145,7 @@ internal sealed class StateLoader : IDisposable
     /// After EndOfState: checks completeness, commits devices (RESUMING→STOP all, →RUNNING_P2P, →RUNNING) and
     /// re-creates the guest programs.
     /// </summary>
-    /// <param name="step">Told "device-commit" after the device transitions and "guest-resume" after the programs.</param>
+    /// <param name="step">Told "device-data-drain" once every MIG_DATA_WRITE is done, "device-commit" after the device transitions and "guest-resume" after the programs.</param>
     public void Commit(Action<string>? step = null)
     {
         for (int i = 0; i < _vcpus.Length; i++)
@@ -164,6 +164,7 @@ internal sealed class StateLoader : IDisposable
         }
         _deviceData.Drain();
         _deviceData.Dispose();
+        step?.Invoke("device-data-drain");
         DeviceControl.CommitAndRun(_vm.Devices);
         step?.Invoke("device-commit");
         _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
