@@ -158,7 +158,7 @@ internal static class VmScenario
             listener.Start();
             var dst = dstSocks;
             var accept = MigrationTarget.AcceptAsync(listener, new VmConfig { Name = "bench", Programs = programs },
-                d => VfioUserVmDevice.Connect(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile));
+                d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile));
             var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) })
                 .GetAwaiter().GetResult();
             target = accept.GetAwaiter().GetResult();
@@ -191,6 +191,25 @@ internal static class VmScenario
             listener.Stop();
             srcPeer?.Dispose();
             dstPeer?.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Connects to a VF whose host may still be closing the warm-up session (it refuses a second client until it has
+    /// seen the first one go): up to 20 tries, 10 ms apart.
+    /// </summary>
+    private static VfioUserVmDevice ConnectRetrying(string socket, string name, string kind, string profile)
+    {
+        for (int i = 0; ; i++)
+        {
+            try
+            {
+                return VfioUserVmDevice.Connect(socket, name, kind, profile);
+            }
+            catch (IOException) when (i < 20)
+            {
+                Thread.Sleep(10);
+            }
         }
     }
 
