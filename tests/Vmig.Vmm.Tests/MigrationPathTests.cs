@@ -95,6 +95,7 @@ public sealed class MigrationPathTests
     [Theory]
     [InlineData(100)]              // one short read: inline, no helper thread
     [InlineData(4096 * 5)]         // exact multiple: the last read returns 0
+    [InlineData(300_000)]          // sections over the loader's inline limit: helper thread
     [InlineData((4096 * 7) + 123)] // several full chunks and a tail
     public void DeviceDataPump_SendsTheWholeStreamInOrder_AndTheLoaderWritesItBack(int length)
     {
@@ -102,7 +103,7 @@ public sealed class MigrationPathTests
         var src = new StreamDevice(state);
         var ms = new MemoryStream();
         var writer = new SectionWriter(ms);
-        long sent = new DeviceDataPump(4096).Send(src, 0, 1, writer, long.MaxValue, null);
+        long sent = new DeviceDataPump(length > 100_000 ? 128 * 1024 : 4096).Send(src, 0, 1, writer, long.MaxValue, null);
         Assert.Equal(length, sent);
 
         ms.Position = 0;
@@ -140,11 +141,25 @@ public sealed class MigrationPathTests
     }
 
     [Fact]
+    public void DeviceDataLoader_SmallSectionWithNothingQueued_IsWrittenBeforeEnqueueReturns()
+    {
+        var dst = new StreamDevice([]);
+        var ms = new MemoryStream();
+        new SectionWriter(ms).Write(SectionType.DeviceData, [0, 0, 1, 0, 9, 8, 7]);
+        ms.Position = 0;
+        var reader = new SectionReader(ms);
+        Assert.True(reader.ReadNext());
+        using var loader = new DeviceDataLoader([dst]);
+        loader.Enqueue(0, reader);
+        Assert.Equal(new byte[] { 9, 8, 7 }, dst.Written.ToArray()); // the stop-copy tail: no hand-off in the downtime
+    }
+
+    [Fact]
     public void DeviceDataLoader_WriteFailure_SurfacesAtDrain()
     {
         var dst = new StreamDevice([]) { FailWrites = true };
         var ms = new MemoryStream();
-        new SectionWriter(ms).Write(SectionType.DeviceData, new byte[100]);
+        new SectionWriter(ms).Write(SectionType.DeviceData, new byte[(1 << 20) + 4]); // large: written by the helper thread
         ms.Position = 0;
         var reader = new SectionReader(ms);
         Assert.True(reader.ReadNext());

@@ -135,6 +135,7 @@ internal sealed class DeviceDataPump
 internal sealed class DeviceDataLoader : IDisposable
 {
     private const int Depth = 4;
+    private const int InlineLimit = 64 * 1024;
     private readonly IReadOnlyList<IVmDevice> _devices;
     private readonly BlockingCollection<(int Device, byte[] Buffer, int Length)> _queue = new(Depth);
     private readonly ConcurrentBag<byte[]> _spare = [];
@@ -152,6 +153,18 @@ internal sealed class DeviceDataLoader : IDisposable
     {
         ThrowIfFailed();
         int length = reader.Payload.Length;
+        bool idle;
+        lock (_gate)
+        {
+            idle = _pending == 0;
+        }
+        if (idle && length <= InlineLimit)
+        {
+            // A small section with nothing queued (the usual stop-copy tail, in the downtime): a hand-off to the helper
+            // thread would cost a wake-up, more than the write it overlaps.
+            _devices[device].WriteMigrationData(reader.Payload[4..]);
+            return;
+        }
         byte[] buffer = reader.TakePayload(_spare.TryTake(out var b) ? b : null);
         lock (_gate)
         {

@@ -517,7 +517,10 @@ internal sealed class SourceSession
             double expected = remaining == 0 ? 0 : bandwidth > 0 ? remaining / bandwidth : double.PositiveInfinity;
             Report(MigrationPhase.PreCopy, round, sender.BytesWritten, remaining, dirtyRate, bandwidth, expected);
             bool allInitial = precopy.All(i => initialSent[i]);
-            if ((allInitial && expected <= _o.DowntimeLimit.TotalSeconds) || (round >= _o.MaxRounds && allInitial) || round >= _o.MaxRounds * 4)
+            // With devices logging DMA, "remaining" lacks what they dirtied until a report is taken: run at least a
+            // second round so the estimate includes it (and the devices' first, slowest report is not in the downtime).
+            bool estimated = round > 1 || _logging.Count == 0;
+            if ((allInitial && estimated && expected <= _o.DowntimeLimit.TotalSeconds) || (round >= _o.MaxRounds && allInitial) || round >= _o.MaxRounds * 4)
             {
                 if (!allInitial)
                 {
