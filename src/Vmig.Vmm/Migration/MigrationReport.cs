@@ -66,7 +66,8 @@ public sealed class MigrationReport
     /// <summary>
     /// Where the time went, source side, in milliseconds per step (summed over rounds), measured with Stopwatch
     /// timestamps: "handshake.connect", "handshake.target-setup" (target opens devices, creates RAM, DMA_MAP),
-    /// "precopy.start-logging", "precopy.hole-scan", "precopy.ram", "precopy.device-data", "precopy.dirty-collect",
+    /// "precopy.start-logging", "precopy.ram" (hole scan included), "precopy.device-data", "precopy.dirty-collect",
+    /// "precopy.estimate" (device pre-copy/stop-copy sizes, RoundInfo),
     /// "switchover.wait-target" (acks and the target catching up), "downtime.pause-vcpus", "downtime.device-p2p",
     /// "downtime.device-stop-copy", "downtime.dirty-collect", "downtime.ram", "downtime.vcpus", "downtime.device-data",
     /// "downtime.flush", "downtime.target" (end of state sent → target's result received), "cleanup.stop-logging",

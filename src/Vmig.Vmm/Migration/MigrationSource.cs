@@ -512,6 +512,7 @@ internal sealed class SourceSession
             BinaryPrimitives.WriteInt64LittleEndian(info.AsSpan(24), (long)(secs * 1e6));
             sender.Main.Write(SectionType.RoundInfo, info);
             sender.Main.Flush();
+            Step("precopy.estimate", t);
             AddRound(round, pages, zeros, bytes, devBytes, sw.Elapsed, holes);
             // Nothing left (e.g. an idle VM whose first pass found only holes): converged, whatever the bandwidth.
             double expected = remaining == 0 ? 0 : bandwidth > 0 ? remaining / bandwidth : double.PositiveInfinity;
