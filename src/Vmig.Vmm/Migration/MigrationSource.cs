@@ -68,6 +68,31 @@ public static class MigrationRecovery
         vm.Resume();
         return problem;
     }
+
+    /// <summary>
+    /// Gives up a source left paused by an "in-doubt" migration because the target runs the VM: marks it
+    /// <see cref="VmRunState.MigratedAway"/> (it never runs again) and stops its devices (STOP_COPY → STOP, as after a
+    /// completed migration). Call it only when you know the target is running the VM.
+    /// </summary>
+    /// <returns>Null, or the devices that did not reach STOP (they are released by the caller anyway).</returns>
+    public static string? DiscardInDoubtSource(Vm vm)
+    {
+        ArgumentNullException.ThrowIfNull(vm);
+        vm.MarkMigratedAway();
+        string? problem = null;
+        foreach (var d in vm.Devices)
+        {
+            try
+            {
+                d.SetState(DeviceState.Stop);
+            }
+            catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException)
+            {
+                problem ??= $"device {d.Description.Name}: STOP failed ({e.Message})";
+            }
+        }
+        return problem;
+    }
 }
 
 /// <summary>Sends a VM's state to a set of section writers; shared by live migration and snapshots.</summary>
