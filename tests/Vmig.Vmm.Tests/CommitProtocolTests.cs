@@ -115,16 +115,7 @@ public sealed class CommitProtocolTests : IDisposable
         {
             using var s = _listener.AcceptSocket();
             using var ns = new NetworkStream(s);
-            var r = new SectionReader(ns, 4 << 20);
-            r.ReadStreamHeader();
-            r.Expect(SectionType.VmDescription);
-            var w = new SectionWriter(ns);
-            w.WriteStreamHeader();
-            w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
-            w.Flush();
-            while (r.ReadNext() && r.Type != SectionType.EndOfState)
-            {
-            }
+            var (r, w) = ReadUntilEndOfState(ns);
             w.Write(SectionType.TargetReady, []);
             w.Flush();
             r.Expect(SectionType.Commit);
@@ -151,16 +142,7 @@ public sealed class CommitProtocolTests : IDisposable
         {
             using var s = _listener.AcceptSocket();
             using var ns = new NetworkStream(s);
-            var r = new SectionReader(ns, 4 << 20);
-            r.ReadStreamHeader();
-            r.Expect(SectionType.VmDescription);
-            var w = new SectionWriter(ns);
-            w.WriteStreamHeader();
-            w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
-            w.Flush();
-            while (r.ReadNext() && r.Type != SectionType.EndOfState)
-            {
-            }
+            var (r, w) = ReadUntilEndOfState(ns);
             // A 1.x-style target: runs and reports at once. The source must not take that as a commit.
             w.Write(SectionType.TargetResult, new TargetResult(0, 1, 0, "").ToPayload());
             w.Flush();
@@ -200,6 +182,16 @@ public sealed class CommitProtocolTests : IDisposable
         // About one round trip plus the source's reaction (read TargetReady, write Commit): a few RTTs on a loaded
         // 2-core machine, never the tens of ms a lost wake-up or an extra sync would cost.
         Assert.True(median < rtt + 10, $"commit wait {median:F3} ms vs RTT {rtt:F3} ms");
+    }
+
+    /// <summary>A fake target: accepts the handshake and reads the whole state.</summary>
+    private static (SectionReader Reader, SectionWriter Writer) ReadUntilEndOfState(NetworkStream ns)
+    {
+        var (r, w) = MigrationTests.AcceptHandshake(ns);
+        while (r.ReadNext() && r.Type != SectionType.EndOfState)
+        {
+        }
+        return (r, w);
     }
 
     private static double MeasureLoopbackRoundTripMs()

@@ -435,7 +435,7 @@ public sealed class MigrationTests : IDisposable
     }
 
     /// <summary>A fake target's side of the handshake: reads the description and says yes.</summary>
-    private static (SectionReader Reader, SectionWriter Writer) AcceptHandshake(NetworkStream ns)
+    internal static (SectionReader Reader, SectionWriter Writer) AcceptHandshake(NetworkStream ns)
     {
         var r = new SectionReader(ns, 4 << 20);
         r.ReadStreamHeader();
