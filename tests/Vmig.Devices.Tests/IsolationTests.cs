@@ -327,4 +327,47 @@ public sealed class IsolationTests : IDisposable
         Assert.Equal(AcceleratorIds.VfDeviceId, BitConverter.ToUInt16(vfConfig, 2));
         Assert.Equal(AcceleratorIds.VfRegisterVisibleSize, vf0.GetRegionInfo(0).Size);
     }
+
+    [Fact]
+    public void NvmeVf_socket_migration_ops_change_only_its_own_controller()
+    {
+        using var rig = new NvmeRig(vfs: 2);
+        rig.ProvisionVf(1);
+        rig.ProvisionVf(2);
+        var c1 = Serve(rig.Subsystem.GetVfFunction(0)!, "nvme-vf0");
+        var c2 = Serve(rig.Subsystem.GetVfFunction(1)!, "nvme-vf1");
+        var ram1 = Own(new TestGuestRam(RamSize));
+        var ram2 = Own(new TestGuestRam(RamSize));
+        var fn1 = Own(new ClientPciFunction(c1, ram1));
+        var fn2 = Own(new ClientPciFunction(c2, ram2));
+        var drv1 = NvmeDriver.Initialize(ram1, fn1, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
+        var drv2 = NvmeDriver.Initialize(ram2, fn2, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
+        ram1.Write(Buf, Pattern(4096, 1));
+        Assert.True(drv1.Write(1, rig.Nsid, 0, 8, 512, Buf).IsSuccess);
+
+        // VF 1's socket: dirty logging, STOP_COPY, its whole state read out (the PF's admin commands run underneath).
+        c1.StartDirtyLogging(4096, [(0UL, (ulong)RamSize)]);
+        c1.SetState(DeviceState.StopCopy);
+        var buf = new byte[1 << 20];
+        long total = 0;
+        int n;
+        while ((n = c1.ReadMigrationData(buf)) > 0)
+        {
+            total += n;
+        }
+        Assert.True(total > 0);
+
+        // VF 2 is untouched: RUNNING, and its guest's I/O goes on while VF 1 is stopped.
+        Assert.Equal(DeviceState.Running, c2.GetState());
+        for (int i = 0; i < 4; i++)
+        {
+            ram2.Write(Buf, Pattern(4096, 20 + i));
+            Assert.True(drv2.Write(1, rig.Nsid, (ulong)(64 + (i * 8)), 8, 512, Buf).IsSuccess);
+            Assert.Equal(Pattern(4096, 20 + i), rig.ReadFile((64 + (i * 8)) * 512, 4096));
+        }
+        // Back to RUNNING through its own socket, VF 1 serves its guest again.
+        c1.SetState(DeviceState.Running);
+        ram1.Write(Buf, Pattern(4096, 2));
+        Assert.True(drv1.Write(1, rig.Nsid, 8, 8, 512, Buf).IsSuccess);
+    }
 }
