@@ -8,22 +8,24 @@ namespace Vmig.Vmm.Tests;
 
 public class StreamFormatTests
 {
-    // Golden bytes computed independently (bitwise CRC-32C in Python), see docs/stream-format.md §5.
-    private const string StreamHeaderGolden = "564d49475354524d01000000dda888ad";
-    private const string StreamHeader11Golden = "564d49475354524d01000100aa302abe";
-    private const string OptionalRoundInfoGolden = "0d000000030000002f32d0ee010203";
-    private const string EndOfStateGolden = "09000100000000006ea01f68";
+    // Golden bytes computed independently (bitwise CRC-32C in Python), see docs/stream-format.md §7. Format 2.0:
+    // 16-byte section headers (type, flags, length, header CRC, section CRC).
+    private const string StreamHeaderGolden = "564d49475354524d02000000e421aacf";
+    private const string StreamHeader21Golden = "564d49475354524d0200010093b908dc";
+    private const string OptionalRoundInfoGolden = "0d0000000300000023c010c42f32d0ee010203";
+    private const string EndOfStateGolden = "09000100000000006ea01f686ea01f68";
+    private const string CommitGolden = "100001000000000027d06ee727d06ee7";
 
     [Fact]
     public void Crc32C_MatchesTheStandardCheckValue() =>
         Assert.Equal(0xE3069283u, Crc32C.Compute("123456789"u8));
 
     [Fact]
-    public void StreamHeader_GoldenBytes_CurrentIs11And10StillWritable()
+    public void StreamHeader_GoldenBytes()
     {
         var ms = new MemoryStream();
         new SectionWriter(ms).WriteStreamHeader();
-        Assert.Equal(StreamHeader11Golden, Convert.ToHexStringLower(ms.ToArray()));
+        Assert.Equal(StreamHeader21Golden, Convert.ToHexStringLower(ms.ToArray())); // this writer: 2.1
         ms = new MemoryStream();
         new SectionWriter(ms).WriteStreamHeader(minor: 0);
         Assert.Equal(StreamHeaderGolden, Convert.ToHexStringLower(ms.ToArray()));
@@ -36,8 +38,9 @@ public class StreamFormatTests
         var w = new SectionWriter(ms);
         w.Write(SectionType.RoundInfo, [1, 2, 3]);
         w.Write(SectionType.EndOfState, []);
-        Assert.Equal(OptionalRoundInfoGolden + EndOfStateGolden, Convert.ToHexStringLower(ms.ToArray()));
-        Assert.Equal(15 + 12, w.BytesWritten);
+        w.Write(SectionType.Commit, []);
+        Assert.Equal(OptionalRoundInfoGolden + EndOfStateGolden + CommitGolden, Convert.ToHexStringLower(ms.ToArray()));
+        Assert.Equal(19 + 16 + 16, w.BytesWritten);
     }
 
     [Fact]
@@ -45,7 +48,7 @@ public class StreamFormatTests
     {
         var ms = new MemoryStream(Convert.FromHexString(StreamHeaderGolden + OptionalRoundInfoGolden + EndOfStateGolden));
         var r = new SectionReader(ms);
-        Assert.Equal(1, r.ReadStreamHeader().Major);
+        Assert.Equal(2, r.ReadStreamHeader().Major);
         Assert.True(r.ReadNext());
         Assert.Equal(SectionType.RoundInfo, r.Type);
         Assert.Equal(new byte[] { 1, 2, 3 }, r.Payload.ToArray());
@@ -56,10 +59,11 @@ public class StreamFormatTests
     }
 
     [Theory]
-    [InlineData(12)] // first payload byte
+    [InlineData(16)] // first payload byte
     [InlineData(0)]  // type
-    [InlineData(4)]  // length's low byte changes what the CRC covers
-    [InlineData(8)]  // the CRC itself
+    [InlineData(4)]  // length's low byte: caught by the header CRC before any payload is read
+    [InlineData(8)]  // the header CRC itself
+    [InlineData(12)] // the section CRC
     public void Reader_RejectsAnyFlippedBit(int offset)
     {
         byte[] b = Convert.FromHexString(OptionalRoundInfoGolden);
@@ -113,22 +117,59 @@ public class StreamFormatTests
     [Fact]
     public void Reader_BoundsLengthBeforeAllocating()
     {
-        // A header claiming 4 GiB - 1 bytes, followed by nothing: must be refused on the length, not by running out
-        // of memory or waiting for data.
-        var b = new byte[12];
-        BinaryPrimitives.WriteUInt16LittleEndian(b, (ushort)SectionType.RamPages);
-        BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(2), 1);
-        BinaryPrimitives.WriteUInt32LittleEndian(b.AsSpan(4), uint.MaxValue);
+        // A header (with a valid header CRC) claiming 4 GiB - 1 bytes, followed by nothing: must be refused on the
+        // length, not by running out of memory or waiting for data.
+        var b = new byte[SectionHeader.Size];
+        new SectionHeader((ushort)SectionType.RamPages, SectionFlags.Mandatory, uint.MaxValue, 0).WriteTo(b);
         var e = Assert.Throws<StreamFormatException>(() => new SectionReader(new MemoryStream(b), maxPayload: 1 << 20).ReadNext());
         Assert.Contains("exceeds the limit", e.Message, StringComparison.Ordinal);
     }
 
-    [Fact]
-    public void Reader_ReportsTruncation()
+    [Theory]
+    [InlineData(SectionType.EndOfState, 16u)]
+    [InlineData(SectionType.DeviceEnd, 20u)]
+    [InlineData(SectionType.VcpuState, 4u + 256 + 1)]
+    [InlineData(SectionType.RamPages, (uint)RamPages.MaxPayload + 1)]
+    [InlineData(SectionType.Commit, 1u)]
+    public void Reader_BoundsLengthByTheSectionTypeBeforeWaitingForThePayload(SectionType type, uint length)
     {
-        byte[] b = Convert.FromHexString(OptionalRoundInfoGolden);
-        Assert.Throws<EndOfStreamException>(() => new SectionReader(new MemoryStream(b[..14])).ReadNext());
-        Assert.Throws<EndOfStreamException>(() => new SectionReader(new MemoryStream(b[..5])).ReadNext());
+        // A header with a valid header CRC but a length the type can never have, and no payload behind it on a stream
+        // that stays open: the reader must fail at once, not block waiting for bytes (issue 9: fail fast).
+        var b = new byte[SectionHeader.Size];
+        new SectionHeader((ushort)type, SectionFlags.Mandatory, length, 0).WriteTo(b);
+        var pipe = new BlockingAfter(b);
+        var e = Assert.Throws<StreamFormatException>(() => new SectionReader(pipe, 4 << 20).ReadNext());
+        Assert.Contains("type's maximum", e.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData(4, 0x10)]  // length 0 → 16 on a final EndOfState: before 2.0 the reader waited for 16 bytes
+    [InlineData(6, 0x01)]  // length's third byte
+    [InlineData(2, 0x01)]  // flags
+    public void Reader_CorruptedHeaderFailsAtOnceOnAnOpenStream(int offset, byte bit)
+    {
+        byte[] b = Convert.FromHexString(EndOfStateGolden);
+        b[offset] ^= bit;
+        var e = Assert.Throws<StreamFormatException>(() => new SectionReader(new BlockingAfter(b), 4 << 20).ReadNext());
+        Assert.Contains("header CRC", e.Message, StringComparison.Ordinal);
+    }
+
+    /// <summary>A stream that yields its bytes, then fails the test instead of blocking (a live socket that stays silent).</summary>
+    private sealed class BlockingAfter(byte[] data) : MemoryStream(data)
+    {
+        public override int Read(byte[] buffer, int offset, int count)
+        {
+            int n = base.Read(buffer, offset, count);
+            return n > 0 || count == 0 ? n : throw new InvalidOperationException("the reader waited for bytes beyond the header");
+        }
+
+        public override int Read(Span<byte> buffer)
+        {
+            var tmp = new byte[buffer.Length];
+            int n = Read(tmp, 0, tmp.Length);
+            tmp.AsSpan(0, n).CopyTo(buffer);
+            return n;
+        }
     }
 
     [Fact]
@@ -138,10 +179,10 @@ public class StreamFormatTests
         b[0] = (byte)'X';
         Assert.Throws<StreamFormatException>(() => new SectionReader(new MemoryStream(b)).ReadStreamHeader());
         var ms = new MemoryStream();
-        new SectionWriter(ms).WriteStreamHeader(major: 2, minor: 0);
+        new SectionWriter(ms).WriteStreamHeader(major: 3, minor: 0);
         ms.Position = 0;
         var e = Assert.Throws<StreamFormatException>(() => new SectionReader(ms).ReadStreamHeader());
-        Assert.Contains("version 2.0", e.Message, StringComparison.Ordinal);
+        Assert.Contains("version 3.0", e.Message, StringComparison.Ordinal);
     }
 
     [Fact]

@@ -119,16 +119,16 @@ internal static class DeviceControl
     }
 
     /// <summary>
-    /// Start side on a target or restore: every device RESUMING→STOP (commit and validate), then every P2P device
-    /// →RUNNING_P2P, then every device →RUNNING; each stage in parallel over the devices, the stages in order.
+    /// Start side on a target or restore, first half: every device RESUMING→STOP (load and validate), then every P2P
+    /// device →RUNNING_P2P; each stage in parallel over the devices, the stages in order. A live target stops here
+    /// until the source's Commit (two-phase end). One device: a single request to its final state of this half (its
+    /// FSM passes STOP, where it validates the state and fails the request if it must).
     /// </summary>
-    public static void CommitAndRun(IReadOnlyList<IVmDevice> devices)
+    public static void LoadAndQuiesce(IReadOnlyList<IVmDevice> devices)
     {
         if (devices.Count == 1)
         {
-            // One device: RESUMING → RUNNING in one request; the device's FSM passes STOP (where it validates the state
-            // and fails the request if it must) and RUNNING_P2P on the way.
-            devices[0].SetState(DeviceState.Running);
+            devices[0].SetState(HasP2P(devices[0]) ? DeviceState.RunningP2P : DeviceState.Stop);
             return;
         }
         ForEachDevice(devices, d => d.SetState(DeviceState.Stop));
@@ -139,8 +139,10 @@ internal static class DeviceControl
                 d.SetState(DeviceState.RunningP2P);
             }
         });
-        ForEachDevice(devices, d => d.SetState(DeviceState.Running));
     }
+
+    /// <summary>Second half: every device →RUNNING (after every P2P peer is at least RUNNING_P2P), in parallel.</summary>
+    public static void RunAll(IReadOnlyList<IVmDevice> devices) => ForEachDevice(devices, d => d.SetState(DeviceState.Running));
 
     /// <summary>
     /// Runs <paramref name="action"/> for every device, concurrently when there are several (the calling thread takes

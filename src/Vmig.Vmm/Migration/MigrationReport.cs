@@ -60,6 +60,15 @@ public sealed class MigrationReport
     /// <summary>The target's own measure: switchover start received → its vCPUs running.</summary>
     public double TargetDowntimeMilliseconds { get; set; }
 
+    /// <summary>
+    /// The target's wait between sending TargetReady and receiving Commit: what the two-phase end adds to the
+    /// downtime (≈ one round trip plus the source's reaction).
+    /// </summary>
+    public double TargetCommitWaitMilliseconds { get; set; }
+
+    /// <summary>Source: TargetReady received → TargetResult received (Commit out, target devices RUNNING and vCPUs started, result back).</summary>
+    public double CommitRoundTripMilliseconds { get; set; }
+
     /// <summary>Duration per phase name.</summary>
     public Dictionary<string, double> PhaseMilliseconds { get; } = [];
 
@@ -70,8 +79,8 @@ public sealed class MigrationReport
     /// "precopy.estimate" (device pre-copy/stop-copy sizes, RoundInfo),
     /// "switchover.wait-target" (acks and the target catching up), "downtime.pause-vcpus", "downtime.device-p2p",
     /// "downtime.device-stop-copy", "downtime.dirty-collect", "downtime.ram", "downtime.vcpus", "downtime.device-data",
-    /// "downtime.flush", "downtime.target" (end of state sent → target's result received), "cleanup.stop-logging",
-    /// "cleanup.devices-stop".
+    /// "downtime.flush", "downtime.target-ready" (end of state sent → TargetReady received), "downtime.commit-round-trip"
+    /// (Commit sent → TargetResult received), "cleanup.stop-logging", "cleanup.devices-stop".
     /// </summary>
     public Dictionary<string, double> StepMilliseconds { get; } = [];
 
@@ -79,8 +88,9 @@ public sealed class MigrationReport
     /// The target's own steps (from its optional TargetTimings section; empty from a target that does not send it):
     /// "setup.open-devices" (each device connected, checked and moved to RESUMING), "setup.ram-and-dma-map" (memfd
     /// created, mapped, DMA_MAP to every device, MSI-X wired), "setup.reply", "receive" (state stream until EndOfState),
-    /// "backlog" (from SwitchoverStart to EndOfState), "channels" (extra connections finishing), "device-data-drain" (queued MIG_DATA_WRITEs finishing), "device-commit"
-    /// (RESUMING→STOP, →RUNNING_P2P, →RUNNING), "guest-resume" (programs re-created), "vcpu-start".
+    /// "backlog" (from SwitchoverStart to EndOfState), "channels" (extra connections finishing), "device-data-drain"
+    /// (queued MIG_DATA_WRITEs finishing), "device-load" (RESUMING→STOP, →RUNNING_P2P), "commit-wait" (TargetReady sent →
+    /// Commit received), "device-run" (→RUNNING), "guest-resume" (programs re-created), "vcpu-start", "total".
     /// </summary>
     public Dictionary<string, double> TargetStepMilliseconds { get; } = [];
 

@@ -143,10 +143,20 @@ internal sealed class StateLoader : IDisposable
 
     /// <summary>
     /// After EndOfState: checks completeness, commits devices (RESUMING→STOP all, →RUNNING_P2P, →RUNNING) and
-    /// re-creates the guest programs.
+    /// re-creates the guest programs (a snapshot restore: no source to ask).
     /// </summary>
-    /// <param name="step">Told "device-data-drain" once every MIG_DATA_WRITE is done, "device-commit" after the device transitions and "guest-resume" after the programs.</param>
-    public void Commit(Action<string>? step = null)
+    public void Commit()
+    {
+        Prepare();
+        Run();
+    }
+
+    /// <summary>
+    /// First half on a live target: checks completeness and loads the device states (RESUMING→STOP for all, which
+    /// validates them, then →RUNNING_P2P for P2P devices). Nothing runs yet; <see cref="Run"/> after the source's Commit.
+    /// </summary>
+    /// <param name="step">Told "device-data-drain" once every MIG_DATA_WRITE is done and "device-load" after the devices.</param>
+    public void Prepare(Action<string>? step = null)
     {
         for (int i = 0; i < _vcpus.Length; i++)
         {
@@ -165,8 +175,16 @@ internal sealed class StateLoader : IDisposable
         _deviceData.Drain();
         _deviceData.Dispose();
         step?.Invoke("device-data-drain");
-        DeviceControl.CommitAndRun(_vm.Devices);
-        step?.Invoke("device-commit");
+        DeviceControl.LoadAndQuiesce(_vm.Devices);
+        step?.Invoke("device-load");
+    }
+
+    /// <summary>Second half: every device →RUNNING, then the guest programs are re-created (vCPUs still parked).</summary>
+    /// <param name="step">Told "device-run" after the devices and "guest-resume" after the programs.</param>
+    public void Run(Action<string>? step = null)
+    {
+        DeviceControl.RunAll(_vm.Devices);
+        step?.Invoke("device-run");
         _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
         step?.Invoke("guest-resume");
     }
@@ -327,7 +345,12 @@ internal sealed class TargetSession
                 }
             }
             t = Step("channels", t);
-            loader.Commit(step => t = Step(step, t));
+            // Two-phase end (docs/stream-format.md §4.1): everything loaded and devices at STOP / RUNNING_P2P, then
+            // TargetReady; without the source's Commit this VM never runs (any failure below discards it).
+            loader.Prepare(step => t = Step(step, t));
+            ulong commitWaitUs = CommitProtocol.SendReadyAndAwaitCommit(main.Writer, main.Reader);
+            t = Step("commit-wait", t);
+            loader.Run(step => t = Step(step, t));
             if (_o.StartVcpus)
             {
                 vm.Start();
@@ -338,10 +361,18 @@ internal sealed class TargetSession
             }
             Step("vcpu-start", t);
             Step("total", t0);
-            main.Writer.Write(SectionType.TargetTimings, SectionIo.TimingsPayload(_steps));
             ulong downUs = loader.SwitchoverTicks == 0 ? 0 : (ulong)(Stopwatch.GetElapsedTime(loader.SwitchoverTicks).TotalMilliseconds * 1000);
-            SendResult(main, 0, downUs, null);
-            // The VM runs here now; a source that misses this result stays paused (in doubt), never resumes.
+            try
+            {
+                // Informational, optional (2.1); inside the try: a lost connection must not discard a committed VM.
+                main.Writer.Write(SectionType.TargetTimings, SectionIo.TimingsPayload(_steps));
+                SendResult(main, 0, downUs, commitWaitUs, null);
+            }
+            catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException)
+            {
+                // Committed: the VM runs here even if the source never hears it (it stays paused in doubt). Discarding
+                // now would leave a guest that already ran on shared storage, and none running.
+            }
             CloseAll();
             return vm;
         }
@@ -358,7 +389,7 @@ internal sealed class TargetSession
             _report.Error = e.Message;
             try
             {
-                SendResult(main, 1, 0, e.Message);
+                SendResult(main, 1, 0, 0, e.Message);
             }
             catch (Exception e2) when (e2 is IOException or ObjectDisposedException or SocketException or NotSupportedException)
             {
@@ -423,14 +454,9 @@ internal sealed class TargetSession
         }
     }
 
-    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, string? reason)
+    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, ulong commitWaitUs, string? reason)
     {
-        byte[] text = System.Text.Encoding.UTF8.GetBytes(reason ?? "");
-        var p = new byte[12 + text.Length];
-        BinaryPrimitives.WriteUInt32LittleEndian(p, status);
-        BinaryPrimitives.WriteUInt64LittleEndian(p.AsSpan(4), downtimeUs);
-        text.CopyTo(p, 12);
-        main.Writer.Write(SectionType.TargetResult, p);
+        main.Writer.Write(SectionType.TargetResult, new TargetResult(status, downtimeUs, commitWaitUs, reason ?? "").ToPayload());
         main.Writer.Flush();
     }
 
