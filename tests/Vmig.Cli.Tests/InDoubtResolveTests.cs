@@ -53,7 +53,8 @@ public sealed class InDoubtResolveTests : IDisposable
         r.ReadStreamHeader();
         r.Expect(SectionType.VmDescription);
         var w = new SectionWriter(ns);
-        w.WriteStreamHeader();
+        // A 2.0 target: it sends no RoundApplied (2.1), so the source must not wait for one.
+        w.WriteStreamHeader(minor: 0);
         w.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
         w.Flush();
         while (r.ReadNext() && r.Type != SectionType.EndOfState)

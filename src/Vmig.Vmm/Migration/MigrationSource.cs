@@ -602,8 +602,9 @@ internal sealed class SourceSession
     }
 
     /// <summary>
-    /// Reads the target's replies until every pre-copy device is acked and (when <paramref name="appliedRound"/> &gt; 0)
-    /// RoundApplied for that round came.
+    /// Reads the target's replies until every pre-copy device is acked and, when <paramref name="appliedRound"/> &gt; 0
+    /// (a target whose stream header says 2.1 or later), RoundApplied for that round came. Both are bounded only by the
+    /// reply timeout: a peer announcing 2.1 must send RoundApplied (docs/stream-format.md §4).
     /// </summary>
     private void WaitForTarget(MigrationConnection main, int acks, int appliedRound)
     {
