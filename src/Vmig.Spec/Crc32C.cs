@@ -45,28 +45,35 @@ public static class Crc32C
     public static uint Compute(ReadOnlySpan<byte> data) => Finish(Append(Start, data));
 
     /// <summary>Feeds <paramref name="data"/> into a running (non-inverted) value; start with <see cref="Start"/>, end with <see cref="Finish"/>.</summary>
-    public static uint Append(uint crc, ReadOnlySpan<byte> data)
+    public static uint Append(uint crc, ReadOnlySpan<byte> data) =>
+        data.Length >= MinInterleaved && IsInterleaved ? Interleaved<CrcOnly>(crc, data, default) : AppendSerial(crc, data);
+
+    /// <summary>
+    /// Copies <paramref name="source"/> into the start of <paramref name="destination"/> and feeds the same bytes into
+    /// a running value, in one pass over the source (each word is loaded once, then stored and fed into the CRC) —
+    /// for stream producers that move payload into an outgoing buffer and must checksum it. The spans must not overlap.
+    /// </summary>
+    /// <returns>The running value after <paramref name="source"/>, equal to <c>Append(crc, source)</c>.</returns>
+    /// <exception cref="ArgumentException"><paramref name="destination"/> is shorter than <paramref name="source"/>.</exception>
+    public static uint AppendCopy(uint crc, ReadOnlySpan<byte> source, Span<byte> destination)
     {
-        if (data.Length >= MinInterleaved && IsInterleaved)
+        if (destination.Length < source.Length)
         {
-            var words = MemoryMarshal.Cast<byte, ulong>(data);
-            int done = 0;
-            while (words.Length - done >= 3 * 16)
-            {
-                int lane = Math.Min((words.Length - done) / 3, MaxLaneWords);
-                crc = ThreeLanes(crc, words.Slice(done, 3 * lane), lane);
-                done += 3 * lane;
-            }
-            return AppendSerial(crc, data[(done * 8)..]);
+            throw new ArgumentException($"destination ({destination.Length} bytes) is shorter than source ({source.Length} bytes)", nameof(destination));
         }
-        return AppendSerial(crc, data);
+        if (source.Length >= MinInterleaved && IsInterleaved)
+        {
+            return Interleaved<WithCopy>(crc, source, destination);
+        }
+        source.CopyTo(destination);
+        return AppendSerial(crc, source);
     }
 
     /// <summary>Final XOR of a running value.</summary>
     public static uint Finish(uint crc) => ~crc;
 
     /// <summary>One crc32 chain: whole u64 words through a cast (no per-word slicing), then the tail bytes.</summary>
-    internal static uint AppendSerial(uint crc, ReadOnlySpan<byte> data)
+    private static uint AppendSerial(uint crc, ReadOnlySpan<byte> data)
     {
         // The CRC consumes a word least significant byte first, i.e. in memory order on a little-endian machine.
         var words = MemoryMarshal.Cast<byte, ulong>(data);
@@ -81,33 +88,87 @@ public static class Crc32C
         return crc;
     }
 
+    /// <summary>Blocks of three lanes (each ≤ <see cref="MaxLaneWords"/>, ≥ 16 words), then the &lt; 48-word tail in one chain.</summary>
+    private static uint Interleaved<TMode>(uint crc, ReadOnlySpan<byte> data, Span<byte> to)
+        where TMode : struct
+    {
+        bool copy = typeof(TMode) == typeof(WithCopy);
+        var words = MemoryMarshal.Cast<byte, ulong>(data);
+        var toWords = copy ? MemoryMarshal.Cast<byte, ulong>(to[..(words.Length * 8)]) : default;
+        int done = 0;
+        while (words.Length - done >= 3 * 16)
+        {
+            int lane = Math.Min((words.Length - done) / 3, MaxLaneWords);
+            crc = ThreeLanes<TMode>(crc, words.Slice(done, 3 * lane), copy ? toWords.Slice(done, 3 * lane) : default, lane);
+            done += 3 * lane;
+        }
+        var tail = data[(done * 8)..];
+        if (copy)
+        {
+            tail.CopyTo(to[(done * 8)..]);
+        }
+        return AppendSerial(crc, tail);
+    }
+
     /// <summary>
     /// <paramref name="block"/> = lanes A, B, C of <paramref name="lane"/> words each. A continues <paramref name="crc"/>,
-    /// B and C start from 0; by linearity CRC(crc, A‖B‖C) = a·x^(128·lane) ⊕ b·x^(64·lane) ⊕ c (mod P).
+    /// B and C start from 0; by linearity CRC(crc, A‖B‖C) = a·x^(128·lane) ⊕ b·x^(64·lane) ⊕ c (mod P). With
+    /// <typeparamref name="TMode"/> = <see cref="WithCopy"/> every word read is also stored at the same index of
+    /// <paramref name="to"/> (the JIT compiles one body per mode and drops the stores from the other).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static uint ThreeLanes(uint crc, ReadOnlySpan<ulong> block, int lane)
+    private static uint ThreeLanes<TMode>(uint crc, ReadOnlySpan<ulong> block, Span<ulong> to, int lane)
+        where TMode : struct
     {
+        bool copy = typeof(TMode) == typeof(WithCopy);
         var la = block[..lane];
         var lb = block.Slice(lane, lane);
         var lc = block.Slice(2 * lane, lane);
+        Span<ulong> ta = default, tb = default, tc = default;
+        if (copy)
+        {
+            ta = to[..lane];
+            tb = to.Slice(lane, lane);
+            tc = to.Slice(2 * lane, lane);
+        }
         ulong a = crc, b = 0, c = 0;
-        // The last word of C is left out: the shifted A and B are folded into it, so the join costs one crc32, not two.
+        // The last word of C is left out of the loop: A and B, moved into place, are folded into it, so the join costs
+        // one crc32 step rather than two.
         int i = 0;
         for (; i < lane - 1; i++)
         {
-            a = Sse42.X64.Crc32(a, la[i]);
-            b = Sse42.X64.Crc32(b, lb[i]);
-            c = Sse42.X64.Crc32(c, lc[i]);
+            ulong wa = la[i], wb = lb[i], wc = lc[i];
+            if (copy)
+            {
+                ta[i] = wa;
+                tb[i] = wb;
+                tc[i] = wc;
+            }
+            a = Sse42.X64.Crc32(a, wa);
+            b = Sse42.X64.Crc32(b, wb);
+            c = Sse42.X64.Crc32(c, wc);
         }
-        a = Sse42.X64.Crc32(a, la[i]);
-        b = Sse42.X64.Crc32(b, lb[i]);
+        ulong lastA = la[i], lastB = lb[i], lastC = lc[i];
+        if (copy)
+        {
+            ta[i] = lastA;
+            tb[i] = lastB;
+            tc[i] = lastC;
+        }
+        a = Sse42.X64.Crc32(a, lastA);
+        b = Sse42.X64.Crc32(b, lastB);
         // clmul(v, x^(64·w−33)) reduced by one crc32 step over a zero running value is v·x^(64·w) mod P.
         ulong fold = ClMul((uint)a, Shift[2 * lane]) ^ ClMul((uint)b, Shift[lane]);
         // crc32(c, w ⊕ fold) = crc32(c, w) ⊕ crc32(0, fold) (the step is linear in crc ⊕ data), and crc32(0, fold) is
         // A's and B's values moved past the 2·lane and lane words that follow them.
-        return (uint)Sse42.X64.Crc32(c, lc[i] ^ fold);
+        return (uint)Sse42.X64.Crc32(c, lastC ^ fold);
     }
+
+    /// <summary><see cref="ThreeLanes{TMode}"/> mode: checksum only.</summary>
+    private struct CrcOnly;
+
+    /// <summary><see cref="ThreeLanes{TMode}"/> mode: checksum and copy.</summary>
+    private struct WithCopy;
 
     private static ulong ClMul(uint x, uint k) =>
         Pclmulqdq.CarrylessMultiply(Vector128.CreateScalar((ulong)x), Vector128.CreateScalar((ulong)k), 0x00).ToScalar();

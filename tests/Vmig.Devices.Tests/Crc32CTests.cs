@@ -139,4 +139,45 @@ public class Crc32CTests
             Assert.Equal(whole, Crc32C.Finish(crc));
         }
     }
+
+    [Fact]
+    public void AppendCopyCopiesExactlyAndEqualsAppendForEveryLengthAndAlignment()
+    {
+        var src = new byte[8192 + 8];
+        new Random(11).NextBytes(src);
+        var dst = new byte[8192 + 24];
+        var lengths = Enumerable.Range(0, 4097).Concat([3 * 16 * 8 * 2 + 5, 8192]);
+        foreach (var (sa, da) in new[] { (0, 0), (1, 0), (0, 3), (5, 7) })
+        {
+            foreach (int len in lengths)
+            {
+                Array.Fill(dst, (byte)0xCC);
+                var s = src.AsSpan(sa, len);
+                uint got = Crc32C.AppendCopy(0x01020304u, s, dst.AsSpan(da));
+                if (got != Reference(0x01020304u, s) || !dst.AsSpan(da, len).SequenceEqual(s)
+                    || dst.AsSpan(0, da).IndexOfAnyExcept((byte)0xCC) >= 0 || dst.AsSpan(da + len).IndexOfAnyExcept((byte)0xCC) >= 0)
+                {
+                    Assert.Fail($"length {len}, source alignment {sa}, destination alignment {da}: wrong CRC or bytes outside the copy touched");
+                }
+            }
+        }
+    }
+
+    [Fact]
+    public void AppendCopyOfAMegabyteEqualsAppendAndCopy()
+    {
+        var src = new byte[(1 << 20) + 36];
+        new Random(12).NextBytes(src);
+        var dst = new byte[src.Length];
+        Assert.Equal(Reference(Crc32C.Start, src), Crc32C.AppendCopy(Crc32C.Start, src, dst));
+        Assert.True(dst.AsSpan().SequenceEqual(src));
+    }
+
+    [Fact]
+    public void AppendCopyIntoAShorterDestinationThrowsAndWritesNothing()
+    {
+        var dst = new byte[100];
+        Assert.Throws<ArgumentException>(() => Crc32C.AppendCopy(0, new byte[101], dst));
+        Assert.True(dst.AsSpan().IndexOfAnyExcept((byte)0) < 0);
+    }
 }
