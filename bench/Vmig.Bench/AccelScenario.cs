@@ -1,5 +1,8 @@
+using System.Diagnostics;
+using Vmig.Devices.Accelerator;
 using Vmig.Guest.Accelerator;
 using Vmig.Migration;
+using Vmig.Spec;
 using Vmig.Spec.Accelerator;
 using Vmig.VfioUser.Client;
 using Vmig.Vmm;
@@ -140,6 +143,97 @@ internal static class AccelScenario
 
         TrackingOverhead(ctx, src, drv, ram);
         src.DmaUnmap(0, ram.Size);
+        DeviceSide(ctx, bytes, raws, stop);
+    }
+
+    /// <summary>
+    /// Where the time goes: the device's own share of a stop-copy migration, measured in-process (no socket) — the save
+    /// stream's MIG_DATA_READ work (copy from device memory + CRC32C) and the load stream's MIG_DATA_WRITE work (CRC32C
+    /// check + copy into device memory), in 1 MiB chunks — next to the bare copies a stream without checksums needs
+    /// (device memory → buffer → device memory, what the "migdata" scenario's device does), in µs per MiB. With the
+    /// socket figures above, the rest of a vmig MiB is the transport (vfio-user messages, the client's copy, threads).
+    /// </summary>
+    private static void DeviceSide(BenchContext ctx, long bytes, List<double> raws, List<double> stopRates)
+    {
+        long size = Math.Min(bytes, 256L << 20);
+        ctx.Progress($"accel: device-side cost in-process, {size >> 20} MiB");
+        using var srcPf = new AcceleratorPf(1, AcceleratorProfile.Create((ulong)size));
+        using var dstPf = new AcceleratorPf(1, AcceleratorProfile.Create((ulong)size));
+        srcPf.EnableVfs(1);
+        dstPf.EnableVfs(1);
+        var src = srcPf.GetVf(0);
+        var dst = dstPf.GetVf(0);
+        for (long off = 0; off < size; off += Chunk)
+        {
+            var words = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ulong>(src.Memory.GetSpan(off, Chunk));
+            for (int i = 0; i < words.Length; i++)
+            {
+                words[i] = (ulong)(off + (i * 8)) * 0x9E3779B97F4A7C15UL;
+            }
+        }
+        byte[] buf = GC.AllocateUninitializedArray<byte>(Chunk, pinned: true);
+        double save = 0, load = 0, mib = 0;
+
+        (double, double) Stream()
+        {
+            Step(src.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
+            Step(dst.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+            long moved = 0;
+            double s = 0, l = 0;
+            int n;
+            do
+            {
+                long t0 = Stopwatch.GetTimestamp();
+                n = src.Migration.ReadData(buf);
+                long t1 = Stopwatch.GetTimestamp();
+                dst.Migration.WriteData(buf.AsSpan(0, n));
+                s += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
+                l += Stopwatch.GetElapsedTime(t1).TotalSeconds;
+                moved += n;
+            }
+            while (n == buf.Length);
+            Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+            Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+            (save, load, mib) = (save + s, load + l, mib + (moved / Measure.MiB));
+            return (moved / Measure.MiB, s + l);
+        }
+
+        (double, double) Copies() => (size / Measure.MiB, Measure.Seconds(() =>
+        {
+            for (long off = 0; off < size; off += Chunk)
+            {
+                src.Memory.GetSpan(off, Chunk).CopyTo(buf);
+                buf.CopyTo(dst.Memory.GetSpan(off, Chunk));
+            }
+        }));
+
+        var (b, v) = Measure.Paired(ctx.Options.RunCount, 2, Copies, Stream, perOp: true);
+        var f = Measure.Figure("accel", "device side of stop-copy, in-process: save + load per MiB", "µs/MiB", b, v,
+            "the bare copies (device memory → 1 MiB buffer → device memory)", null, GoalDirection.None,
+            "no socket: the save stream's reads and the load stream's writes only; ratio − 1 is what CRC32C and framing add to the copies");
+        f.Extra["save (copy from device memory + CRC32C), µs/MiB (mean over all runs)"] = save / mib * 1e6;
+        f.Extra["load (CRC32C check + copy into device memory), µs/MiB (mean over all runs)"] = load / mib * 1e6;
+        double crc = Measure.Seconds(() =>
+        {
+            for (long off = 0; off < size; off += Chunk)
+            {
+                _ = Crc32C.Compute(src.Memory.GetSpan(off, Chunk));
+            }
+        });
+        f.Extra["CRC32C alone over device memory, µs/MiB (one pass)"] = crc / (size / Measure.MiB) * 1e6;
+        double rawUs = 1e6 / Summary.Of(raws).Median, vmigUs = 1e6 / Summary.Of(stopRates).Median;
+        f.Extra["socket run: raw request/reply, µs/MiB (median)"] = rawUs;
+        f.Extra["socket run: vmig stop-copy, µs/MiB (median)"] = vmigUs;
+        f.Extra["socket run: vmig − raw − device side, µs/MiB (transport and scheduling)"] = vmigUs - rawUs - f.Value.Median;
+        ctx.Report.Figures.Add(f);
+    }
+
+    private static void Step(IMigrationDevice d, params DeviceState[] path)
+    {
+        for (int i = 1; i < path.Length; i++)
+        {
+            d.Step(path[i - 1], path[i]);
+        }
     }
 
     /// <summary>Reads until a short reply, writing every chunk to the target. Returns bytes moved.</summary>
