@@ -132,10 +132,7 @@ public static class Crc32C
             tc = to.Slice(2 * lane, lane);
         }
         ulong a = crc, b = 0, c = 0;
-        // The last word of C is left out of the loop: A and B, moved into place, are folded into it, so the join costs
-        // one crc32 step rather than two.
-        int i = 0;
-        for (; i < lane - 1; i++)
+        for (int i = 0; i < lane; i++)
         {
             ulong wa = la[i], wb = lb[i], wc = lc[i];
             if (copy)
@@ -148,20 +145,10 @@ public static class Crc32C
             b = Sse42.X64.Crc32(b, wb);
             c = Sse42.X64.Crc32(c, wc);
         }
-        ulong lastA = la[i], lastB = lb[i], lastC = lc[i];
-        if (copy)
-        {
-            ta[i] = lastA;
-            tb[i] = lastB;
-            tc[i] = lastC;
-        }
-        a = Sse42.X64.Crc32(a, lastA);
-        b = Sse42.X64.Crc32(b, lastB);
-        // clmul(v, x^(64·w−33)) reduced by one crc32 step over a zero running value is v·x^(64·w) mod P.
+        // clmul(v, x^(64·w−33)) reduced by one crc32 step over a zero running value is v·x^(64·w) mod P: A's and B's
+        // values moved past the 2·lane and lane words that follow them (the step is linear, so one reduction serves both).
         ulong fold = ClMul((uint)a, Shift[2 * lane]) ^ ClMul((uint)b, Shift[lane]);
-        // crc32(c, w ⊕ fold) = crc32(c, w) ⊕ crc32(0, fold) (the step is linear in crc ⊕ data), and crc32(0, fold) is
-        // A's and B's values moved past the 2·lane and lane words that follow them.
-        return (uint)Sse42.X64.Crc32(c, lastC ^ fold);
+        return (uint)(Sse42.X64.Crc32(0UL, fold) ^ c);
     }
 
     /// <summary><see cref="ThreeLanes{TMode}"/> mode: checksum only.</summary>
