@@ -172,7 +172,8 @@ internal static class AccelScenario
             }
         }
         byte[] buf = GC.AllocateUninitializedArray<byte>(Chunk, pinned: true);
-        double save = 0, load = 0, mib = 0;
+        var saves = new List<double>();
+        var loads = new List<double>();
 
         (double, double) Stream()
         {
@@ -194,7 +195,8 @@ internal static class AccelScenario
             while (n == buf.Length);
             Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
             Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
-            (save, load, mib) = (save + s, load + l, mib + (moved / Measure.MiB));
+            saves.Add(s / (moved / Measure.MiB) * 1e6);
+            loads.Add(l / (moved / Measure.MiB) * 1e6);
             return (moved / Measure.MiB, s + l);
         }
 
@@ -210,21 +212,31 @@ internal static class AccelScenario
         var (b, v) = Measure.Paired(ctx.Options.RunCount, 2, Copies, Stream, perOp: true);
         var f = Measure.Figure("accel", "device side of stop-copy, in-process: save + load per MiB", "µs/MiB", b, v,
             "the bare copies (device memory → 1 MiB buffer → device memory)", null, GoalDirection.None,
-            "no socket: the save stream's reads and the load stream's writes only; ratio − 1 is what CRC32C and framing add to the copies");
-        f.Extra["save (copy from device memory + CRC32C), µs/MiB (mean over all runs)"] = save / mib * 1e6;
-        f.Extra["load (CRC32C check + copy into device memory), µs/MiB (mean over all runs)"] = load / mib * 1e6;
-        double crc = Measure.Seconds(() =>
+            "no socket: the save stream's reads and the load stream's writes only; ratio − 1 is what CRC32C, framing and the "
+            + "load's check-before-apply add to the copies. On a loaded machine wall-clock µs inflate with the load: the "
+            + "'best' entries (least disturbed) are the ones to compare");
+        // Skip the warm-up migration (its target pages are first-touch faults).
+        f.Extra["save (copy from device memory + CRC32C in one pass), µs/MiB, best migration"] = saves.Skip(1).Min();
+        f.Extra["load (CRC32C check, then copy into device memory), µs/MiB, best migration"] = loads.Skip(1).Min();
+        f.Extra["bare copies, µs/MiB, best run"] = b.Min();
+        double crc = double.MaxValue;
+        for (int pass = 0; pass < 5; pass++)
         {
-            for (long off = 0; off < size; off += Chunk)
+            crc = Math.Min(crc, Measure.Seconds(() =>
             {
-                _ = Crc32C.Compute(src.Memory.GetSpan(off, Chunk));
-            }
-        });
-        f.Extra["CRC32C alone over device memory, µs/MiB (one pass)"] = crc / (size / Measure.MiB) * 1e6;
-        double rawUs = 1e6 / Summary.Of(raws).Median, vmigUs = 1e6 / Summary.Of(stopRates).Median;
-        f.Extra["socket run: raw request/reply, µs/MiB (median)"] = rawUs;
-        f.Extra["socket run: vmig stop-copy, µs/MiB (median)"] = vmigUs;
-        f.Extra["socket run: vmig − raw − device side, µs/MiB (transport and scheduling)"] = vmigUs - rawUs - f.Value.Median;
+                for (long off = 0; off < size; off += Chunk)
+                {
+                    _ = Crc32C.Compute(src.Memory.GetSpan(off, Chunk));
+                }
+            }) / (size / Measure.MiB) * 1e6);
+        }
+        f.Extra["CRC32C alone over device memory, µs/MiB, best of 5 passes"] = crc;
+        // The socket runs' best (least disturbed) runs; what neither the raw transfer nor the device side explains is
+        // the vfio-user transport (messages, the client's copy out of its receive buffer, thread hand-offs).
+        double rawUs = 1e6 / raws.Max(), vmigUs = 1e6 / stopRates.Max();
+        f.Extra["socket run: raw request/reply, µs/MiB, best run"] = rawUs;
+        f.Extra["socket run: vmig stop-copy, µs/MiB, best run"] = vmigUs;
+        f.Extra["socket run: vmig − raw − device side (best runs), µs/MiB: transport"] = vmigUs - rawUs - (saves.Skip(1).Min() + loads.Skip(1).Min());
         ctx.Report.Figures.Add(f);
     }
 
