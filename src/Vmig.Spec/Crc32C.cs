@@ -25,7 +25,7 @@ public static class Crc32C
     /// <summary>The running value to start with.</summary>
     public const uint Start = 0xFFFFFFFF;
 
-    /// <summary>Smallest input (bytes) that takes the three-lane path: below it the two lane joins cost more than they save.</summary>
+    /// <summary>Smallest input (bytes) that takes the three-lane path (16 words a lane): below it the join costs more than the lanes save.</summary>
     internal const int MinInterleaved = 3 * 16 * 8;
 
     /// <summary>Longest lane in u64 words (8 KiB): long enough that the join is ~1% of a block, short enough to stay in L1 as three streams.</summary>
