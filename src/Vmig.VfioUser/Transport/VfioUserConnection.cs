@@ -31,6 +31,9 @@ public sealed class VfioUserConnection : IDisposable
     private const int DiscardChunk = 64 * 1024;
     // SO_RCVTIMEO and poll interval: how often a blocked reader looks at its deadline and at shutdown.
     private const int TickMs = 100;
+    // How long the receive thread stays parked while callers read, before it looks again, on a connection that has
+    // not carried a command from the peer yet (see _commandsSeen).
+    private const int LazyParkMs = 1;
 
     private readonly FdSocket _socket;
     private readonly ILogger _logger;
@@ -53,6 +56,11 @@ public sealed class VfioUserConnection : IDisposable
     // (one syscall per message, as a server with no requests of its own needs). From then on it polls first and reads
     // only when nobody waits for a reply.
     private bool _pollMode;
+    // Set once the peer has sent a command (every server connection; a client once the server does DMA by message).
+    // Before that, the last caller to leave does not wake the parked receive thread: it looks again within
+    // LazyParkMs by itself. Waking it at the end of every call would cost a thread wake-up per round trip; the price is
+    // that the peer's first command may wait up to LazyParkMs if it arrives just after a call.
+    private bool _commandsSeen;
     private VfioUserRequestHandler? _handler;
     private Thread? _receiveThread;
     private int _nextId;
@@ -196,9 +204,9 @@ public sealed class VfioUserConnection : IDisposable
             lock (_gate)
             {
                 _pending.Remove(p.Id);
-                if (--_waiters == 0 && !_reading && _rx == RxState.Parked)
+                if (--_waiters == 0 && !_reading && _rx == RxState.Parked && _commandsSeen)
                 {
-                    // Nobody waits for a reply any more: the receive thread must watch the socket again.
+                    // Nobody waits for a reply any more: the receive thread must watch the socket again, now.
                     WakeReceiver();
                 }
             }
@@ -394,6 +402,7 @@ public sealed class VfioUserConnection : IDisposable
                 }
                 else
                 {
+                    _commandsSeen = true;
                     _commands.Enqueue(m);
                     WakeReceiver();
                 }
@@ -494,7 +503,7 @@ public sealed class VfioUserConnection : IDisposable
                 if (next == RxState.Parked)
                 {
                     readable = false;
-                    woken = FdIo.PollIn(_wake.Handle, TickMs);
+                    woken = FdIo.PollIn(_wake.Handle, _commandsSeen ? TickMs : LazyParkMs);
                 }
                 else
                 {
