@@ -66,6 +66,8 @@ public sealed class VfioUserConnection : IDisposable
     private int _nextId;
     private int _closed;
     private int _closedRaised;
+    private int _disposed;
+    private int _wakeDisposed;
     private string _closeReason = "closed";
 
     public VfioUserConnection(FdSocket socket, string name, ILogger? logger = null)
@@ -549,6 +551,10 @@ public sealed class VfioUserConnection : IDisposable
                 m.Dispose();
             }
             Close(_closeReason);
+            if (Volatile.Read(ref _disposed) != 0)
+            {
+                DisposeWake();
+            }
         }
     }
 
@@ -761,7 +767,17 @@ public sealed class VfioUserConnection : IDisposable
             t.Join(5000);
         }
         _socket.Dispose();
+        Volatile.Write(ref _disposed, 1);
         if (t is null || !t.IsAlive)
+        {
+            DisposeWake();
+        }
+    }
+
+    // The eventfd goes when both Dispose has run and the receive thread has ended (Dispose may run on that thread).
+    private void DisposeWake()
+    {
+        if (Interlocked.Exchange(ref _wakeDisposed, 1) == 0)
         {
             _wake.Dispose();
         }
