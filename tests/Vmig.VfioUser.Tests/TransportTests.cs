@@ -162,6 +162,37 @@ public sealed class TransportTests
     }
 
     [Fact]
+    public void A_peer_command_arriving_right_after_the_last_call_returns_is_served_without_waiting_for_a_tick()
+    {
+        var (a, b) = FdSocket.CreatePair();
+        using var client = new VfioUserConnection(a, "client");
+        using var peer = new VfioUserConnection(b, "peer");
+        client.Start(ServeDmaRead);
+        peer.Start(static (s, m) =>
+        {
+            // A slow reply: the client's receive thread parks while the caller waits.
+            Thread.Sleep(3);
+            s.SendReply(m.Header, default);
+        });
+        var req = new byte[DmaAccessHead.WireSize];
+        var head = new byte[DmaAccessHead.WireSize];
+        var data = new byte[64];
+        var sw = Stopwatch.StartNew();
+        for (int i = 0; i < 20; i++)
+        {
+            using (client.SendRequest(VfioUserCommand.DeviceReset, default, timeoutMs: 5000))
+            {
+            }
+            // Nobody waits on the client now: its receive thread alone must pick this up.
+            new DmaAccessHead((ulong)i * 64, 64).WriteTo(req);
+            Assert.Equal(DmaAccessHead.WireSize + 64, peer.SendRequestInto(VfioUserCommand.DmaRead, req, default, head, data, timeoutMs: 5000));
+            Assert.Equal(Pattern((ulong)i * 64, 63), data[63]);
+        }
+        // A receive thread that missed its wake-up would only look again after its 100 ms tick: 20 rounds ≥ 2 s.
+        Assert.True(sw.ElapsedMilliseconds < 1200, $"{sw.ElapsedMilliseconds} ms for 20 rounds");
+    }
+
+    [Fact]
     public void A_caller_reads_its_own_reply_even_when_no_receive_thread_runs()
     {
         var (a, b) = FdSocket.CreatePair();
