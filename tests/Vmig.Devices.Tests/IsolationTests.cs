@@ -346,6 +346,8 @@ public sealed class IsolationTests : IDisposable
         Assert.True(drv1.Write(1, rig.Nsid, 0, 8, 512, Buf).IsSuccess);
 
         // VF 1's socket: dirty logging, STOP_COPY, its whole state read out (the PF's admin commands run underneath).
+        byte[] ram1Before = new byte[RamSize];
+        ram1.Read(0, ram1Before);
         c1.StartDirtyLogging(4096, [(0UL, (ulong)RamSize)]);
         c1.SetState(DeviceState.StopCopy);
         var buf = new byte[1 << 20];
@@ -356,6 +358,10 @@ public sealed class IsolationTests : IDisposable
             total += n;
         }
         Assert.True(total > 0);
+        // The controller state went to the VMM through the socket, not through the guest's own DMA window.
+        byte[] ram1After = new byte[RamSize];
+        ram1.Read(0, ram1After);
+        Assert.True(ram1Before.AsSpan().SequenceEqual(ram1After), "the save wrote into VF 1's guest RAM");
 
         // VF 2 is untouched: RUNNING, and its guest's I/O goes on while VF 1 is stopped.
         Assert.Equal(DeviceState.Running, c2.GetState());
