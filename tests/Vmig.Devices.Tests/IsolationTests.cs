@@ -68,6 +68,19 @@ public sealed class IsolationTests : IDisposable
         return (pf, clients, rams, fns);
     }
 
+    /// <summary>An NVMe subsystem with two provisioned VFs (CNTLID 1, 2) on the shared namespace, each on its own socket with its own guest RAM.</summary>
+    private (NvmeRig Rig, VfioUserClient C1, VfioUserClient C2, TestGuestRam Ram1, TestGuestRam Ram2, ClientPciFunction Fn1, ClientPciFunction Fn2) TwoNvmeVfs()
+    {
+        var rig = Own(new NvmeRig(vfs: 2));
+        rig.ProvisionVf(1);
+        rig.ProvisionVf(2);
+        var c1 = Serve(rig.Subsystem.GetVfFunction(0)!, "nvme-vf0");
+        var c2 = Serve(rig.Subsystem.GetVfFunction(1)!, "nvme-vf1");
+        var ram1 = Own(new TestGuestRam(RamSize));
+        var ram2 = Own(new TestGuestRam(RamSize));
+        return (rig, c1, c2, ram1, ram2, Own(new ClientPciFunction(c1, ram1)), Own(new ClientPciFunction(c2, ram2)));
+    }
+
     [Fact]
     public void AcceleratorVf_jobs_cannot_reach_device_memory_beyond_their_own_vf()
     {
@@ -248,15 +261,7 @@ public sealed class IsolationTests : IDisposable
     [Fact]
     public void NvmeVf_dma_cannot_use_a_window_mapped_only_for_another_vf()
     {
-        using var rig = new NvmeRig(vfs: 2);
-        rig.ProvisionVf(1);
-        rig.ProvisionVf(2);
-        var c1 = Serve(rig.Subsystem.GetVfFunction(0)!, "nvme-vf0");
-        var c2 = Serve(rig.Subsystem.GetVfFunction(1)!, "nvme-vf1");
-        var ram1 = Own(new TestGuestRam(RamSize));
-        var ram2 = Own(new TestGuestRam(RamSize));
-        _ = Own(new ClientPciFunction(c1, ram1));
-        var fn2 = Own(new ClientPciFunction(c2, ram2));
+        var (rig, c1, _, _, ram2, _, fn2) = TwoNvmeVfs();
         using var secretFd = MemFd.Create("secret", 1 << 20);
         using var secret = Mapping.Map(secretFd, 0, 1 << 20);
         new Random(4).NextBytes(secret.GetSpan(0, 1 << 20));
@@ -332,15 +337,7 @@ public sealed class IsolationTests : IDisposable
     [Fact]
     public void NvmeVf_socket_migration_ops_change_only_its_own_controller()
     {
-        using var rig = new NvmeRig(vfs: 2);
-        rig.ProvisionVf(1);
-        rig.ProvisionVf(2);
-        var c1 = Serve(rig.Subsystem.GetVfFunction(0)!, "nvme-vf0");
-        var c2 = Serve(rig.Subsystem.GetVfFunction(1)!, "nvme-vf1");
-        var ram1 = Own(new TestGuestRam(RamSize));
-        var ram2 = Own(new TestGuestRam(RamSize));
-        var fn1 = Own(new ClientPciFunction(c1, ram1));
-        var fn2 = Own(new ClientPciFunction(c2, ram2));
+        var (rig, c1, c2, ram1, ram2, fn1, fn2) = TwoNvmeVfs();
         var drv1 = NvmeDriver.Initialize(ram1, fn1, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
         var drv2 = NvmeDriver.Initialize(ram2, fn2, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
         ram1.Write(Buf, Pattern(4096, 1));
@@ -385,15 +382,9 @@ public sealed class IsolationTests : IDisposable
         // migration commands Track/Migration Send/Receive and Controller Data Queue, Format) exist on the PF only: a
         // guest on VF 1 submitting them against VF 2 (CNTLID 2), the PF (CNTLID 0) or a namespace gets an error, and
         // nothing changes.
-        using var rig = new NvmeRig(vfs: 2);
-        rig.ProvisionVf(1);
-        rig.ProvisionVf(2);
-        var c1 = Serve(rig.Subsystem.GetVfFunction(0)!, "nvme-vf0");
-        var c2 = Serve(rig.Subsystem.GetVfFunction(1)!, "nvme-vf1");
-        var ram1 = Own(new TestGuestRam(RamSize));
-        var ram2 = Own(new TestGuestRam(RamSize));
-        var drv1 = NvmeDriver.Initialize(ram1, Own(new ClientPciFunction(c1, ram1)), Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
-        var drv2 = NvmeDriver.Initialize(ram2, Own(new ClientPciFunction(c2, ram2)), Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
+        var (rig, c1, c2, ram1, ram2, fn1, fn2) = TwoNvmeVfs();
+        var drv1 = NvmeDriver.Initialize(ram1, fn1, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
+        var drv2 = NvmeDriver.Initialize(ram2, fn2, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1 });
         ram1.Write(Buf, new byte[4096]);
         var commands = new (NvmeAdminOpcode Op, uint Nsid, uint Cdw10, uint Cdw11)[]
         {
