@@ -156,7 +156,7 @@ public sealed class CommitProtocolTests : IDisposable
     }
 
     [Fact]
-    public async Task TwoPhaseEnd_AddsAboutOneRoundTripToTheDowntime()
+    public async Task TwoPhaseEnd_ReportsTheCommitWaitNextToALoopbackRoundTrip()
     {
         // Loopback TCP round trip measured here, in the same process and moment, as the yardstick.
         double rtt = MeasureLoopbackRoundTripMs();
@@ -172,6 +172,7 @@ public sealed class CommitProtocolTests : IDisposable
             Assert.Equal("completed", report.Outcome);
             Assert.True(report.TargetCommitWaitMilliseconds > 0);
             Assert.True(report.CommitRoundTripMilliseconds > 0);
+            Assert.True(report.TargetCommitWaitMilliseconds <= report.TargetDowntimeMilliseconds, "the commit wait is part of the target downtime");
             waits.Add(report.TargetCommitWaitMilliseconds);
             downs.Add(report.TargetDowntimeMilliseconds);
         }
@@ -179,10 +180,8 @@ public sealed class CommitProtocolTests : IDisposable
         downs.Sort();
         double median = waits[waits.Count / 2];
         _out.WriteLine($"loopback RTT median {rtt:F3} ms; commit wait median {median:F3} ms (min {waits[0]:F3}, max {waits[^1]:F3}); target downtime median {downs[downs.Count / 2]:F2} ms");
-        // About one round trip plus the source's reaction (read TargetReady, write Commit): 0.03 ms against a 0.02 ms
-        // RTT on an idle machine; the bound leaves room for scheduling on a loaded 2-core CI machine, and still
-        // catches a poll interval or an extra timeout-based wait.
-        Assert.True(median < rtt + 20, $"commit wait {median:F3} ms vs RTT {rtt:F3} ms");
+        // No bound on the figure here: speed belongs in bench/, never in a timed unit test.
+        // Measured at 0.027 ms against a 0.022 ms loopback RTT when this was written.
     }
 
     [Fact]
