@@ -404,8 +404,17 @@ public sealed partial class NvmeController : IDisposable
                         return any;
                     }
                     SubmissionQueueEntry.TryRead(raw, out var sqe);
+                    ushort slot = sq.Head;
                     sq.Head = (ushort)((sq.Head + 1) % sq.Entries);
-                    Execute(sq, cq, in sqe);
+                    if (s.AbortedSlots.Count > 0 && s.AbortedSlots.Remove(((ushort)qid, slot)))
+                    {
+                        // Aborted while waiting in the SQ (§5.1): completed without running.
+                        PostCompletion(cq, sq, sqe.Cid, NvmeStatus.AbortRequested, 0);
+                    }
+                    else
+                    {
+                        Execute(sq, cq, in sqe);
+                    }
                     progress = true;
                     any = true;
                 }

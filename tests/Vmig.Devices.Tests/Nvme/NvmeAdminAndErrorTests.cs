@@ -375,4 +375,79 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
         Assert.Equal([(ushort)1, (ushort)2], list.Select(e => e.Scid));
         Assert.All(list, e => Assert.False(e.Online));
     }
+
+    private CompletionQueueEntry ReadCqe(ulong cq, int index)
+    {
+        byte[] b = new byte[CompletionQueueEntry.Size];
+        _ram.Read(cq + (ulong)(index * CompletionQueueEntry.Size), b);
+        Assert.True(CompletionQueueEntry.TryRead(b, out var e));
+        return e;
+    }
+
+    /// <summary>Rings a doorbell as a shadow-doorbell driver does: the shadow copy in memory, then the register.</summary>
+    private void Ring(int qid, bool sq, uint value)
+    {
+        ulong shadow = _ram.ReadUInt64(_drv.StateGpa + NvmeDriverState.OffShadow);
+        if (shadow != 0)
+        {
+            _ram.WriteUInt32(shadow + (ulong)(sq ? ShadowDoorbell.SqOffset(qid) : ShadowDoorbell.CqOffset(qid)), value);
+        }
+        Doorbell(sq ? NvmeRegisters.SqTailDoorbell(qid) : NvmeRegisters.CqHeadDoorbell(qid), value);
+    }
+
+    private NvmeCompletion Abort(ushort sqid, ushort cid) => AdminC(Op(NvmeAdminOpcode.Abort, sqid | ((uint)cid << 16)));
+
+    [Fact]
+    public void Abort_of_a_command_waiting_in_its_sq_completes_it_with_command_abort_requested_without_running_it()
+    {
+        // Qid 2 again, with a 2-entry CQ (room for one completion): commands wait in the SQ while the CQ is full.
+        Assert.True(Admin(Op(NvmeAdminOpcode.DeleteIoSubmissionQueue, 2)).IsSuccess);
+        Assert.True(Admin(Op(NvmeAdminOpcode.DeleteIoCompletionQueue, 2)).IsSuccess);
+        ulong cq = _drv.Allocate(4096), sq = _drv.Allocate(4096);
+        Assert.True(Admin(Op(NvmeAdminOpcode.CreateIoCompletionQueue, 2 | (1u << 16), cdw11: 1) with { Prp1 = cq }).IsSuccess);
+        Assert.True(Admin(Op(NvmeAdminOpcode.CreateIoSubmissionQueue, 2 | (7u << 16), cdw11: 1 | (2u << 16)) with { Prp1 = sq }).IsSuccess);
+        byte[] raw = new byte[SubmissionQueueEntry.Size];
+        for (int i = 0; i < 3; i++)
+        {
+            _ram.Write(Buf + (ulong)(i * 4096), Pattern(4096, 60 + i));
+            var w = NvmeDriver.ReadWrite(NvmeIoOpcode.Write, _rig.Nsid, 100 + (ulong)(i * 8), 8) with { Cid = (ushort)(i + 1), Prp1 = Buf + (ulong)(i * 4096) };
+            w.WriteTo(raw);
+            _ram.Write(sq + (ulong)(i * SubmissionQueueEntry.Size), raw);
+        }
+        Ring(2, sq: true, 3);
+        Assert.Equal(1, ReadCqe(cq, 0).Cid); // CID 1 ran; CIDs 2 and 3 wait for room in the CQ
+
+        Assert.Equal(0u, Abort(2, 3).Dw0 & 1);  // found in the SQ: aborted
+        Assert.Equal(1u, Abort(2, 1).Dw0 & 1);  // already completed
+        Assert.Equal(1u, Abort(2, 9).Dw0 & 1);  // no such command
+        Assert.Equal(1u, Abort(7, 2).Dw0 & 1);  // no such SQ
+
+        Ring(2, sq: false, 1);
+        var second = ReadCqe(cq, 1);
+        Assert.Equal((2, true), (second.Cid, second.Status.IsSuccess));
+        Ring(2, sq: false, 0);
+        var third = ReadCqe(cq, 0);
+        Assert.Equal(3, third.Cid);
+        Assert.Equal(NvmeStatus.AbortRequested, third.Status);
+        Assert.False(third.Phase); // second pass over the CQ
+        Assert.Equal(Pattern(4096, 61), _rig.ReadFile(108 * 512, 4096));
+        Assert.Equal(new byte[4096], _rig.ReadFile(116 * 512, 4096)); // the aborted write never ran
+    }
+
+    [Fact]
+    public void Abort_of_an_outstanding_async_event_request_completes_it_with_command_abort_requested()
+    {
+        ushort aer = _drv.Submit(0, Op(NvmeAdminOpcode.AsynchronousEventRequest));
+        var abort = Abort(0, aer);
+        Assert.True(abort.Status.IsSuccess);
+        Assert.Equal(0u, abort.Dw0 & 1);
+        Assert.Equal(NvmeStatus.AbortRequested, _drv.Wait(0, aer, 2000).Status);
+        Assert.Equal(1u, Abort(0, aer).Dw0 & 1); // gone now
+        // The AER slot is free again: four may be outstanding (AERL 3), a fifth is refused.
+        for (int i = 0; i < 4; i++)
+        {
+            _drv.Submit(0, Op(NvmeAdminOpcode.AsynchronousEventRequest));
+        }
+        Assert.Equal(NvmeStatus.AsyncEventRequestLimitExceeded, Admin(Op(NvmeAdminOpcode.AsynchronousEventRequest)));
+    }
 }
