@@ -223,6 +223,53 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
     }
 
     [Fact]
+    public void Deallocate_punches_a_hole_in_the_namespace_file_and_the_blocks_read_as_zeroes_as_dlfeat_says()
+    {
+        Assert.Equal(1, _drv.IdentifyNamespace(_rig.Nsid).Dlfeat & 7); // read behaviour 001b: zeroes
+        byte[] data = Pattern(256 * 1024, 8);
+        for (int i = 0; i < 4; i++)
+        {
+            _ram.Write(Buf, data.AsSpan(i * 65536, 65536));
+            Assert.True(_drv.Write(1, _rig.Nsid, 2048 + (ulong)(i * 128), 128, 512, Buf).IsSuccess); // 1 MiB into the file
+        }
+        Assert.True(_drv.ExecuteRaw(1, new SubmissionQueueEntry { Opcode = (byte)NvmeIoOpcode.Flush, Nsid = _rig.Nsid }).Status.IsSuccess);
+        long before = Allocated();
+        Assert.True(before >= 256 * 1024);
+
+        // Deallocate 3 of the 4 x 64 KiB, the last range through Write Zeroes with DEAC (CDW12 bit 25).
+        byte[] ranges = new byte[32];
+        new DatasetManagementRange(0, 128, 2048).WriteTo(ranges);
+        new DatasetManagementRange(0, 128, 2048 + 256).WriteTo(ranges.AsSpan(16));
+        _ram.Write(Buf + 0x40000, ranges);
+        var dsm = new SubmissionQueueEntry { Opcode = (byte)NvmeIoOpcode.DatasetManagement, Nsid = _rig.Nsid, Cdw10 = 1, Cdw11 = 4 };
+        Assert.True(_drv.ExecuteRaw(1, dsm, Buf + 0x40000, 32).Status.IsSuccess);
+        var wz = NvmeDriver.ReadWrite(NvmeIoOpcode.WriteZeroes, _rig.Nsid, 2048 + 384, 128);
+        Assert.True(_drv.ExecuteRaw(1, wz with { Cdw12 = wz.Cdw12 | (1u << 25) }).Status.IsSuccess);
+
+        Assert.True(before - Allocated() >= 3 * 65536, $"allocated {before} -> {Allocated()} bytes: no hole punched");
+        Assert.Equal(new byte[65536], _rig.ReadFile(2048 * 512, 65536));
+        Assert.Equal(data.AsSpan(65536, 65536).ToArray(), _rig.ReadFile((2048 + 128) * 512, 65536));
+        Assert.Equal(new byte[131072], _rig.ReadFile((2048 + 256) * 512, 131072));
+        Assert.Equal(new byte[65536], ReadThroughDevice(2048, 128)); // and through the controller
+        Assert.Equal(NvmeRig.NamespaceBytes, new FileInfo(_rig.NamespacePath).Length); // KEEP_SIZE
+
+        long Allocated()
+        {
+            using var h = File.OpenHandle(_rig.NamespacePath);
+            return Vmig.Native.FileSpace.AllocatedBytes(h);
+        }
+    }
+
+    private byte[] ReadThroughDevice(ulong slba, int blocks)
+    {
+        _ram.Write(Buf, new byte[blocks * 512].Select(_ => (byte)0xEE).ToArray());
+        Assert.True(_drv.Read(1, _rig.Nsid, slba, blocks, 512, Buf).IsSuccess);
+        byte[] b = new byte[blocks * 512];
+        _ram.Read(Buf, b);
+        return b;
+    }
+
+    [Fact]
     public void Bad_io_input_gets_spec_statuses()
     {
         ulong blocks = (ulong)(NvmeRig.NamespaceBytes / 512);

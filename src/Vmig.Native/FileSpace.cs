@@ -1,0 +1,91 @@
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
+
+namespace Vmig.Native;
+
+/// <summary>Allocation control of regular files (fallocate(2)): deallocating byte ranges of a namespace image.</summary>
+public static class FileSpace
+{
+    /// <summary>
+    /// Deallocates [<paramref name="offset"/>, +<paramref name="length"/>) of <paramref name="file"/> with
+    /// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range reads as zeroes afterwards (partial filesystem
+    /// blocks at the edges are zeroed, whole ones freed) and the file size does not change. Returns false, changing
+    /// nothing, when the file system or kernel cannot punch holes (EOPNOTSUPP, ENOSYS), so the caller writes zeroes.
+    /// </summary>
+    /// <exception cref="NativeException">Any other fallocate failure (EIO, EBADF, EINVAL for a negative range...).</exception>
+    public static bool TryPunchHole(SafeFileHandle file, long offset, long length)
+    {
+        ArgumentNullException.ThrowIfNull(file);
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        if (length == 0)
+        {
+            return true;
+        }
+        bool added = false;
+        try
+        {
+            file.DangerousAddRef(ref added);
+            int fd = (int)file.DangerousGetHandle();
+            while (Libc.fallocate(fd, Libc.FALLOC_FL_KEEP_SIZE | Libc.FALLOC_FL_PUNCH_HOLE, offset, length) != 0)
+            {
+                int e = Marshal.GetLastPInvokeError();
+                if (e == Libc.EINTR)
+                {
+                    continue;
+                }
+                if (e is Libc.EOPNOTSUPP or Libc.ENOSYS)
+                {
+                    return false;
+                }
+                throw new NativeException("fallocate", e);
+            }
+            return true;
+        }
+        finally
+        {
+            if (added)
+            {
+                file.DangerousRelease();
+            }
+        }
+    }
+
+    /// <summary>Bytes the file system has allocated to <paramref name="file"/> (fstat st_blocks × 512; LP64 glibc layout).</summary>
+    /// <exception cref="NativeException">fstat failed.</exception>
+    public static unsafe long AllocatedBytes(SafeFileHandle file)
+    {
+        ArgumentNullException.ThrowIfNull(file);
+        // st_blocks is at offset 64 of struct stat on both x86-64 and the generic (arm64) layout.
+        byte* st = stackalloc byte[256];
+        bool added = false;
+        try
+        {
+            file.DangerousAddRef(ref added);
+            // SAFETY: st points at 256 stack bytes, larger than struct stat on LP64.
+            if (Libc.fstat((int)file.DangerousGetHandle(), st) != 0)
+            {
+                throw NativeException.FromLastError("fstat");
+            }
+            return *(long*)(st + 64) * 512;
+        }
+        finally
+        {
+            if (added)
+            {
+                file.DangerousRelease();
+            }
+        }
+    }
+}
+
+internal static partial class Libc
+{
+    public const int FALLOC_FL_KEEP_SIZE = 1;
+    public const int FALLOC_FL_PUNCH_HOLE = 2;
+    public const int ENOSYS = 38;
+    public const int EOPNOTSUPP = 95;
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int fallocate(int fd, int mode, long offset, long len);
+}
