@@ -51,29 +51,41 @@ public static class FileSpace
         }
     }
 
-    /// <summary>Bytes the file system has allocated to <paramref name="file"/> (fstat st_blocks × 512; LP64 glibc layout).</summary>
+    /// <summary>Bytes the file system has allocated to <paramref name="file"/> (fstat st_blocks × 512).</summary>
     /// <exception cref="NativeException">fstat failed.</exception>
-    public static unsafe long AllocatedBytes(SafeFileHandle file)
+    public static long AllocatedBytes(SafeFileHandle file)
     {
         ArgumentNullException.ThrowIfNull(file);
-        // st_blocks is at offset 64 of struct stat on both x86-64 and the generic (arm64) layout.
+        return FstatInt64(file, StatBlocksOffset) * 512;
+    }
+
+    /// <summary>st_size in struct stat (LP64 glibc: the same on x86-64 and the generic arm64 layout).</summary>
+    internal const int StatSizeOffset = 48;
+
+    /// <summary>st_blocks in struct stat (LP64 glibc, both layouts).</summary>
+    internal const int StatBlocksOffset = 64;
+
+    /// <summary>One 64-bit field of fstat(2)'s struct stat for the descriptor behind <paramref name="handle"/>.</summary>
+    internal static unsafe long FstatInt64(SafeHandle handle, int offset)
+    {
+        // struct stat is 144 (x86-64) or 128 (arm64) bytes.
         byte* st = stackalloc byte[256];
         bool added = false;
         try
         {
-            file.DangerousAddRef(ref added);
-            // SAFETY: st points at 256 stack bytes, larger than struct stat on LP64.
-            if (Libc.fstat((int)file.DangerousGetHandle(), st) != 0)
+            handle.DangerousAddRef(ref added);
+            // SAFETY: st points at 256 stack bytes, larger than struct stat on LP64; offset + 8 is inside it.
+            if (Libc.fstat((int)handle.DangerousGetHandle(), st) != 0)
             {
                 throw NativeException.FromLastError("fstat");
             }
-            return *(long*)(st + 64) * 512;
+            return *(long*)(st + offset);
         }
         finally
         {
             if (added)
             {
-                file.DangerousRelease();
+                handle.DangerousRelease();
             }
         }
     }
