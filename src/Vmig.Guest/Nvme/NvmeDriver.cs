@@ -27,10 +27,12 @@ public sealed record NvmeDriverOptions
 
     /// <summary>
     /// With interrupts and more than one command in flight on the queue: how long a waiter polls the completion
-    /// queue's phase bit before it sleeps on the MSI-X vector, in µs (0 = sleep at once). A completion that lands
-    /// within it is seen without the eventfd wake-up, which costs more than a fast device's whole I/O.
+    /// queue's phase bit before it sleeps on the MSI-X vector, in µs (0 = sleep at once, the default). A completion
+    /// that lands within it is seen without the eventfd wake-up. Off by default: on the shared 2-core bench host the
+    /// same-run QD32 comparisons went both ways (0.4× vs 0.04×, and 0.07× vs 0.23×; bench/results/s2-nvme-*), since
+    /// a spinning guest takes the CPU the device's poller needs.
     /// </summary>
-    public int CompletionPollMicroseconds { get; init; } = 20;
+    public int CompletionPollMicroseconds { get; init; }
 }
 
 /// <summary>A command the driver saw complete.</summary>
@@ -64,7 +66,7 @@ public sealed partial class NvmeDriver
     private readonly object _allocLock = new();
     private readonly int _timeoutMs;
 
-    private NvmeDriver(IGuestMemory mem, IGuestPciFunction fn, ulong stateGpa, int timeoutMs, int pollMicroseconds = 20)
+    private NvmeDriver(IGuestMemory mem, IGuestPciFunction fn, ulong stateGpa, int timeoutMs, int pollMicroseconds = 0)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(pollMicroseconds);
         _pollTicks = pollMicroseconds * Stopwatch.Frequency / 1_000_000;
