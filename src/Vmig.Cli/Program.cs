@@ -17,6 +17,7 @@ internal static class Program
         root.Subcommands.Add(VmCommands.CreateMigrate());
         root.Subcommands.Add(VmCommands.CreateSnapshot());
         root.Subcommands.Add(VmCommands.CreateStatus());
+        root.Subcommands.Add(VmCommands.CreateResolve());
         root.Subcommands.Add(DeviceCommands.Create());
         root.Subcommands.Add(ConformCommands.CreateConform());
         root.Subcommands.Add(ConformCommands.CreateFuzz());

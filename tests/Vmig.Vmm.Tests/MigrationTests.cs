@@ -355,7 +355,8 @@ public sealed class MigrationTests : IDisposable
     [Theory]
     [InlineData(SectionType.RamPages, "rolled-back")]             // mid pre-copy
     [InlineData(SectionType.DeviceInitialDataSent, "rolled-back")] // while the source waits for the switchover-ack
-    [InlineData(SectionType.EndOfState, "in-doubt")]               // whole state sent, no result: the source must not resume
+    [InlineData(SectionType.EndOfState, "rolled-back")]            // whole state sent, no TargetReady: the target cannot run
+    [InlineData(SectionType.Commit, "in-doubt")]                   // Commit sent, no result: the source must not resume
     public async Task ConnectionCut_InEachPhase_SourceRollsBackOrStaysPausedInDoubt(SectionType cutAfter, string outcome)
     {
         var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, [], dmaGpa: 0x3000);
@@ -372,6 +373,11 @@ public sealed class MigrationTests : IDisposable
                 if (r.Type == SectionType.DeviceInitialDataSent)
                 {
                     w.Write(SectionType.SwitchoverAck, r.Payload);
+                    w.Flush();
+                }
+                if (r.Type == SectionType.EndOfState)
+                {
+                    w.Write(SectionType.TargetReady, []);
                     w.Flush();
                 }
             }
@@ -429,7 +435,7 @@ public sealed class MigrationTests : IDisposable
     }
 
     /// <summary>A fake target's side of the handshake: reads the description and says yes.</summary>
-    private static (SectionReader Reader, SectionWriter Writer) AcceptHandshake(NetworkStream ns)
+    internal static (SectionReader Reader, SectionWriter Writer) AcceptHandshake(NetworkStream ns)
     {
         var r = new SectionReader(ns, 4 << 20);
         r.ReadStreamHeader();

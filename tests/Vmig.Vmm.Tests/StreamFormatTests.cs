@@ -8,10 +8,12 @@ namespace Vmig.Vmm.Tests;
 
 public class StreamFormatTests
 {
-    // Golden bytes computed independently (bitwise CRC-32C in Python), see docs/stream-format.md §5.
-    private const string StreamHeaderGolden = "564d49475354524d01000000dda888ad";
-    private const string OptionalRoundInfoGolden = "0d000000030000002f32d0ee010203";
-    private const string EndOfStateGolden = "09000100000000006ea01f68";
+    // Golden bytes computed independently (bitwise CRC-32C in Python), see docs/stream-format.md §7. Format 2.0:
+    // 16-byte section headers (type, flags, length, header CRC, section CRC).
+    private const string StreamHeaderGolden = "564d49475354524d02000000e421aacf";
+    private const string OptionalRoundInfoGolden = "0d0000000300000023c010c42f32d0ee010203";
+    private const string EndOfStateGolden = "09000100000000006ea01f686ea01f68";
+    private const string CommitGolden = "100001000000000027d06ee727d06ee7";
 
     [Fact]
     public void Crc32C_MatchesTheStandardCheckValue() =>
@@ -32,8 +34,9 @@ public class StreamFormatTests
         var w = new SectionWriter(ms);
         w.Write(SectionType.RoundInfo, [1, 2, 3]);
         w.Write(SectionType.EndOfState, []);
-        Assert.Equal(OptionalRoundInfoGolden + EndOfStateGolden, Convert.ToHexStringLower(ms.ToArray()));
-        Assert.Equal(15 + 12, w.BytesWritten);
+        w.Write(SectionType.Commit, []);
+        Assert.Equal(OptionalRoundInfoGolden + EndOfStateGolden + CommitGolden, Convert.ToHexStringLower(ms.ToArray()));
+        Assert.Equal(19 + 16 + 16, w.BytesWritten);
     }
 
     [Fact]
@@ -41,7 +44,7 @@ public class StreamFormatTests
     {
         var ms = new MemoryStream(Convert.FromHexString(StreamHeaderGolden + OptionalRoundInfoGolden + EndOfStateGolden));
         var r = new SectionReader(ms);
-        Assert.Equal(1, r.ReadStreamHeader().Major);
+        Assert.Equal(2, r.ReadStreamHeader().Major);
         Assert.True(r.ReadNext());
         Assert.Equal(SectionType.RoundInfo, r.Type);
         Assert.Equal(new byte[] { 1, 2, 3 }, r.Payload.ToArray());
@@ -52,10 +55,11 @@ public class StreamFormatTests
     }
 
     [Theory]
-    [InlineData(12)] // first payload byte
+    [InlineData(16)] // first payload byte
     [InlineData(0)]  // type
-    [InlineData(4)]  // length's low byte changes what the CRC covers
-    [InlineData(8)]  // the CRC itself
+    [InlineData(4)]  // length's low byte: caught by the header CRC before any payload is read
+    [InlineData(8)]  // the header CRC itself
+    [InlineData(12)] // the section CRC
     public void Reader_RejectsAnyFlippedBit(int offset)
     {
         byte[] b = Convert.FromHexString(OptionalRoundInfoGolden);
@@ -109,81 +113,58 @@ public class StreamFormatTests
     [Fact]
     public void Reader_BoundsLengthBeforeAllocating()
     {
-        // A header claiming 4 GiB - 1 bytes, followed by nothing: must be refused on the length, not by running out
-        // of memory or waiting for data.
-        var b = new byte[12];
-        BinaryPrimitives.WriteUInt16LittleEndian(b, (ushort)SectionType.RamPages);
-        BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(2), 1);
-        BinaryPrimitives.WriteUInt32LittleEndian(b.AsSpan(4), uint.MaxValue);
+        // A header (with a valid header CRC) claiming 4 GiB - 1 bytes, followed by nothing: must be refused on the
+        // length, not by running out of memory or waiting for data.
+        var b = new byte[SectionHeader.Size];
+        new SectionHeader((ushort)SectionType.RamPages, SectionFlags.Mandatory, uint.MaxValue, 0).WriteTo(b);
         var e = Assert.Throws<StreamFormatException>(() => new SectionReader(new MemoryStream(b), maxPayload: 1 << 20).ReadNext());
         Assert.Contains("exceeds the limit", e.Message, StringComparison.Ordinal);
     }
 
-    [Fact]
-    public void Reader_ReportsTruncation()
+    [Theory]
+    [InlineData(SectionType.EndOfState, 16u)]
+    [InlineData(SectionType.DeviceEnd, 20u)]
+    [InlineData(SectionType.VcpuState, 4u + 256 + 1)]
+    [InlineData(SectionType.RamPages, (uint)RamPages.MaxPayload + 1)]
+    [InlineData(SectionType.Commit, 1u)]
+    public void Reader_BoundsLengthByTheSectionTypeBeforeWaitingForThePayload(SectionType type, uint length)
     {
-        byte[] b = Convert.FromHexString(OptionalRoundInfoGolden);
-        Assert.Throws<EndOfStreamException>(() => new SectionReader(new MemoryStream(b[..14])).ReadNext());
-        Assert.Throws<EndOfStreamException>(() => new SectionReader(new MemoryStream(b[..5])).ReadNext());
+        // A header with a valid header CRC but a length the type can never have, and no payload behind it on a stream
+        // that stays open: the reader must fail at once, not block waiting for bytes (issue 9: fail fast).
+        var b = new byte[SectionHeader.Size];
+        new SectionHeader((ushort)type, SectionFlags.Mandatory, length, 0).WriteTo(b);
+        var pipe = new BlockingAfter(b);
+        var e = Assert.Throws<StreamFormatException>(() => new SectionReader(pipe, 4 << 20).ReadNext());
+        Assert.Contains("type's maximum", e.Message, StringComparison.Ordinal);
     }
 
-    [Fact]
-    public void Reader_RejectsBadMagicAndUnknownMajorVersion()
+    [Theory]
+    [InlineData(4, 0x10)]  // length 0 → 16 on a final EndOfState: before 2.0 the reader waited for 16 bytes
+    [InlineData(6, 0x01)]  // length's third byte
+    [InlineData(2, 0x01)]  // flags
+    public void Reader_CorruptedHeaderFailsAtOnceOnAnOpenStream(int offset, byte bit)
     {
-        byte[] b = Convert.FromHexString(StreamHeaderGolden);
-        b[0] = (byte)'X';
-        Assert.Throws<StreamFormatException>(() => new SectionReader(new MemoryStream(b)).ReadStreamHeader());
-        var ms = new MemoryStream();
-        new SectionWriter(ms).WriteStreamHeader(major: 2);
-        ms.Position = 0;
-        var e = Assert.Throws<StreamFormatException>(() => new SectionReader(ms).ReadStreamHeader());
-        Assert.Contains("version 2.0", e.Message, StringComparison.Ordinal);
+        byte[] b = Convert.FromHexString(EndOfStateGolden);
+        b[offset] ^= bit;
+        var e = Assert.Throws<StreamFormatException>(() => new SectionReader(new BlockingAfter(b), 4 << 20).ReadNext());
+        Assert.Contains("header CRC", e.Message, StringComparison.Ordinal);
     }
 
-    [Fact]
-    public void RamPages_EncodeApplyRoundTripWithZeroPagesAndRoundOrdering()
+    /// <summary>A stream that yields its bytes, then fails the test instead of blocking (a live socket that stays silent).</summary>
+    private sealed class BlockingAfter(byte[] data) : MemoryStream(data)
     {
-        using var src = GuestRam.Create(64 * 1024);
-        using var dst = GuestRam.Create(64 * 1024);
-        src.Write(4096 * 3, new byte[] { 0xAB, 0xCD });
-        src.Write(4096 * 5, Enumerable.Repeat((byte)7, 4096).ToArray());
-        var buf = new byte[RamPages.MaxPayload];
-        var scratch = new byte[256 * 4096];
-        int len = RamPages.Encode(src, 2, 0, 16, scratch, buf, out int zeros);
-        Assert.Equal(14, zeros);
-        // Two data pages + records for runs [0-2]z [3]d [4]z [5]d [6-15]z = 5 records.
-        Assert.Equal(8 + (5 * 16) + (2 * 4096), len);
-        var rounds = new PageRounds(dst.PageCount);
-        // Round 1 wrote page 0 with data; round 2's ZERO record for it must clear it.
-        using (var earlier = GuestRam.Create(64 * 1024))
+        public override int Read(byte[] buffer, int offset, int count)
         {
-            earlier.Write(0, Enumerable.Repeat((byte)0xEE, 4096).ToArray());
-            var b1 = new byte[RamPages.MaxPayload];
-            RamPages.Apply(dst, b1.AsSpan(0, RamPages.Encode(earlier, 1, 0, 1, scratch, b1, out _)), rounds);
-            Assert.Equal(0xEE, dst.GetHostSpan(0, 1)[0]);
+            int n = base.Read(buffer, offset, count);
+            return n > 0 || count == 0 ? n : throw new InvalidOperationException("the reader waited for bytes beyond the header");
         }
-        Assert.Equal(16, RamPages.Apply(dst, buf.AsSpan(0, len), rounds));
-        Assert.True(src.GetHostSpan(0, 65536).SequenceEqual(dst.GetHostSpan(0, 65536)));
 
-        // An older round arriving late (another connection) must not overwrite newer pages.
-        using var old = GuestRam.Create(64 * 1024);
-        old.Write(4096 * 5, Enumerable.Repeat((byte)1, 4096).ToArray());
-        int oldLen = RamPages.Encode(old, 1, 5, 1, scratch, buf, out _);
-        RamPages.Apply(dst, buf.AsSpan(0, oldLen), rounds);
-        Assert.Equal(7, dst.GetHostSpan(4096 * 5, 1)[0]);
-    }
-
-    [Fact]
-    public void RamPages_RejectsRangesOutsideRam()
-    {
-        using var ram = GuestRam.Create(8192);
-        var p = new byte[8 + 16];
-        BinaryPrimitives.WriteUInt64LittleEndian(p.AsSpan(8), 4096);
-        BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(16), 2); // pages 1-2 of a 2-page RAM
-        BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(20), RamPages.ZeroFlag);
-        Assert.Throws<StreamFormatException>(() => RamPages.Apply(ram, p, new PageRounds(ram.PageCount)));
-        BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(16), 1);
-        BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(20), 0); // data flag but no data
-        Assert.Throws<StreamFormatException>(() => RamPages.Apply(ram, p, new PageRounds(ram.PageCount)));
+        public override int Read(Span<byte> buffer)
+        {
+            var tmp = new byte[buffer.Length];
+            int n = Read(tmp, 0, tmp.Length);
+            tmp.AsSpan(0, n).CopyTo(buffer);
+            return n;
+        }
     }
 }

@@ -12,7 +12,7 @@ using Vmig.Vmm.Migration;
 
 namespace Vmig.Cli.Commands;
 
-/// <summary>`vmig vm`, `vmig migrate`, `vmig snapshot`, `vmig status`.</summary>
+/// <summary>`vmig vm`, `vmig migrate`, `vmig snapshot`, `vmig status`, `vmig resolve`.</summary>
 internal static class VmCommands
 {
     public static Command CreateVm()
@@ -228,6 +228,40 @@ internal static class VmCommands
         return cmd;
     }
 
+    public static Command CreateResolve()
+    {
+        var vm = new Argument<string>("vm") { Description = "VM name or control socket path" };
+        var resume = new Option<bool>("--resume") { Description = "the target does NOT run the VM: resume it here" };
+        var discard = new Option<bool>("--discard") { Description = "the target runs the VM: give this paused copy up (the process exits)" };
+        var cmd = new Command("resolve", """
+            Resolve a source VM left paused "in doubt" by a migration (Commit sent, the target's result lost): exactly
+            one of --resume or --discard. Check the target first (`vmig status` on it); choosing wrong runs the VM twice
+            or nowhere. `vmig status NAME` shows inDoubt.
+            Example: vmig resolve vm0 --resume
+            """)
+        { vm, resume, discard };
+        cmd.Validators.Add(r =>
+        {
+            if (r.GetValue(resume) == r.GetValue(discard))
+            {
+                r.AddError("give exactly one of --resume or --discard");
+            }
+        });
+        cmd.SetAction(p => CliContext.Run(() =>
+        {
+            using var client = ControlClient.Connect(p.GetValue(vm)!);
+            var r = client.Call(new JsonObject { ["op"] = "resolve", ["action"] = p.GetValue(resume) ? "resume" : "discard" });
+            if (r["event"]!.GetValue<string>() != "done")
+            {
+                AnsiConsole.MarkupLineInterpolated($"[red]resolve failed: {r["message"]}[/]");
+                return 1;
+            }
+            AnsiConsole.MarkupLineInterpolated($"vm {p.GetValue(vm)}: {r["result"]?["state"]}{(r["result"]?["problem"] is JsonNode pr ? $" ({pr})" : "")}");
+            return 0;
+        }));
+        return cmd;
+    }
+
     public static Command CreateStatus()
     {
         var vm = new Argument<string>("vm") { Description = "VM name or control socket path" };
@@ -244,6 +278,14 @@ internal static class VmCommands
                 return 0;
             }
             AnsiConsole.MarkupLineInterpolated($"vm [bold]{s["name"]}[/] {s["state"]}, {s["memoryBytes"]!.GetValue<long>() >> 20} MiB, pid {s["pid"]}");
+            if (s["inDoubt"]?.GetValue<bool>() == true)
+            {
+                AnsiConsole.MarkupLineInterpolated($"[yellow]migration in doubt: paused until `vmig resolve {s["name"]} --resume|--discard`[/]");
+            }
+            else if (s["lastMigration"] is JsonNode last)
+            {
+                AnsiConsole.MarkupLineInterpolated($"last migration: {last}");
+            }
             var t = new Table().AddColumns("vCPU", "program", "slices", "fault");
             foreach (var v in s["vcpus"]!.AsArray())
             {

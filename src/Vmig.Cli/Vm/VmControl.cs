@@ -90,8 +90,9 @@ internal sealed class VmControl : IDisposable
                     "migrate" => await MigrateAsync(req!, writer).ConfigureAwait(false),
                     "snapshot" => Done(Snapshot(req!)),
                     "verify" => Done(Verify(req?["resume"]?.GetValue<bool>() ?? true)),
+                    "resolve" => Done(Resolve(req?["action"]?.GetValue<string>())),
                     "quit" => Quit(),
-                    _ => Error($"unknown op '{op}' (status, migrate, snapshot, verify, quit)"),
+                    _ => Error($"unknown op '{op}' (status, migrate, snapshot, verify, resolve, quit)"),
                 };
             }
             catch (Exception e) when (e is IOException or InvalidOperationException or ArgumentException or TimeoutException or InvalidDataException or FormatException or SocketException)
@@ -121,10 +122,60 @@ internal sealed class VmControl : IDisposable
         return Done(null);
     }
 
+    /// <summary>Outcome of the last migration ("completed", "rolled-back", "in-doubt", …; null if none ran).</summary>
+    private volatile string? _lastMigration;
+
+    /// <summary>Set while the VM is paused after an in-doubt migration, until <c>resolve</c>.</summary>
+    private volatile bool _inDoubt;
+
+    private void RefuseWhileInDoubt(string op)
+    {
+        if (_inDoubt)
+        {
+            throw new InvalidOperationException($"{op}: VM {_vm.Name} is paused after an in-doubt migration; resolve it first (vmig resolve {_vm.Name} --resume|--discard)");
+        }
+    }
+
+    /// <summary>
+    /// Ends an in-doubt state: "resume" (the operator knows the target does not run the VM) resumes the source;
+    /// "discard" (the target runs it) gives the source up, and the process exits as after a completed migration.
+    /// </summary>
+    private JsonNode Resolve(string? action)
+    {
+        lock (_opLock)
+        {
+            if (action is not ("resume" or "discard"))
+            {
+                throw new ArgumentException("resolve: 'action' must be \"resume\" or \"discard\"");
+            }
+            if (!_inDoubt)
+            {
+                throw new InvalidOperationException($"resolve: VM {_vm.Name} is not in doubt (state {_vm.State}, last migration {_lastMigration ?? "none"})");
+            }
+            string? problem;
+            if (action == "resume")
+            {
+                problem = MigrationRecovery.ResumeInDoubtSource(_vm);
+                _lastMigration = "in-doubt, resolved: resumed at the source";
+            }
+            else
+            {
+                problem = MigrationRecovery.DiscardInDoubtSource(_vm);
+                _lastMigration = "in-doubt, resolved: discarded at the source";
+                Volatile.Write(ref _finishAfterReply, true);
+            }
+            _inDoubt = false;
+            _logger.LogWarning("in-doubt migration resolved by the operator: {Action}; state {State}", action, _vm.State);
+            return new JsonObject { ["state"] = _vm.State.ToString(), ["problem"] = problem };
+        }
+    }
+
     private JsonNode Status() => new JsonObject
     {
         ["name"] = _vm.Name,
         ["state"] = _vm.State.ToString(),
+        ["inDoubt"] = _inDoubt,
+        ["lastMigration"] = _lastMigration,
         ["memoryBytes"] = _vm.Memory.Size,
         ["pid"] = Environment.ProcessId,
         ["vcpus"] = new JsonArray(_vm.Vcpus.Select(v => (JsonNode)new JsonObject
@@ -144,6 +195,7 @@ internal sealed class VmControl : IDisposable
 
     private async Task<JsonObject> MigrateAsync(JsonObject req, StreamWriter writer)
     {
+        RefuseWhileInDoubt("migrate");
         var endpoint = ParseTcp(req["to"]?.GetValue<string>() ?? throw new ArgumentException("migrate: 'to' (tcp:HOST:PORT) is required"));
         var tlsNode = req["tls"] as JsonObject;
         var options = new MigrationOptions
@@ -189,14 +241,18 @@ internal sealed class VmControl : IDisposable
         try
         {
             var report = await run.ConfigureAwait(false);
+            _lastMigration = report.Outcome;
             Volatile.Write(ref _finishAfterReply, true);
             return Done(JsonNode.Parse(report.ToJson()));
         }
         catch (VmMigrationException e)
         {
+            _lastMigration = e.Report.Outcome;
+            _inDoubt = e.Report.Outcome == "in-doubt";
             var o = Error(e.Message);
             o["report"] = JsonNode.Parse(e.Report.ToJson());
             o["sourceRunning"] = _vm.State == VmRunState.Running;
+            o["inDoubt"] = _inDoubt;
             return o;
         }
         catch (OperationCanceledException)
@@ -221,6 +277,7 @@ internal sealed class VmControl : IDisposable
 
     private JsonNode Snapshot(JsonObject req)
     {
+        RefuseWhileInDoubt("snapshot");
         string path = req["to"]?.GetValue<string>() ?? throw new ArgumentException("snapshot: 'to' (a file path) is required");
         lock (_opLock)
         {

@@ -106,10 +106,10 @@ internal static class DeviceControl
     }
 
     /// <summary>
-    /// Start side on a target or restore: every device RESUMING→STOP (commit and validate), then every P2P device
-    /// →RUNNING_P2P, then every device →RUNNING.
+    /// Start side on a target or restore, first half: every device RESUMING→STOP (load and validate), then every P2P
+    /// device →RUNNING_P2P. A live target stops here until the source's Commit (two-phase end).
     /// </summary>
-    public static void CommitAndRun(IReadOnlyList<IVmDevice> devices)
+    public static void LoadAndQuiesce(IReadOnlyList<IVmDevice> devices)
     {
         foreach (var d in devices)
         {
@@ -122,6 +122,11 @@ internal static class DeviceControl
                 d.SetState(DeviceState.RunningP2P);
             }
         }
+    }
+
+    /// <summary>Second half: every device →RUNNING (after every P2P peer is at least RUNNING_P2P).</summary>
+    public static void RunAll(IReadOnlyList<IVmDevice> devices)
+    {
         foreach (var d in devices)
         {
             d.SetState(DeviceState.Running);

@@ -59,6 +59,15 @@ public sealed class MigrationReport
     /// <summary>The target's own measure: switchover start received → its vCPUs running.</summary>
     public double TargetDowntimeMilliseconds { get; set; }
 
+    /// <summary>
+    /// The target's wait between sending TargetReady and receiving Commit: what the two-phase end adds to the
+    /// downtime (≈ one round trip plus the source's reaction).
+    /// </summary>
+    public double TargetCommitWaitMilliseconds { get; set; }
+
+    /// <summary>Source: TargetReady received → TargetResult received (Commit out, target devices RUNNING and vCPUs started, result back).</summary>
+    public double CommitRoundTripMilliseconds { get; set; }
+
     /// <summary>Duration per phase name.</summary>
     public Dictionary<string, double> PhaseMilliseconds { get; } = [];
 

@@ -18,8 +18,8 @@ public static class MigrationSource
     /// <returns>The report (Outcome "completed"); the source VM is then <see cref="VmRunState.MigratedAway"/>.</returns>
     /// <exception cref="VmMigrationException">
     /// Refused at handshake (nothing touched), rolled back (source running again; the report says why), or in
-    /// doubt (the whole state was sent but no result came back: the source stays paused, because the target may be
-    /// running; resume it only if you know the target is not).
+    /// doubt (Commit was sent but no result came back: the source stays paused, because the target may be
+    /// running; resume it only if you know the target is not — <see cref="MigrationRecovery"/>).
     /// </exception>
     public static Task<MigrationReport> RunAsync(Vm vm, EndPoint target, MigrationOptions? options = null,
         IProgress<MigrationProgress>? progress = null, CancellationToken cancellationToken = default)
@@ -66,6 +66,31 @@ public static class MigrationRecovery
             problem ??= DeviceControl.RecoverToRunning(d);
         }
         vm.Resume();
+        return problem;
+    }
+
+    /// <summary>
+    /// Gives up a source left paused by an "in-doubt" migration because the target runs the VM: marks it
+    /// <see cref="VmRunState.MigratedAway"/> (it never runs again) and stops its devices (STOP_COPY → STOP, as after a
+    /// completed migration). Call it only when you know the target is running the VM.
+    /// </summary>
+    /// <returns>Null, or the devices that did not reach STOP (they are released by the caller anyway).</returns>
+    public static string? DiscardInDoubtSource(Vm vm)
+    {
+        ArgumentNullException.ThrowIfNull(vm);
+        vm.MarkMigratedAway();
+        string? problem = null;
+        foreach (var d in vm.Devices)
+        {
+            try
+            {
+                d.SetState(DeviceState.Stop);
+            }
+            catch (Exception e) when (e is IOException or MigrationException or InvalidOperationException)
+            {
+                problem ??= $"device {d.Description.Name}: STOP failed ({e.Message})";
+            }
+        }
         return problem;
     }
 }
@@ -297,28 +322,28 @@ internal sealed class SourceSession
             sender.SendVcpus();
             long devBytes = sender.SendDeviceStopCopy();
             sender.SendEnd();
-            committed = true;
             AddRound(round + 1, pages, zeros, sender.BytesWritten - before, devBytes, sw.Elapsed);
             Report(MigrationPhase.StopCopy, round + 1, sender.BytesWritten, 0, 0, 0);
             EndPhase("stop-copy");
 
-            // --- the target's result decides: running there (we never resume) or failed before running (we resume).
+            // --- two-phase end (docs/stream-format.md §4.1): no TargetReady → we resume; after Commit the target
+            // runs, and only a TargetResult tells us so.
             Report(MigrationPhase.WaitingForTarget, round + 1, sender.BytesWritten, 0, 0, 0);
-            main.Reader.Expect(SectionType.TargetResult);
-            var payload = main.Reader.Payload;
-            if (payload.Length < 12)
-            {
-                throw new StreamFormatException("TargetResult shorter than 12 bytes");
-            }
-            uint result = BinaryPrimitives.ReadUInt32LittleEndian(payload);
-            _report.TargetDowntimeMilliseconds = BinaryPrimitives.ReadUInt64LittleEndian(payload[4..]) / 1000.0;
-            string why = System.Text.Encoding.UTF8.GetString(payload[12..]);
+            CommitProtocol.AwaitReady(main.Reader);
+            long readyTicks = Stopwatch.GetTimestamp();
+            committed = true; // before the first byte of Commit: from then on the target may be running
+            CommitProtocol.SendCommit(main.Writer);
+            var result = CommitProtocol.ReadResult(main.Reader);
+            _report.CommitRoundTripMilliseconds = Stopwatch.GetElapsedTime(readyTicks).TotalMilliseconds;
+            _report.TargetDowntimeMilliseconds = result.DowntimeMicroseconds / 1000.0;
+            _report.TargetCommitWaitMilliseconds = result.CommitWaitMicroseconds / 1000.0;
             _report.DowntimeMilliseconds = Stopwatch.GetElapsedTime(pauseTicks).TotalMilliseconds;
             EndPhase("target-resume");
-            if (result != 0)
+            if (result.Status != 0)
             {
+                // The target failed after Commit but before its vCPUs ran, and discarded the VM: ours is the only copy.
                 committed = false;
-                throw new IOException($"target failed before running the VM: {why}");
+                throw new IOException($"target failed before running the VM: {result.Reason}");
             }
 
             _vm.MarkMigratedAway();
@@ -352,7 +377,7 @@ internal sealed class SourceSession
             {
                 _report.Outcome = "in-doubt";
                 Report(MigrationPhase.InDoubt, 0, 0, 0, 0, 0);
-                throw new VmMigrationException($"migration in doubt: the whole state was sent but the target's result did not arrive ({e.Message}); the source stays paused", _report, e);
+                throw new VmMigrationException($"migration in doubt: the target was told to commit but its result did not arrive ({e.Message}); the source stays paused", _report, e);
             }
             if (touched)
             {
@@ -519,7 +544,7 @@ internal sealed class SourceSession
             }
             if (main.Reader.Type == SectionType.TargetResult)
             {
-                throw new IOException($"target failed: {System.Text.Encoding.UTF8.GetString(main.Reader.Payload[Math.Min(12, main.Reader.Payload.Length)..])}");
+                throw new IOException($"target failed: {TargetResult.Read(main.Reader.Payload).Reason}");
             }
             if (main.Reader.Type != SectionType.SwitchoverAck)
             {

@@ -132,9 +132,19 @@ internal sealed class StateLoader
 
     /// <summary>
     /// After EndOfState: checks completeness, commits devices (RESUMING→STOP all, →RUNNING_P2P, →RUNNING) and
-    /// re-creates the guest programs.
+    /// re-creates the guest programs (a snapshot restore: no source to ask).
     /// </summary>
     public void Commit()
+    {
+        Prepare();
+        Run();
+    }
+
+    /// <summary>
+    /// First half on a live target: checks completeness and loads the device states (RESUMING→STOP for all, which
+    /// validates them, then →RUNNING_P2P for P2P devices). Nothing runs yet; <see cref="Run"/> after the source's Commit.
+    /// </summary>
+    public void Prepare()
     {
         for (int i = 0; i < _vcpus.Length; i++)
         {
@@ -150,7 +160,13 @@ internal sealed class StateLoader
                 throw new StreamFormatException($"the stream ended without the end of device {d}'s data");
             }
         }
-        DeviceControl.CommitAndRun(_vm.Devices);
+        DeviceControl.LoadAndQuiesce(_vm.Devices);
+    }
+
+    /// <summary>Second half: every device →RUNNING, then the guest programs are re-created (vCPUs still parked).</summary>
+    public void Run()
+    {
+        DeviceControl.RunAll(_vm.Devices);
         _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
     }
 
@@ -290,7 +306,11 @@ internal sealed class TargetSession
                     throw new TimeoutException("a RAM connection did not finish");
                 }
             }
-            loader.Commit();
+            // Two-phase end (docs/stream-format.md §4.1): everything loaded and devices at STOP / RUNNING_P2P, then
+            // TargetReady; without the source's Commit this VM never runs (any failure below discards it).
+            loader.Prepare();
+            ulong commitWaitUs = CommitProtocol.SendReadyAndAwaitCommit(main.Writer, main.Reader);
+            loader.Run();
             if (_o.StartVcpus)
             {
                 vm.Start();
@@ -300,8 +320,15 @@ internal sealed class TargetSession
                 vm.Pause();
             }
             ulong downUs = loader.SwitchoverTicks == 0 ? 0 : (ulong)(Stopwatch.GetElapsedTime(loader.SwitchoverTicks).TotalMilliseconds * 1000);
-            SendResult(main, 0, downUs, null);
-            // The VM runs here now; a source that misses this result stays paused (in doubt), never resumes.
+            try
+            {
+                SendResult(main, 0, downUs, commitWaitUs, null);
+            }
+            catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException)
+            {
+                // Committed: the VM runs here even if the source never hears it (it stays paused in doubt). Discarding
+                // now would leave a guest that already ran on shared storage, and none running.
+            }
             CloseAll();
             return vm;
         }
@@ -317,7 +344,7 @@ internal sealed class TargetSession
             _report.Error = e.Message;
             try
             {
-                SendResult(main, 1, 0, e.Message);
+                SendResult(main, 1, 0, 0, e.Message);
             }
             catch (Exception e2) when (e2 is IOException or ObjectDisposedException or SocketException or NotSupportedException)
             {
@@ -381,14 +408,9 @@ internal sealed class TargetSession
         }
     }
 
-    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, string? reason)
+    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, ulong commitWaitUs, string? reason)
     {
-        byte[] text = System.Text.Encoding.UTF8.GetBytes(reason ?? "");
-        var p = new byte[12 + text.Length];
-        BinaryPrimitives.WriteUInt32LittleEndian(p, status);
-        BinaryPrimitives.WriteUInt64LittleEndian(p.AsSpan(4), downtimeUs);
-        text.CopyTo(p, 12);
-        main.Writer.Write(SectionType.TargetResult, p);
+        main.Writer.Write(SectionType.TargetResult, new TargetResult(status, downtimeUs, commitWaitUs, reason ?? "").ToPayload());
         main.Writer.Flush();
     }
 

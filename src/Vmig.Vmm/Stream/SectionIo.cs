@@ -127,7 +127,12 @@ public sealed class SectionReader
             {
                 throw new EndOfStreamException($"stream ended inside a section header ({got} of {SectionHeader.Size} bytes)");
             }
-            SectionHeader.TryRead(_header, out var h);
+            // The header has its own CRC: a corrupted length fails here, at once, instead of waiting for a payload the
+            // writer never sent (before 2.0 that waited out the socket timeout at the end of a migration).
+            if (!SectionHeader.TryRead(_header, out var h))
+            {
+                throw new StreamFormatException("section header CRC mismatch (corrupted type, flags or length)");
+            }
             if ((h.Flags & ~SectionFlags.Mandatory) != 0)
             {
                 throw new StreamFormatException($"section type {h.Type}: reserved flag bits set ({(ushort)h.Flags:#x})");
@@ -135,6 +140,10 @@ public sealed class SectionReader
             if (h.Length > (uint)MaxPayload)
             {
                 throw new StreamFormatException($"section type {h.Type}: payload of {h.Length} bytes exceeds the limit of {MaxPayload}");
+            }
+            if (SectionIo.MaxPayloadOf(h.Type) is int typeMax && h.Length > (uint)typeMax)
+            {
+                throw new StreamFormatException($"section type {h.Type}: payload of {h.Length} bytes exceeds the type's maximum of {typeMax}");
             }
             int len = (int)h.Length;
             if (_payload.Length < len)
@@ -181,7 +190,31 @@ public sealed class SectionReader
 public static class SectionIo
 {
     /// <summary>True for types this version defines.</summary>
-    public static bool IsKnown(ushort type) => type is >= 1 and <= 14;
+    public static bool IsKnown(ushort type) => type is >= 1 and <= 16;
+
+    /// <summary>Longest reason text in a HandshakeReply or TargetResult (bytes of UTF-8).</summary>
+    public const int MaxReasonBytes = 64 << 10;
+
+    /// <summary>
+    /// Largest payload a section of a known type can have (docs/stream-format.md §3), or null for a type this version
+    /// does not define. Fixed-size types get their exact size; optional types get room to grow in later minor
+    /// versions (4 KiB). Checked by <see cref="SectionReader"/> before it reads the payload.
+    /// </summary>
+    public static int? MaxPayloadOf(ushort type) => (SectionType)type switch
+    {
+        SectionType.VmDescription => 1 << 20,
+        SectionType.HandshakeReply => 4 + MaxReasonBytes,
+        SectionType.RamPages => Migration.RamPages.MaxPayload,
+        SectionType.DeviceData => 4 << 20, // 4-byte header + one MIG_DATA_READ of at most 4 MiB − 4 (MigrationOptions.DeviceReadChunk)
+        SectionType.DeviceInitialDataSent or SectionType.SwitchoverAck or SectionType.DeviceEnd => 4,
+        SectionType.VcpuState => 4 + Guest.GuestEnvironment.RegisterSize,
+        SectionType.EndOfState or SectionType.TargetReady or SectionType.Commit => 0,
+        SectionType.TargetResult => Migration.TargetResult.FixedSize + MaxReasonBytes,
+        SectionType.ChannelHello => 24,
+        SectionType.ChannelEnd => 8,
+        SectionType.RoundInfo or SectionType.SwitchoverStart => 4096,
+        _ => null,
+    };
 
     /// <summary>True for types written without the mandatory flag.</summary>
     public static bool IsOptional(SectionType type) => type is SectionType.RoundInfo or SectionType.SwitchoverStart;
@@ -212,7 +245,7 @@ public static class SectionIo
     /// <summary>Status payload: u32 status, UTF-8 text.</summary>
     public static byte[] StatusPayload(uint status, string? reason)
     {
-        byte[] text = System.Text.Encoding.UTF8.GetBytes(reason ?? "");
+        byte[] text = ReasonBytes(reason);
         var b = new byte[4 + text.Length];
         BinaryPrimitives.WriteUInt32LittleEndian(b, status);
         text.CopyTo(b, 4);
@@ -227,5 +260,12 @@ public static class SectionIo
             throw new StreamFormatException("status section shorter than 4 bytes");
         }
         return (BinaryPrimitives.ReadUInt32LittleEndian(payload), System.Text.Encoding.UTF8.GetString(payload[4..]));
+    }
+
+    /// <summary>UTF-8 of <paramref name="reason"/>, cut to <see cref="MaxReasonBytes"/> (a reader refuses longer).</summary>
+    public static byte[] ReasonBytes(string? reason)
+    {
+        byte[] text = System.Text.Encoding.UTF8.GetBytes(reason ?? "");
+        return text.Length <= MaxReasonBytes ? text : text[..MaxReasonBytes];
     }
 }

@@ -38,6 +38,13 @@ public enum SectionType : ushort
     RoundInfo = 13,
     /// <summary>S→T, optional, empty: the source paused its vCPUs (downtime starts).</summary>
     SwitchoverStart = 14,
+    /// <summary>
+    /// T→S, mandatory, empty (since 2.0): the target loaded the whole state, its devices are in STOP/RUNNING_P2P and
+    /// its vCPUs are parked; it waits for <see cref="Commit"/> and never runs without it.
+    /// </summary>
+    TargetReady = 15,
+    /// <summary>S→T, mandatory, empty (since 2.0): the source gives the VM up; the target may run it.</summary>
+    Commit = 16,
 }
 
 /// <summary>Section flags (u16).</summary>
@@ -56,7 +63,8 @@ public enum SectionFlags : ushort
 public readonly struct StreamHeader
 {
     public const int Size = 16;
-    public const ushort CurrentMajor = 1;
+    /// <summary>2: 16-byte section headers with their own CRC, and the TargetReady/Commit end (docs/stream-format.md §4).</summary>
+    public const ushort CurrentMajor = 2;
     public const ushort CurrentMinor = 0;
 
     private static ReadOnlySpan<byte> MagicBytes => "VMIGSTRM"u8;
@@ -94,12 +102,13 @@ public readonly struct StreamHeader
 }
 
 /// <summary>
-/// The 12-byte section header: 0 u16 type; 2 u16 flags; 4 u32 payload length; 8 u32 CRC-32C over header bytes
-/// 0-7 followed by the payload. Little-endian.
+/// The 16-byte section header: 0 u16 type; 2 u16 flags; 4 u32 payload length; 8 u32 header CRC (CRC-32C of bytes
+/// 0-7); 12 u32 CRC-32C over bytes 0-7 followed by the payload. Little-endian. The header CRC lets a reader refuse a
+/// corrupted length before it waits for a payload that will never come (stream format 2.0).
 /// </summary>
 public readonly struct SectionHeader
 {
-    public const int Size = 12;
+    public const int Size = 16;
 
     public SectionHeader(ushort type, SectionFlags flags, uint length, uint crc)
     {
@@ -112,31 +121,31 @@ public readonly struct SectionHeader
     public ushort Type { get; }
     public SectionFlags Flags { get; }
     public uint Length { get; }
+
+    /// <summary>CRC-32C over header bytes 0-7 and the payload.</summary>
     public uint Crc { get; }
 
     /// <summary>CRC the header should carry for <paramref name="payload"/>.</summary>
     public static uint ComputeCrc(ushort type, SectionFlags flags, ReadOnlySpan<byte> payload)
     {
         Span<byte> first = stackalloc byte[8];
-        BinaryPrimitives.WriteUInt16LittleEndian(first, type);
-        BinaryPrimitives.WriteUInt16LittleEndian(first[2..], (ushort)flags);
-        BinaryPrimitives.WriteUInt32LittleEndian(first[4..], (uint)payload.Length);
+        WriteFirst(first, type, flags, (uint)payload.Length);
         return Crc32C.Finish(Crc32C.Append(Crc32C.Append(Crc32C.Start, first), payload));
     }
 
+    /// <summary>Writes the 16 bytes (the header CRC is computed here).</summary>
     public void WriteTo(Span<byte> destination)
     {
-        BinaryPrimitives.WriteUInt16LittleEndian(destination, Type);
-        BinaryPrimitives.WriteUInt16LittleEndian(destination[2..], (ushort)Flags);
-        BinaryPrimitives.WriteUInt32LittleEndian(destination[4..], Length);
-        BinaryPrimitives.WriteUInt32LittleEndian(destination[8..], Crc);
+        WriteFirst(destination, Type, Flags, Length);
+        BinaryPrimitives.WriteUInt32LittleEndian(destination[8..], Crc32C.Compute(destination[..8]));
+        BinaryPrimitives.WriteUInt32LittleEndian(destination[12..], Crc);
     }
 
-    /// <summary>Parses 12 bytes; false if short (never throws).</summary>
+    /// <summary>Parses 16 bytes; false if short or the header CRC (bytes 8-11) does not match bytes 0-7 (never throws).</summary>
     public static bool TryRead(ReadOnlySpan<byte> source, out SectionHeader header)
     {
         header = default;
-        if (source.Length < Size)
+        if (source.Length < Size || BinaryPrimitives.ReadUInt32LittleEndian(source[8..]) != Crc32C.Compute(source[..8]))
         {
             return false;
         }
@@ -144,8 +153,15 @@ public readonly struct SectionHeader
             BinaryPrimitives.ReadUInt16LittleEndian(source),
             (SectionFlags)BinaryPrimitives.ReadUInt16LittleEndian(source[2..]),
             BinaryPrimitives.ReadUInt32LittleEndian(source[4..]),
-            BinaryPrimitives.ReadUInt32LittleEndian(source[8..]));
+            BinaryPrimitives.ReadUInt32LittleEndian(source[12..]));
         return true;
+    }
+
+    private static void WriteFirst(Span<byte> destination, ushort type, SectionFlags flags, uint length)
+    {
+        BinaryPrimitives.WriteUInt16LittleEndian(destination, type);
+        BinaryPrimitives.WriteUInt16LittleEndian(destination[2..], (ushort)flags);
+        BinaryPrimitives.WriteUInt32LittleEndian(destination[4..], length);
     }
 }
 
