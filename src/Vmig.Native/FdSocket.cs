@@ -151,9 +151,37 @@ public sealed unsafe class FdSocket : IDisposable
     /// (caller owns them). Returns false on orderly end of stream before the first byte; throws
     /// <see cref="EndOfStreamException"/> on end of stream mid-buffer. <paramref name="fdsTruncated"/> is set when
     /// the peer sent more than <see cref="MaxFdsPerMessage"/> fds (MSG_CTRUNC: the kernel closed the excess).
+    /// Blocks however long the first byte takes, even with a receive timeout set.
     /// </summary>
     /// <exception cref="NativeException">A socket error.</exception>
     public bool Receive(Span<byte> buffer, List<UnixFd>? fds, out bool fdsTruncated)
+    {
+        while (true)
+        {
+            switch (ReceiveCore(buffer, fds, dontWait: false, out fdsTruncated))
+            {
+                case ReceiveStatus.Received:
+                    return true;
+                case ReceiveStatus.EndOfStream:
+                    return false;
+                default:
+                    continue;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Like <see cref="Receive"/>, but gives up before the first byte: with <paramref name="dontWait"/> when nothing is
+    /// queued (<see cref="ReceiveStatus.WouldBlock"/>, one recvmsg with MSG_DONTWAIT), otherwise when the
+    /// <see cref="SetReceiveTimeout"/> interval passes with nothing queued (<see cref="ReceiveStatus.TimedOut"/>).
+    /// Once the first byte is in, it blocks until the buffer is full (the rest of a message is on its way).
+    /// </summary>
+    /// <exception cref="NativeException">A socket error.</exception>
+    /// <exception cref="EndOfStreamException">End of stream mid-buffer.</exception>
+    public ReceiveStatus TryReceive(Span<byte> buffer, List<UnixFd>? fds, bool dontWait, out bool fdsTruncated) =>
+        ReceiveCore(buffer, fds, dontWait, out fdsTruncated);
+
+    private ReceiveStatus ReceiveCore(Span<byte> buffer, List<UnixFd>? fds, bool dontWait, out bool fdsTruncated)
     {
         fdsTruncated = false;
         bool added = false;
@@ -172,7 +200,8 @@ public sealed unsafe class FdSocket : IDisposable
                     // ctl is a stack buffer of ctlCap bytes.
                     var iov = new Libc.IoVec { Base = p + got, Len = (nuint)(buffer.Length - got) };
                     var msg = new Libc.MsgHdr { Iov = &iov, IovLen = 1, Control = ctl, ControlLen = (nuint)ctlCap };
-                    nint r = Libc.recvmsg(fd, &msg, Libc.MSG_CMSG_CLOEXEC | Libc.MSG_WAITALL);
+                    int flags = Libc.MSG_CMSG_CLOEXEC | Libc.MSG_WAITALL | (dontWait && got == 0 ? Libc.MSG_DONTWAIT : 0);
+                    nint r = Libc.recvmsg(fd, &msg, flags);
                     if (r < 0)
                     {
                         int e = Marshal.GetLastPInvokeError();
@@ -182,6 +211,11 @@ public sealed unsafe class FdSocket : IDisposable
                         }
                         if (e == Libc.EAGAIN)
                         {
+                            if (got == 0)
+                            {
+                                // Nothing of this buffer consumed yet: the caller may give up without losing framing.
+                                return dontWait ? ReceiveStatus.WouldBlock : ReceiveStatus.TimedOut;
+                            }
                             WaitReadable(fd);
                             continue;
                         }
@@ -193,17 +227,95 @@ public sealed unsafe class FdSocket : IDisposable
                     {
                         if (got == 0)
                         {
-                            return false;
+                            return ReceiveStatus.EndOfStream;
                         }
                         throw new EndOfStreamException($"peer closed after {got} of {buffer.Length} bytes");
                     }
                     got += (int)r;
                 }
             }
-            return true;
+            return ReceiveStatus.Received;
         }
         finally
         {
+            if (added)
+            {
+                _handle.DangerousRelease();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Sets SO_RCVTIMEO: a blocking receive with nothing queued returns after <paramref name="milliseconds"/> (see
+    /// <see cref="TryReceive"/>; <see cref="Receive"/> keeps waiting). 0 = never time out.
+    /// </summary>
+    /// <exception cref="NativeException">setsockopt failed.</exception>
+    public void SetReceiveTimeout(int milliseconds)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(milliseconds);
+        bool added = false;
+        try
+        {
+            _handle.DangerousAddRef(ref added);
+            // struct timeval { long tv_sec; long tv_usec; } on LP64.
+            long* tv = stackalloc long[2];
+            tv[0] = milliseconds / 1000;
+            tv[1] = milliseconds % 1000 * 1000L;
+            // SAFETY: tv is a 16-byte stack buffer, as SO_RCVTIMEO expects on LP64.
+            if (Libc.setsockopt((int)_handle.DangerousGetHandle(), Libc.SOL_SOCKET, Libc.SO_RCVTIMEO, tv, 16) != 0)
+            {
+                throw NativeException.FromLastError("setsockopt(SO_RCVTIMEO)");
+            }
+        }
+        finally
+        {
+            if (added)
+            {
+                _handle.DangerousRelease();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Waits until the socket has something to read (data, end of stream or an error) or <paramref name="wake"/> (an
+    /// eventfd, may be null) is readable, or <paramref name="timeoutMs"/> passes (-1: forever). Consumes nothing.
+    /// Returns whether the socket is readable; <paramref name="woken"/> says whether <paramref name="wake"/> is.
+    /// </summary>
+    /// <exception cref="NativeException">poll failed.</exception>
+    public bool WaitReadable(int timeoutMs, UnixFd? wake, out bool woken)
+    {
+        woken = false;
+        bool added = false, wakeAdded = false;
+        try
+        {
+            _handle.DangerousAddRef(ref added);
+            wake?.DangerousAddRef(ref wakeAdded);
+            Libc.PollFd* p = stackalloc Libc.PollFd[2];
+            p[0] = new Libc.PollFd { Fd = (int)_handle.DangerousGetHandle(), Events = Libc.POLLIN };
+            p[1] = new Libc.PollFd { Fd = wake?.Fd ?? -1, Events = Libc.POLLIN };
+            while (true)
+            {
+                // SAFETY: p is a two-entry stack array; poll ignores the negative fd of an absent wake entry.
+                int r = Libc.poll(p, wake is null ? 1u : 2u, timeoutMs);
+                if (r < 0)
+                {
+                    int e = Marshal.GetLastPInvokeError();
+                    if (e == Libc.EINTR)
+                    {
+                        continue;
+                    }
+                    throw new NativeException("poll", e);
+                }
+                woken = wake is not null && (p[1].REvents & Libc.POLLIN) != 0;
+                return (p[0].REvents & (Libc.POLLIN | Libc.POLLHUP | Libc.POLLERR)) != 0;
+            }
+        }
+        finally
+        {
+            if (wakeAdded)
+            {
+                wake!.DangerousRelease();
+            }
             if (added)
             {
                 _handle.DangerousRelease();
@@ -302,7 +414,7 @@ public sealed unsafe class FdSocket : IDisposable
 
     private static void WaitReadable(int fd) => PollRaw(fd, Libc.POLLIN);
 
-    private static void WaitWritable(int fd) => PollRaw(fd, 4 /* POLLOUT */);
+    private static void WaitWritable(int fd) => PollRaw(fd, Libc.POLLOUT);
 
     private static void PollRaw(int fd, short events)
     {
@@ -314,4 +426,17 @@ public sealed unsafe class FdSocket : IDisposable
     private static int CmsgAlign(int len) => (len + 7) & ~7;
 
     private static int CmsgSpace(int dataLen) => CmsgAlign(sizeof(Libc.CmsgHdr)) + CmsgAlign(dataLen);
+}
+
+/// <summary>How <see cref="FdSocket.TryReceive"/> ended.</summary>
+public enum ReceiveStatus
+{
+    /// <summary>The buffer is full.</summary>
+    Received,
+    /// <summary>Orderly end of stream before the first byte.</summary>
+    EndOfStream,
+    /// <summary>The receive timeout passed with nothing queued; nothing was consumed.</summary>
+    TimedOut,
+    /// <summary>Non-blocking attempt with nothing queued; nothing was consumed.</summary>
+    WouldBlock,
 }

@@ -38,6 +38,12 @@ internal static unsafe partial class Libc
     public const int SHUT_RDWR = 2;
 
     public const int POLLIN = 1;
+    public const int POLLOUT = 4;
+    public const int POLLERR = 8;
+    public const int POLLHUP = 0x10;
+
+    // asm-generic/socket.h: SO_RCVTIMEO_OLD (struct timeval of two longs on LP64).
+    public const int SO_RCVTIMEO = 20;
 
     public const int ENXIO = 6;
     public const int SEEK_DATA = 3;
@@ -89,6 +95,9 @@ internal static unsafe partial class Libc
 
     [LibraryImport("libc", SetLastError = true)]
     public static partial int shutdown(int fd, int how);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int setsockopt(int fd, int level, int name, void* value, uint length);
 
     [LibraryImport("libc", SetLastError = true)]
     public static partial int close(int fd);

@@ -24,29 +24,10 @@ public static class MemFd
     }
 
     /// <summary>The size in bytes of the file behind <paramref name="fd"/> (fstat st_size).</summary>
-    public static unsafe long GetSize(UnixFd fd)
+    public static long GetSize(UnixFd fd)
     {
         ArgumentNullException.ThrowIfNull(fd);
-        // struct stat is 144 bytes on x86-64 glibc; st_size is at offset 48.
-        byte* st = stackalloc byte[256];
-        bool added = false;
-        try
-        {
-            fd.DangerousAddRef(ref added);
-            // SAFETY: st points at 256 stack bytes, larger than struct stat on LP64.
-            if (Libc.fstat(fd.Fd, st) != 0)
-            {
-                throw NativeException.FromLastError("fstat");
-            }
-            return *(long*)(st + 48);
-        }
-        finally
-        {
-            if (added)
-            {
-                fd.DangerousRelease();
-            }
-        }
+        return FileSpace.FstatInt64(fd, FileSpace.StatSizeOffset);
     }
 
     /// <summary>

@@ -75,6 +75,7 @@ public sealed class InDoubtResolveTests : IDisposable
         Assert.True(target.Wait(TimeSpan.FromSeconds(30)));
         Assert.Equal(1, code);
         Assert.Contains("in doubt", output, StringComparison.Ordinal);
+        Assert.Contains("vmig resolve", output, StringComparison.Ordinal); // the operator is told what to do
         var st = Status(ctl);
         Assert.Equal("Paused", st.GetProperty("state").GetString());
         Assert.True(st.GetProperty("inDoubt").GetBoolean());

@@ -156,7 +156,7 @@ public sealed class CommitProtocolTests : IDisposable
     }
 
     [Fact]
-    public async Task TwoPhaseEnd_AddsAboutOneRoundTripToTheDowntime()
+    public async Task TwoPhaseEnd_ReportsTheCommitWaitNextToALoopbackRoundTrip()
     {
         // Loopback TCP round trip measured here, in the same process and moment, as the yardstick.
         double rtt = MeasureLoopbackRoundTripMs();
@@ -171,7 +171,8 @@ public sealed class CommitProtocolTests : IDisposable
             using var dst = await target;
             Assert.Equal("completed", report.Outcome);
             Assert.True(report.TargetCommitWaitMilliseconds > 0);
-            Assert.True(report.CommitRoundTripMilliseconds >= report.TargetCommitWaitMilliseconds * 0.5);
+            Assert.True(report.CommitRoundTripMilliseconds > 0);
+            Assert.True(report.TargetCommitWaitMilliseconds <= report.TargetDowntimeMilliseconds, "the commit wait is part of the target downtime");
             waits.Add(report.TargetCommitWaitMilliseconds);
             downs.Add(report.TargetDowntimeMilliseconds);
         }
@@ -179,9 +180,90 @@ public sealed class CommitProtocolTests : IDisposable
         downs.Sort();
         double median = waits[waits.Count / 2];
         _out.WriteLine($"loopback RTT median {rtt:F3} ms; commit wait median {median:F3} ms (min {waits[0]:F3}, max {waits[^1]:F3}); target downtime median {downs[downs.Count / 2]:F2} ms");
-        // About one round trip plus the source's reaction (read TargetReady, write Commit): a few RTTs on a loaded
-        // 2-core machine, never the tens of ms a lost wake-up or an extra sync would cost.
-        Assert.True(median < rtt + 10, $"commit wait {median:F3} ms vs RTT {rtt:F3} ms");
+        // No bound on the figure here: speed belongs in bench/, never in a timed unit test.
+        // Measured at 0.027 ms against a 0.022 ms loopback RTT when this was written.
+    }
+
+    [Fact]
+    public async Task CorruptedLengthOfTheLastSection_FailsAtOnceAndTheSourceResumes()
+    {
+        // A proxy flips bit 0x10 of EndOfState's length (0 → 16): with 1.0 framing the target waited for 16 payload
+        // bytes that never came until a timeout. Now the header CRC refuses it at once: the target reports the failure,
+        // the source rolls back, long before the 30 s timeouts set here.
+        using var src = TestVms.Dirtier(8, "gpa=1M,size=2M,rate=20");
+        src.Start();
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), d => throw new InvalidOperationException(),
+            new MigrationTargetOptions { ReceiveTimeout = TimeSpan.FromSeconds(30) });
+        using var proxyListener = new TcpListener(IPAddress.Loopback, 0);
+        proxyListener.Start();
+        var proxy = Task.Run(() => FlipEndOfStateLength(proxyListener, _listener.LocalEndpoint));
+        var sw = Stopwatch.StartNew();
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() => MigrationSource.RunAsync(src, proxyListener.LocalEndpoint,
+            new MigrationOptions { MaxRounds = 2, ReplyTimeout = TimeSpan.FromSeconds(30) }));
+        double seconds = sw.Elapsed.TotalSeconds;
+        var te = await Assert.ThrowsAsync<VmMigrationException>(() => target);
+        Assert.True(await proxy.WaitAsync(TimeSpan.FromSeconds(30)), "the proxy never saw EndOfState");
+        Assert.Equal("rolled-back", e.Report.Outcome);
+        Assert.Contains("header CRC", e.Report.Error, StringComparison.Ordinal);
+        Assert.Contains("header CRC", te.Report.Error, StringComparison.Ordinal);
+        Assert.True(seconds < 10, $"took {seconds:F1} s");
+        Assert.Equal(VmRunState.Running, src.State);
+        TestVms.PauseAndVerify(src);
+    }
+
+    /// <summary>Forwards one migration connection, flipping bit 0x10 in the length of the S→T EndOfState section. True if it did.</summary>
+    private static bool FlipEndOfStateLength(TcpListener listener, EndPoint target)
+    {
+        using var a = listener.AcceptSocket();
+        using var b = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        b.Connect(target);
+        using var sa = new NetworkStream(a);
+        using var sb = new NetworkStream(b);
+        var back = Task.Run(() =>
+        {
+            try
+            {
+                sb.CopyTo(sa);
+            }
+            catch (IOException)
+            {
+            }
+        });
+        bool flipped = false;
+        try
+        {
+            var head = new byte[StreamHeader.Size];
+            sa.ReadExactly(head);
+            sb.Write(head);
+            var h = new byte[SectionHeader.Size];
+            var payload = new byte[1 << 20];
+            while (sa.ReadAtLeast(h, h.Length, throwOnEndOfStream: false) == h.Length)
+            {
+                int len = BitConverter.ToInt32(h, 4);
+                if (BitConverter.ToUInt16(h, 0) == (ushort)SectionType.EndOfState)
+                {
+                    h[4] ^= 0x10;
+                    flipped = true;
+                }
+                sb.Write(h);
+                for (int left = len; left > 0;)
+                {
+                    int n = sa.Read(payload, 0, Math.Min(left, payload.Length));
+                    if (n == 0)
+                    {
+                        return flipped;
+                    }
+                    sb.Write(payload, 0, n);
+                    left -= n;
+                }
+            }
+        }
+        catch (IOException)
+        {
+            // One side closed: the migration is over.
+        }
+        back.Wait(TimeSpan.FromSeconds(30));
+        return flipped;
     }
 
     /// <summary>A fake target: accepts the handshake and reads the whole state.</summary>

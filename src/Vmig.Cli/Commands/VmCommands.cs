@@ -191,6 +191,10 @@ internal static class VmCommands
             if (final!["event"]!.GetValue<string>() != "done")
             {
                 AnsiConsole.MarkupLineInterpolated($"[red]migration failed: {final["message"]}[/] (source running: {final["sourceRunning"]})");
+                if (final["inDoubt"]?.GetValue<bool>() == true)
+                {
+                    AnsiConsole.MarkupLineInterpolated($"[yellow]in doubt, resolve with: vmig resolve {p.GetValue(vm)} --discard (the target runs the VM: check it with vmig status) or --resume (it does not); the source stays paused until then[/]");
+                }
                 return 1;
             }
             PrintReport(final["result"]!.AsObject());

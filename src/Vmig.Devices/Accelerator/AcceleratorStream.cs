@@ -71,7 +71,7 @@ public readonly record struct AcceleratorRecordHeader(AcceleratorRecordType Type
 /// The save side of a VF's migration stream, produced by the PF. Order: Profile; all device memory (the initial
 /// image, 1 MiB records); device-memory pages dirtied since (runs of ≤ 256 dirty pages, each cleared just before it
 /// is copied); and, once in STOP_COPY, State then End. Payload bytes are copied straight from the device memory
-/// mapping into the reader's buffer (never staged), and their CRC is computed over what was copied.
+/// mapping into the reader's buffer (never staged), checksummed in the same pass (<see cref="Crc32C.AppendCopy"/>).
 /// </summary>
 public sealed class AcceleratorSaveStream
 {
@@ -262,16 +262,9 @@ public sealed class AcceleratorSaveStream
         {
             int k = (int)Math.Min(payloadEnd - _pos, dst.Length - written);
             long at = _pos - AcceleratorRecordHeader.Size;
-            var to = dst.Slice(written, k);
-            if (_recordBytes is not null)
-            {
-                _recordBytes.AsSpan((int)at, k).CopyTo(to);
-            }
-            else
-            {
-                _mem.GetSpan(_recordDeviceOffset + at, k).CopyTo(to);
-            }
-            _crc = Crc32C.Append(_crc, to);
+            ReadOnlySpan<byte> from = _recordBytes is not null ? _recordBytes.AsSpan((int)at, k) : _mem.GetSpan(_recordDeviceOffset + at, k);
+            // One pass: each word of device memory is loaded once, stored into the reply buffer and fed to the CRC.
+            _crc = Crc32C.AppendCopy(_crc, from, dst.Slice(written, k));
             _pos += k;
             written += k;
             if (_pos == payloadEnd)
@@ -301,8 +294,12 @@ public sealed class AcceleratorSaveStream
 
 /// <summary>
 /// The resume side: parses records as they arrive in any segmentation, checks the profile as soon as the Profile
-/// record is complete (EINVAL before any device memory is written), writes Pages payloads straight into device
-/// memory, and applies State at <see cref="Commit"/>. Every check failure is a <see cref="MigrationException"/> with EINVAL.
+/// record is complete (EINVAL before any device memory is written), and applies State at <see cref="Commit"/>. A
+/// record is applied only after its payload CRC has been checked: when the rest of a payload and its trailer are in one
+/// write, the CRC runs over the caller's bytes and the payload is then copied straight into device memory; a payload
+/// split across writes is held (checksummed as it is copied) in one reusable record-sized buffer until its trailer
+/// arrives. Every check failure is a <see cref="MigrationException"/> with EINVAL; device memory never holds part of a
+/// record that failed its check.
 /// </summary>
 public sealed class AcceleratorLoadStream
 {
@@ -312,8 +309,9 @@ public sealed class AcceleratorLoadStream
     private int _headerFill;
     private int _trailerFill;
     private AcceleratorRecordHeader? _record;
-    private byte[]? _bytes;
-    private long _payloadPos;
+    // Payload bytes of the current record received so far; all of them are held in _stage until the trailer is checked.
+    private int _payloadPos;
+    private byte[]? _stage;
     private uint _crc;
     private bool _profileOk;
     private bool _endSeen;
@@ -384,20 +382,20 @@ public sealed class AcceleratorLoadStream
             return k;
         }
         var r = _record.Value;
-        if (_payloadPos < r.PayloadLength)
+        int rest = (int)r.PayloadLength - _payloadPos;
+        if (_trailerFill == 0 && data.Length >= rest + AcceleratorRecordHeader.TrailerSize)
         {
-            int k = (int)Math.Min(r.PayloadLength - _payloadPos, data.Length);
-            var part = data[..k];
-            if (_bytes is not null)
-            {
-                part.CopyTo(_bytes.AsSpan((int)_payloadPos));
-            }
-            else
-            {
-                part.CopyTo(_vf.Memory.GetSpan((long)r.DeviceOffset + _payloadPos, k));
-                PageBytesLoaded += k;
-            }
-            _crc = Crc32C.Append(_crc, part);
+            // The rest of the payload and the whole trailer are here: check in place, then apply without holding.
+            var tail = data[..rest];
+            Check(r, Crc32C.Append(_crc, tail), data.Slice(rest, AcceleratorRecordHeader.TrailerSize));
+            Apply(r, tail);
+            return rest + AcceleratorRecordHeader.TrailerSize;
+        }
+        if (rest > 0)
+        {
+            int k = Math.Min(rest, data.Length);
+            _stage ??= GC.AllocateUninitializedArray<byte>(AcceleratorRecordHeader.MaxPagesPayload);
+            _crc = Crc32C.AppendCopy(_crc, data[..k], _stage.AsSpan(_payloadPos));
             _payloadPos += k;
             return k;
         }
@@ -406,7 +404,8 @@ public sealed class AcceleratorLoadStream
         _trailerFill += t;
         if (_trailerFill == AcceleratorRecordHeader.TrailerSize)
         {
-            FinishRecord(r);
+            Check(r, _crc, _trailer);
+            Apply(r, default);
         }
         return t;
     }
@@ -438,23 +437,56 @@ public sealed class AcceleratorLoadStream
             default:
                 throw Invalid($"unexpected {h.Type} record with a {h.PayloadLength}-byte payload");
         }
+        // From here PayloadLength ≤ MaxPagesPayload (every accepted type is bounded above), so it fits _stage and an int.
         _record = h;
-        _bytes = h.Type == AcceleratorRecordType.Pages ? null : new byte[h.PayloadLength];
         _payloadPos = 0;
-        _crc = ~0u;
+        _crc = Crc32C.Start;
         _trailerFill = 0;
     }
 
-    private void FinishRecord(AcceleratorRecordHeader r)
+    private static void Check(AcceleratorRecordHeader r, uint crc, ReadOnlySpan<byte> trailer)
     {
-        if (BinaryPrimitives.ReadUInt32LittleEndian(_trailer) != ~_crc)
+        if (BinaryPrimitives.ReadUInt32LittleEndian(trailer) != Crc32C.Finish(crc))
         {
             throw Invalid($"{r.Type} record payload CRC32C mismatch");
         }
-        switch (r.Type)
+    }
+
+    /// <summary>
+    /// Applies a record whose CRC has been checked: its payload is the <c>_payloadPos</c> bytes held in
+    /// <c>_stage</c> followed by <paramref name="tail"/>.
+    /// </summary>
+    private void Apply(AcceleratorRecordHeader r, ReadOnlySpan<byte> tail)
+    {
+        int held = _payloadPos;
+        if (r.Type == AcceleratorRecordType.Pages)
+        {
+            var dst = _vf.Memory.GetSpan((long)r.DeviceOffset, (int)r.PayloadLength);
+            _stage.AsSpan(0, held).CopyTo(dst);
+            tail.CopyTo(dst[held..]);
+            PageBytesLoaded += r.PayloadLength;
+        }
+        else
+        {
+            ReadOnlySpan<byte> payload = tail;
+            if (held > 0)
+            {
+                tail.CopyTo(_stage.AsSpan(held));
+                payload = _stage.AsSpan(0, (int)r.PayloadLength);
+            }
+            ApplySmall(r.Type, payload);
+        }
+        _record = null;
+        _payloadPos = 0;
+        _headerFill = 0;
+    }
+
+    private void ApplySmall(AcceleratorRecordType type, ReadOnlySpan<byte> payload)
+    {
+        switch (type)
         {
             case AcceleratorRecordType.Profile:
-                AcceleratorProfile.TryRead(_bytes, out var p);
+                AcceleratorProfile.TryRead(payload, out var p);
                 if (p != _vf.Profile)
                 {
                     throw Invalid($"profile mismatch: the source VF is {Describe(p)}, this VF is {Describe(_vf.Profile)}");
@@ -462,12 +494,12 @@ public sealed class AcceleratorLoadStream
                 _profileOk = true;
                 break;
             case AcceleratorRecordType.State:
-                int pciLength = (int)BinaryPrimitives.ReadUInt32LittleEndian(_bytes.AsSpan(AcceleratorVfRegisters.Size));
-                if (pciLength != _bytes!.Length - AcceleratorVfRegisters.Size - 4)
+                int pciLength = (int)BinaryPrimitives.ReadUInt32LittleEndian(payload[AcceleratorVfRegisters.Size..]);
+                if (pciLength != payload.Length - AcceleratorVfRegisters.Size - 4)
                 {
                     throw Invalid("State record PCI length does not match its payload");
                 }
-                _state = _bytes;
+                _state = payload.ToArray();
                 break;
             case AcceleratorRecordType.End:
                 _endSeen = true;
@@ -475,9 +507,6 @@ public sealed class AcceleratorLoadStream
             default:
                 break;
         }
-        _record = null;
-        _bytes = null;
-        _headerFill = 0;
     }
 
     private static string Describe(AcceleratorProfile p) =>

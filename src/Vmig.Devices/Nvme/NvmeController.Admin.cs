@@ -47,9 +47,8 @@ public sealed partial class NvmeController
                 DeliverEventsLocked();
                 return NvmeStatus.Success;
             case NvmeAdminOpcode.Abort:
-                // Commands run to completion when fetched, so by the time Abort runs its target is done or unknown:
-                // DW0 bit 0 = 1 means "command not aborted" (§5.1).
-                dw0 = 1;
+                // CQE DW0 bit 0: 0 = the command was aborted, 1 = it was not (§5.1).
+                dw0 = Abort((ushort)c.Cdw10, (ushort)(c.Cdw10 >> 16)) ? 0u : 1u;
                 return NvmeStatus.Success;
             case NvmeAdminOpcode.KeepAlive:
                 return NvmeStatus.Success;
@@ -68,6 +67,49 @@ public sealed partial class NvmeController
                 return NvmeStatus.InvalidOpcode;
         }
     }
+
+    /// <summary>
+    /// Abort (§5.1) of command <paramref name="cid"/> on SQ <paramref name="sqid"/>. Commands run to completion once
+    /// fetched, so only two kinds can still be aborted: an outstanding Asynchronous Event Request (completed here with
+    /// Command Abort Requested) and a command submitted (between the SQ's head and tail) but not yet fetched, e.g. while
+    /// its CQ is full (its slot is marked; it completes with Command Abort Requested when fetched, without running).
+    /// Anything else (already completed, unknown CID or SQ) is "not aborted". Lock held.
+    /// </summary>
+    private bool Abort(ushort sqid, ushort cid)
+    {
+        var s = State;
+        if (sqid == 0 && s.OutstandingAers.Contains(cid) && s.Sqs[0] is { } asq && s.Cqs[0] is { } acq && FreeCqSlots(acq) >= 2)
+        {
+            // Two free slots: one for the AER's completion, one for the Abort's own.
+            s.OutstandingAers.Remove(cid);
+            PostCompletion(acq, asq, cid, NvmeStatus.AbortRequested, 0);
+            return true;
+        }
+        if (sqid > NvmeControllerState.MaxQueueId || s.Sqs[sqid] is not { } sq || s.AbortedSlots.Count >= NvmeControllerState.MaxAbortedSlots)
+        {
+            return false;
+        }
+        if (sqid != 0 && s.ShadowDoorbellBase != 0)
+        {
+            ReadShadow(sq);
+        }
+        Span<byte> raw = stackalloc byte[SubmissionQueueEntry.Size];
+        for (int slot = sq.Head; slot != sq.Tail; slot = (slot + 1) % sq.Entries)
+        {
+            if (!_dma!.TryRead(sq.BaseAddress + ((ulong)slot * SubmissionQueueEntry.Size), raw))
+            {
+                return false;
+            }
+            if (BinaryPrimitives.ReadUInt16LittleEndian(raw[2..]) == cid && !s.AbortedSlots.Contains((sqid, (ushort)slot)))
+            {
+                s.AbortedSlots.Add((sqid, (ushort)slot));
+                return true;
+            }
+        }
+        return false;
+    }
+
+    private static int FreeCqSlots(CompletionQueueState cq) => cq.Entries - 1 - ((cq.Tail - cq.Head + cq.Entries) % cq.Entries);
 
     // ---- data transfer helpers ----
 
@@ -178,7 +220,7 @@ public sealed partial class NvmeController
             Oaes = 1 << 8, // Namespace Attribute Notices
             Cntrltype = 1,
             Oacs = oacs,
-            Acl = 3,
+            Acl = NvmeControllerState.MaxAbortedSlots - 1,
             Aerl = Aerl,
             Frmw = 0x03, // slot 1 read-only, one slot
             Lpa = 0,
@@ -357,6 +399,7 @@ public sealed partial class NvmeController
         }
         // Nothing of this SQ is in flight (commands run to completion when fetched), so no "aborted due to SQ deletion".
         State.Sqs[qid] = null;
+        State.AbortedSlots.RemoveAll(a => a.Sqid == qid);
         return NvmeStatus.Success;
     }
 

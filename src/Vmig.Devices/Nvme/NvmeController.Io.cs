@@ -36,7 +36,15 @@ public sealed partial class NvmeController
         var s = State;
         if (op == NvmeIoOpcode.WriteZeroes)
         {
-            ns.WriteZeroes(slba, nlb);
+            // DEAC (CDW12 bit 25, DLFEAT bit 3): deallocate as well; the blocks read as zeroes either way.
+            if ((c.Cdw12 & (1u << 25)) != 0)
+            {
+                ns.Deallocate(slba, nlb);
+            }
+            else
+            {
+                ns.WriteZeroes(slba, nlb);
+            }
             LogUserDataChange(ns.Nsid, slba, nlb);
             s.HostWriteCommands++;
             s.BlocksWritten512 += nlb * (ulong)ns.LbaSize / 512;
@@ -161,7 +169,7 @@ public sealed partial class NvmeController
         {
             if (r.Nlb != 0)
             {
-                ns.WriteZeroes(r.Slba, r.Nlb);
+                ns.Deallocate(r.Slba, r.Nlb);
                 LogUserDataChange(ns.Nsid, r.Slba, r.Nlb);
             }
         }

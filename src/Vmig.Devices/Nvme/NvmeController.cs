@@ -127,6 +127,8 @@ public sealed partial class NvmeController : IDisposable
         lock (_gate)
         {
             State.ResetVolatile(keepAdminQueueRegisters: false);
+            Array.Clear(_coalescedEntries);
+            Array.Clear(_coalesceDeadline);
         }
     }
 
@@ -404,8 +406,17 @@ public sealed partial class NvmeController : IDisposable
                         return any;
                     }
                     SubmissionQueueEntry.TryRead(raw, out var sqe);
+                    ushort slot = sq.Head;
                     sq.Head = (ushort)((sq.Head + 1) % sq.Entries);
-                    Execute(sq, cq, in sqe);
+                    if (s.AbortedSlots.Count > 0 && s.AbortedSlots.Remove(((ushort)qid, slot)))
+                    {
+                        // Aborted while waiting in the SQ (§5.1): completed without running.
+                        PostCompletion(cq, sq, sqe.Cid, NvmeStatus.AbortRequested, 0);
+                    }
+                    else
+                    {
+                        Execute(sq, cq, in sqe);
+                    }
                     progress = true;
                     any = true;
                 }
@@ -485,9 +496,95 @@ public sealed partial class NvmeController : IDisposable
         }
         if (cq.InterruptsEnabled && cq.Vector < _pendingVectors.Length)
         {
-            _pendingVectors[cq.Vector] = true;
+            MarkVectorLocked(cq);
         }
         return true;
+    }
+
+    // ---- Interrupt Coalescing (FID 08h) and Interrupt Vector Configuration (FID 09h) ----
+
+    private readonly int[] _coalescedEntries = new int[NvmeControllerState.MaxQueueId + 1];
+    private readonly long[] _coalesceDeadline = new long[NvmeControllerState.MaxQueueId + 1];
+    private Timer? _coalesceTimer;
+
+    /// <summary>
+    /// A completion was posted to <paramref name="cq"/> (interrupts enabled). Coalescing (§5.27.1.8) applies to I/O CQs
+    /// only, on vectors whose CD bit (FID 09h) is clear, when AGGR THR (0's based entries) is above 0 and AGGR TIME
+    /// (100 µs units, 0 = no delay) is set: the vector fires once THR + 1 entries are pending or TIME after the first.
+    /// Lock held.
+    /// </summary>
+    private void MarkVectorLocked(CompletionQueueState cq)
+    {
+        int v = cq.Vector;
+        uint coal = State.InterruptCoalescing;
+        int threshold = (int)(coal & 0xFF) + 1;
+        long window = ((coal >> 8) & 0xFF) * (System.Diagnostics.Stopwatch.Frequency / 10_000);
+        bool disabled = v >= 64 || (State.CoalescingDisabledVectors & (1UL << v)) != 0;
+        if (cq.Qid == 0 || threshold == 1 || window == 0 || disabled)
+        {
+            _pendingVectors[v] = true;
+            return;
+        }
+        if (++_coalescedEntries[v] >= threshold)
+        {
+            _pendingVectors[v] = true;
+            return;
+        }
+        if (_coalesceDeadline[v] == 0)
+        {
+            _coalesceDeadline[v] = System.Diagnostics.Stopwatch.GetTimestamp() + window;
+            ArmCoalesceTimerLocked(window);
+        }
+    }
+
+    private void ArmCoalesceTimerLocked(long ticks)
+    {
+        _coalesceTimer ??= new Timer(static o => ((NvmeController)o!).OnCoalesceTimer(), this, Timeout.Infinite, Timeout.Infinite);
+        long ms = Math.Max(1, (ticks * 1000 + System.Diagnostics.Stopwatch.Frequency - 1) / System.Diagnostics.Stopwatch.Frequency);
+        _coalesceTimer.Change(ms, Timeout.Infinite);
+    }
+
+    /// <summary>Aggregation time ran out for some vector: fire the ones that are due, re-arm for the rest.</summary>
+    private void OnCoalesceTimer()
+    {
+        lock (_gate)
+        {
+            long now = System.Diagnostics.Stopwatch.GetTimestamp();
+            long next = long.MaxValue;
+            for (int v = 0; v < _coalesceDeadline.Length; v++)
+            {
+                long d = _coalesceDeadline[v];
+                if (d == 0)
+                {
+                    continue;
+                }
+                if (d <= now)
+                {
+                    _pendingVectors[v] = true;
+                }
+                else
+                {
+                    next = Math.Min(next, d - now);
+                }
+            }
+            if (next != long.MaxValue)
+            {
+                ArmCoalesceTimerLocked(next);
+            }
+        }
+        FireInterrupts();
+    }
+
+    /// <summary>Delivers every interrupt coalescing is holding back (before a suspend: nothing may stay owed). Lock held.</summary>
+    private void FlushCoalescedLocked()
+    {
+        for (int v = 0; v < _coalescedEntries.Length; v++)
+        {
+            if (_coalescedEntries[v] != 0 || _coalesceDeadline[v] != 0)
+            {
+                _pendingVectors[v] = true;
+            }
+        }
     }
 
     private void FireInterrupts()
@@ -501,6 +598,12 @@ public sealed partial class NvmeController : IDisposable
             {
                 fire[i] = _pendingVectors[i];
                 _pendingVectors[i] = false;
+                if (fire[i])
+                {
+                    // The interrupt covers every entry coalescing was holding back on this vector.
+                    _coalescedEntries[i] = 0;
+                    _coalesceDeadline[i] = 0;
+                }
             }
         }
         if (irq is null)
@@ -579,7 +682,15 @@ public sealed partial class NvmeController : IDisposable
         FireInterrupts();
     }
 
-    public void Dispose() => StopPoller();
+    public void Dispose()
+    {
+        StopPoller();
+        lock (_gate)
+        {
+            _coalesceTimer?.Dispose();
+            _coalesceTimer = null;
+        }
+    }
 }
 
 /// <summary>Migration hooks used by <see cref="NvmeMigrationController"/> (primary-driven, never by the secondary's own host).</summary>
@@ -601,7 +712,9 @@ public sealed partial class NvmeController
             }
             // Under the lock no command is in progress; from now on nothing is fetched.
             State.Suspended = true;
+            FlushCoalescedLocked();
         }
+        FireInterrupts();
         StopPoller();
         return NvmeStatus.Success;
     }
@@ -636,6 +749,8 @@ public sealed partial class NvmeController
                 return NvmeStatus.ControllerNotSuspended;
             }
             State = state;
+            Array.Clear(_coalescedEntries);
+            Array.Clear(_coalesceDeadline);
         }
         return NvmeStatus.Success;
     }

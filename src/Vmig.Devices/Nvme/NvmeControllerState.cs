@@ -109,6 +109,15 @@ public sealed class NvmeControllerState
     /// <summary>Composite over-temperature threshold at reset: 358 K (85 °C), above the 273+28 K the SMART log reports.</summary>
     public const ushort DefaultOverTemperature = 358;
 
+    /// <summary>
+    /// Submission queue slots (SQID, slot index) holding a command that Abort found submitted but not yet fetched: when
+    /// fetched it completes with Command Abort Requested instead of running (NVMe Base 2.x §5.1).
+    /// </summary>
+    public List<(ushort Sqid, ushort Slot)> AbortedSlots { get; } = [];
+
+    /// <summary>Most <see cref="AbortedSlots"/> at once (ACL + 1, Identify Controller).</summary>
+    public const int MaxAbortedSlots = 4;
+
     /// <summary>CIDs of outstanding Asynchronous Event Request commands, oldest first.</summary>
     public List<ushort> OutstandingAers { get; } = [];
 
@@ -166,6 +175,7 @@ public sealed class NvmeControllerState
         WriteAtomicityNormal = 0;
         CoalescingDisabledVectors = 0;
         OutstandingAers.Clear();
+        AbortedSlots.Clear();
         PendingEvents.Clear();
         MaskedEventTypes = 0;
         ShadowDoorbellBase = 0;

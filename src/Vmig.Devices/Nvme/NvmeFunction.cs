@@ -66,6 +66,11 @@ public sealed class NvmeFunction : PciFunction
     public override void OnAttached(DeviceContext context)
     {
         base.OnAttached(context);
+        if (_migration is not null && context?.Dma is DmaSpace dma)
+        {
+            // VFIO variant-driver shape: the VF's DMA_LOGGING_* go to its migration driver, which asks the primary.
+            dma.LoggingDriver = _migration;
+        }
         int vectors = Declaration.Msix!.VectorCount;
         Controller.Attach(BusMasterDma, v =>
         {
@@ -78,6 +83,11 @@ public sealed class NvmeFunction : PciFunction
 
     public override void OnDetached()
     {
+        if (Context?.Dma is DmaSpace dma && ReferenceEquals(dma.LoggingDriver, _migration))
+        {
+            dma.LoggingDriver = null;
+        }
+        _migration?.OnDetached();
         Controller.Detach();
         base.OnDetached();
     }

@@ -158,7 +158,8 @@ public sealed class NvmeMigrationController
             status = NvmeStatus.InvalidControllerIdentifier;
             return null;
         }
-        // The host memory the secondary writes is its vfio-user client's DMA space; tracking uses its write log.
+        // The host memory the secondary writes is its vfio-user client's DMA space; tracking uses its write log (the
+        // "hardware" tracker; the VF's DMA_LOGGING_* reach it only through Track Send/Receive, see NvmeVfMigration).
         if (f.Context?.Dma is not DmaSpace dma)
         {
             status = NvmeStatus.CommandSequenceError;
@@ -179,7 +180,7 @@ public sealed class NvmeMigrationController
         {
             return st;
         }
-        int rc = start ? dma.StartLogging(TrackPageSize) : dma.StopLogging();
+        int rc = start ? dma.StartWriteLog(TrackPageSize) : dma.StopWriteLog();
         return rc == 0 ? NvmeStatus.Success : NvmeStatus.CommandSequenceError;
     }
 
@@ -204,7 +205,7 @@ public sealed class NvmeMigrationController
         {
             ulong pages = (w.Size + TrackPageSize - 1) / TrackPageSize;
             var bitmap = new ulong[(pages + 63) / 64];
-            if (dma.Report(w.Iova, pages * TrackPageSize, TrackPageSize, bitmap) != 0)
+            if (dma.ReportWriteLog(w.Iova, pages * TrackPageSize, TrackPageSize, bitmap) != 0)
             {
                 continue;
             }

@@ -104,7 +104,7 @@ public sealed record NvmeMigrationProfile(ushort QueueResources, ushort VectorRe
 /// [0, 48)             ControllerStateHeader: VER 0, CSATTR bit 0 = suspended, NVMECSS and VSS in dwords
 /// [48, 48 + NVMECSS*4) NVMe controller state v0: VER 0, NIOSQ, NIOCQ, then 24-byte I/O SQ and CQ entries (padded to a dword)
 /// [.., + VSS*4)       vendor part, little-endian:
-///    0 u32 magic "VNVS"  4 u16 version 1  6 u16 0  8 u32 vendor length (bytes, incl. CRC)  12 u32 0
+///    0 u32 magic "VNVS"  4 u16 version 3  6 u16 0  8 u32 vendor length (bytes, incl. CRC)  12 u32 0
 ///   16 profile: u16 VQ, u16 VI, u16 MQES, u16 N, u64 0, N × {u32 NSID, u32 LBA size, u64 blocks}
 ///      registers: u32 CC, u32 CSTS, u32 AQA, u32 INTMS, u64 ASQ, u64 ACQ
 ///      admin SQ: u8 present, u64 base, u16 entries, u16 head, u16 tail
@@ -114,6 +114,7 @@ public sealed record NvmeMigrationProfile(ushort QueueResources, ushort VectorRe
 ///      shadow doorbells: u64 shadow page, u64 EventIdx page
 ///      counters: u64 error count, u64 reads, u64 writes, u64 512-byte blocks read, written;
 ///      error log: u16 K, K × 64-byte entries
+///      aborted SQ slots (version 3): u16 A, A × {u16 SQID, u16 slot}
 ///   last u32: CRC32C (Castagnoli) of every byte of the whole state before it
 /// </code>
 /// Commands run to completion under the controller lock, so the only commands fetched and not completed are
@@ -122,7 +123,7 @@ public sealed record NvmeMigrationProfile(ushort QueueResources, ushort VectorRe
 public static class NvmeStateCodec
 {
     public const uint VendorMagic = 0x53564E56; // "VNVS"
-    public const ushort VendorVersion = 2;
+    public const ushort VendorVersion = 3;
 
     /// <summary>Largest state accepted (bounded before any allocation).</summary>
     public const int MaxStateBytes = 256 * 1024;
@@ -217,6 +218,12 @@ public static class NvmeStateCodec
         {
             entry.WriteTo(el);
             w.Bytes(el);
+        }
+        w.U16((ushort)s.AbortedSlots.Count);
+        foreach (var (sqid, slot) in s.AbortedSlots)
+        {
+            w.U16(sqid);
+            w.U16(slot);
         }
         // Pad the vendor part so that, with the CRC, it is a whole number of dwords.
         while ((w.Length - vendorStart + 4) % 4 != 0)
@@ -352,6 +359,20 @@ public static class NvmeStateCodec
             }
             s.ErrorLog.Add(entry);
         }
+        if (!r.U16(out ushort naborted) || naborted > NvmeControllerState.MaxAbortedSlots)
+        {
+            error = "vendor state aborted-slot list is malformed";
+            return false;
+        }
+        for (int i = 0; i < naborted; i++)
+        {
+            if (!(r.U16(out ushort sqid) & r.U16(out ushort slot)))
+            {
+                error = "vendor state aborted-slot list is truncated";
+                return false;
+            }
+            s.AbortedSlots.Add((sqid, slot));
+        }
         int maxEntries = mqes + 1;
         s.Cc = cc;
         s.Csts = (ControllerStatus)csts;
@@ -405,6 +426,14 @@ public static class NvmeStateCodec
                 return false;
             }
             s.Sqs[q.Qid] = new SubmissionQueueState { Qid = q.Qid, BaseAddress = q.Prp1, Entries = entries, Cqid = q.Cqid, Head = q.Head, Tail = q.Tail, Priority = (byte)((q.Attrs >> 1) & 3) };
+        }
+        foreach (var (sqid, slot) in s.AbortedSlots)
+        {
+            if (sqid > NvmeControllerState.MaxQueueId || s.Sqs[sqid] is not { } asq || slot >= asq.Entries)
+            {
+                error = $"aborted slot {slot} of SQ {sqid} names no submission queue entry";
+                return false;
+            }
         }
         s.AllocatedSqs = nsqa;
         s.AllocatedCqs = ncqa;

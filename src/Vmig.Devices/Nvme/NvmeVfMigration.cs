@@ -4,6 +4,7 @@ using Vmig.Devices.Pci;
 using Vmig.Migration;
 using Vmig.Spec.Nvme;
 using Vmig.VfioUser.Protocol;
+using Vmig.VfioUser.Server;
 
 namespace Vmig.Devices.Nvme;
 
@@ -14,7 +15,9 @@ namespace Vmig.Devices.Nvme;
 /// RUNNING→RUNNING_P2P and PRE_COPY→PRE_COPY_P2P = Suspend Notification (the controller does no peer-to-peer DMA);
 /// RUNNING_P2P→STOP = Suspend; STOP→RUNNING_P2P = Resume; STOP→STOP_COPY = Get Controller State;
 /// RESUMING→STOP = Set Controller State; RUNNING→PRE_COPY = the early compatibility header only;
-/// PRE_COPY_P2P→STOP_COPY = Suspend, then the state.
+/// PRE_COPY_P2P→STOP_COPY = Suspend, then the state. DMA_LOGGING_START/STOP = Track Send / Track Memory Changes
+/// start/stop, DMA_LOGGING_REPORT = Track Receive (see <see cref="Report"/>): the VF's DMA space hands its logging to
+/// this driver (<see cref="DmaSpace.LoggingDriver"/>), so the generic write log is reached only through the primary.
 /// </summary>
 /// <remarks>
 /// Stream: records of {u32 magic "NVMR", u16 kind (1 profile, 2 controller state, 3 the VF's PCI config state), u16 0,
@@ -23,8 +26,23 @@ namespace Vmig.Devices.Nvme;
 /// state (command register, MSI-X table and PBA: what the guest programmed) is the device host's emulation of the VF's
 /// config space, not controller state, so it is read from the function, not through the primary.
 /// </remarks>
-internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunction function, ushort cntlid) : IMigrationDevice
+internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunction function, ushort cntlid) : IMigrationDevice, IDmaLoggingDriver
 {
+    /// <summary>Descriptors asked for per Track Receive (a 64 KiB host buffer's worth).</summary>
+    private const int TrackReceiveRuns = (64 * 1024 - TrackedMemoryChangesHeader.Size) / TrackedMemoryChange.Size;
+
+    private readonly object _logGate = new();
+
+    /// <summary>DMA_LOGGING granule in bytes; 0 while not logging.</summary>
+    private ulong _logGranule;
+
+    /// <summary>
+    /// 4 KiB pages Track Receive reported that no DMA_LOGGING_REPORT has asked for yet, as a sparse bitmap: key = page
+    /// number / 64, bit = page number % 64. Track Receive reads and clears everything the primary logged, while a
+    /// report asks about one range; the rest waits here for the report that covers it.
+    /// </summary>
+    private readonly Dictionary<ulong, ulong> _pendingPages = [];
+
     public const uint RecordMagic = 0x524D564E; // "NVMR"
     public const int RecordHeaderSize = 16;
     private const ushort KindProfile = 1;
@@ -240,6 +258,129 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunct
     {
         ulong pending = _save is { } s ? (ulong)(s.Length - _saveRead) : (ulong)(RecordHeaderSize + primary.ProfileOf(cntlid).EncodedSize);
         return pending + (2 * RecordHeaderSize) + (ulong)primary.EstimateStateSize(cntlid) + (ulong)function.SaveConfigState().Length;
+    }
+
+    // ---- DMA_LOGGING_* (IDmaLoggingDriver): memory-change tracking through the primary ----
+
+    /// <summary>DMA_LOGGING_START: Track Send / Track Memory Changes / start. EBUSY if tracking already runs.</summary>
+    public int Start(ulong pageSize)
+    {
+        if (pageSize < NvmeMigrationController.TrackPageSize || !System.Numerics.BitOperations.IsPow2(pageSize))
+        {
+            return Errno.EINVAL;
+        }
+        lock (_logGate)
+        {
+            if (_logGranule != 0)
+            {
+                return Errno.EBUSY;
+            }
+            var st = primary.TrackMemoryChanges(cntlid, start: true);
+            if (!st.IsSuccess)
+            {
+                // Command Sequence Error: tracking already started (e.g. by a host agent on the PF) or no memory attached.
+                return st == NvmeStatus.CommandSequenceError ? Errno.EBUSY : Errno.EIO;
+            }
+            _logGranule = pageSize;
+            _pendingPages.Clear();
+            return 0;
+        }
+    }
+
+    /// <summary>DMA_LOGGING_STOP: Track Send / Track Memory Changes / stop. EINVAL if not started here.</summary>
+    public int Stop()
+    {
+        lock (_logGate)
+        {
+            if (_logGranule == 0)
+            {
+                return Errno.EINVAL;
+            }
+            _logGranule = 0;
+            _pendingPages.Clear();
+            return primary.TrackMemoryChanges(cntlid, start: false).IsSuccess ? 0 : Errno.EIO;
+        }
+    }
+
+    /// <summary>
+    /// DMA_LOGGING_REPORT: Track Receive until the primary has no more runs (each run = <see cref="TrackedMemoryChange"/>:
+    /// start address and 4 KiB page count), then reads and clears the pages of [iova, +length) into one bit per
+    /// <paramref name="pageSize"/>. Runs outside the range stay pending for a later report.
+    /// </summary>
+    public int Report(ulong iova, ulong length, ulong pageSize, Span<ulong> bitmap)
+    {
+        lock (_logGate)
+        {
+            if (_logGranule == 0 || pageSize < _logGranule || !System.Numerics.BitOperations.IsPow2(pageSize) || length == 0
+                || iova + length < iova || (iova & (pageSize - 1)) != 0)
+            {
+                return Errno.EINVAL;
+            }
+            ulong outBits = (length + pageSize - 1) / pageSize;
+            if ((ulong)bitmap.Length * 64 < outBits)
+            {
+                return Errno.EINVAL;
+            }
+            var runs = new List<TrackedMemoryChange>();
+            bool more;
+            do
+            {
+                runs.Clear();
+                if (!primary.ReceiveTrackedChanges(cntlid, TrackReceiveRuns, runs, out more).IsSuccess)
+                {
+                    return Errno.EIO;
+                }
+                foreach (var r in runs)
+                {
+                    ulong first = r.Saddr / NvmeMigrationController.TrackPageSize;
+                    for (ulong p = first; p < first + r.Length; p++)
+                    {
+                        _pendingPages[p >> 6] = _pendingPages.GetValueOrDefault(p >> 6) | (1UL << (int)(p & 63));
+                    }
+                }
+            }
+            while (more);
+
+            bitmap.Clear();
+            const int PageShift = 12;
+            int fold = System.Numerics.BitOperations.TrailingZeroCount(pageSize) - PageShift;
+            ulong firstPage = iova >> PageShift;
+            ulong endPage = firstPage + (outBits << fold);
+            foreach (ulong key in _pendingPages.Keys.ToArray())
+            {
+                ulong word = _pendingPages[key];
+                ulong taken = 0;
+                for (ulong v = word; v != 0; v &= v - 1)
+                {
+                    ulong p = (key << 6) + (uint)System.Numerics.BitOperations.TrailingZeroCount(v);
+                    if (p >= firstPage && p < endPage)
+                    {
+                        ulong bit = (p - firstPage) >> fold;
+                        bitmap[(int)(bit >> 6)] |= 1UL << (int)(bit & 63);
+                        taken |= 1UL << (int)(p & 63);
+                    }
+                }
+                if (taken == word)
+                {
+                    _pendingPages.Remove(key);
+                }
+                else if (taken != 0)
+                {
+                    _pendingPages[key] = word & ~taken;
+                }
+            }
+            return 0;
+        }
+    }
+
+    /// <summary>The client left: its DMA space (and the primary's write log in it) is gone, so tracking ended with it.</summary>
+    public void OnDetached()
+    {
+        lock (_logGate)
+        {
+            _logGranule = 0;
+            _pendingPages.Clear();
+        }
     }
 
     public void OnReset()

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Buffers.Binary;
 using System.Runtime.InteropServices;
 using System.Text;
@@ -213,14 +214,22 @@ public sealed class VfioUserClient : IDisposable
                 c.SendError(h, Errno.EINVAL);
                 return;
             }
-            var data = new byte[a.Count];
-            int e = handler.Read(a.Address, data);
-            if (e != 0)
+            byte[] rented = ArrayPool<byte>.Shared.Rent((int)a.Count);
+            try
             {
-                c.SendError(h, e);
-                return;
+                var data = rented.AsSpan(0, (int)a.Count);
+                int e = handler.Read(a.Address, data);
+                if (e != 0)
+                {
+                    c.SendError(h, e);
+                    return;
+                }
+                c.SendReply(h, head, data);
             }
-            c.SendReply(h, head, data);
+            finally
+            {
+                ArrayPool<byte>.Shared.Return(rented);
+            }
         }
         else
         {
@@ -305,21 +314,23 @@ public sealed class VfioUserClient : IDisposable
             : throw Short(VfioUserCommand.DeviceGetIrqInfo);
     }
 
-    /// <summary>REGION_READ of <c>data.Length</c> bytes (split at the server's max_data_xfer_size).</summary>
+    /// <summary>REGION_READ of <c>data.Length</c> bytes (split at the server's max_data_xfer_size), received straight
+    /// into <paramref name="data"/>.</summary>
+    /// <exception cref="VfioUserException">The server's errno; EPROTO when a reply's size does not match the request.</exception>
     public void ReadRegion(int index, ulong offset, Span<byte> data)
     {
         int max = (int)_server.MaxDataXferSize;
         Span<byte> req = stackalloc byte[RegionAccessHead.WireSize];
+        Span<byte> head = stackalloc byte[RegionAccessHead.WireSize];
         for (int done = 0; done < data.Length;)
         {
             int n = Math.Min(max, data.Length - done);
             new RegionAccessHead(offset + (ulong)done, (uint)index, (uint)n).WriteTo(req);
-            using var r = _conn.SendRequest(VfioUserCommand.RegionRead, req);
-            if (r.Length != RegionAccessHead.WireSize + n)
+            int len = _conn.SendRequestInto(VfioUserCommand.RegionRead, req, default, head, data.Slice(done, n));
+            if (len != RegionAccessHead.WireSize + n)
             {
                 throw Short(VfioUserCommand.RegionRead);
             }
-            r.Payload.Slice(RegionAccessHead.WireSize, n).CopyTo(data[done..]);
             done += n;
         }
     }
@@ -513,16 +524,24 @@ public sealed class VfioUserClient : IDisposable
 
     /// <summary>MIG_DATA_READ until <c>buffer.Length</c> bytes or a short reply (requests are split at the server's
     /// max_data_xfer_size). Returns the count; fewer than asked means no more data (end of stream in STOP_COPY,
-    /// "nothing more for now" in PRE_COPY).</summary>
+    /// "nothing more for now" in PRE_COPY). The data is received straight into <paramref name="buffer"/> (no staging copy).</summary>
+    /// <exception cref="VfioUserException">The server's errno; EPROTO when a reply's size field does not match its payload
+    /// or exceeds the request (bytes of <paramref name="buffer"/> past the returned count are then unspecified).</exception>
     public int ReadMigrationData(Span<byte> buffer)
     {
         int done = 0;
+        Span<byte> req = stackalloc byte[MigDataHead.WireSize];
+        Span<byte> head = stackalloc byte[MigDataHead.WireSize];
         while (done < buffer.Length)
         {
             int want = (int)Math.Min((uint)(buffer.Length - done), _server.MaxDataXferSize);
-            using var r = MigDataRead(want);
-            int n = (int)BinaryPrimitives.ReadUInt32LittleEndian(r.Payload[4..]);
-            r.Payload.Slice(MigDataHead.WireSize, n).CopyTo(buffer[done..]);
+            new MigDataHead((uint)(MigDataHead.WireSize + want), (uint)want).WriteTo(req);
+            int len = _conn.SendRequestInto(VfioUserCommand.MigDataRead, req, default, head, buffer.Slice(done, want));
+            if (len < MigDataHead.WireSize || !MigDataHead.TryRead(head, out var h) || h.Size > (uint)want || len != MigDataHead.WireSize + (int)h.Size)
+            {
+                throw MigDataMismatch();
+            }
+            int n = (int)h.Size;
             done += n;
             if (n < want)
             {
@@ -554,7 +573,7 @@ public sealed class VfioUserClient : IDisposable
         if (!MigDataHead.TryRead(r.Payload, out var h) || h.Size > (uint)size || (ulong)r.Length != MigDataHead.WireSize + (ulong)h.Size)
         {
             r.Dispose();
-            throw new VfioUserException(Errno.EPROTO, "MIG_DATA_READ reply size does not match its payload", VfioUserCommand.MigDataRead);
+            throw MigDataMismatch();
         }
         return r;
     }
@@ -630,6 +649,9 @@ public sealed class VfioUserClient : IDisposable
         }
         return bm;
     }
+
+    private static VfioUserException MigDataMismatch() =>
+        new(Errno.EPROTO, "MIG_DATA_READ reply size does not match its payload", VfioUserCommand.MigDataRead);
 
     private static VfioUserException Short(VfioUserCommand c) => new(Errno.EPROTO, $"{c}: reply too short", c);
 

@@ -513,19 +513,21 @@ internal sealed partial class ServerSession : IMessageDma
     {
         var conn = _twin ?? Connection;
         int max = (int)(_peer?.MaxDataXferSize ?? VfioUserCapabilities.DefaultMaxDataXferSize);
+        Span<byte> req = stackalloc byte[DmaAccessHead.WireSize];
         Span<byte> head = stackalloc byte[DmaAccessHead.WireSize];
         for (int done = 0; done < destination.Length;)
         {
             int n = Math.Min(max, destination.Length - done);
-            new DmaAccessHead(iova + (ulong)done, (ulong)n).WriteTo(head);
+            var ask = new DmaAccessHead(iova + (ulong)done, (ulong)n);
+            ask.WriteTo(req);
             try
             {
-                using var reply = conn.SendRequest(VfioUserCommand.DmaRead, head);
-                if (!DmaAccessHead.TryRead(reply.Payload, out var rh) || rh.Count != (ulong)n || reply.Length != DmaAccessHead.WireSize + n)
+                // The data lands straight in the device's buffer when this thread reads the reply itself.
+                int len = conn.SendRequestInto(VfioUserCommand.DmaRead, req, default, head, destination.Slice(done, n));
+                if (len != DmaAccessHead.WireSize + n || !DmaAccessHead.TryRead(head, out var rh) || rh.Count != (ulong)n)
                 {
                     return Errno.EIO;
                 }
-                reply.Payload.Slice(DmaAccessHead.WireSize, n).CopyTo(destination[done..]);
             }
             catch (VfioUserException e)
             {

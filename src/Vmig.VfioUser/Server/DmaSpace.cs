@@ -25,6 +25,21 @@ public interface IMessageDma
 }
 
 /// <summary>
+/// DMA_LOGGING_START/STOP/REPORT answered by a device's migration driver (see <see cref="DmaSpace.LoggingDriver"/>).
+/// Arguments and errnos are those of the same-named <see cref="DmaSpace"/> methods: Start gets the granule in bytes
+/// (power of two, ≥ 4096) and returns 0, EINVAL or EBUSY; Stop returns 0 or EINVAL (not started); Report reads and
+/// clears [iova, +length) into one bit per <c>pageSize</c> (u64 words, LSB first) and returns 0 or EINVAL.
+/// </summary>
+public interface IDmaLoggingDriver
+{
+    int Start(ulong pageSize);
+
+    int Stop();
+
+    int Report(ulong iova, ulong length, ulong pageSize, Span<ulong> bitmap);
+}
+
+/// <summary>
 /// The DMA windows of one client connection (DMA_MAP / DMA_UNMAP), with write logging for
 /// DMA_LOGGING_START/REPORT. Lookups are lock-free over an immutable, sorted window array that is
 /// replaced on every map/unmap; a mapping is ref-counted around each access so an unmap never pulls
@@ -69,8 +84,17 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
     /// <summary>Current windows, sorted by IOVA.</summary>
     public IReadOnlyList<Window> Windows => Volatile.Read(ref _windows);
 
-    /// <summary>Whether DMA_LOGGING is started.</summary>
+    /// <summary>Whether this space's own write log is started (<see cref="StartWriteLog"/>).</summary>
     public bool IsLogging => _logging;
+
+    /// <summary>
+    /// When set, DMA_LOGGING_START/STOP/REPORT (<see cref="StartLogging"/>, <see cref="StopLogging"/>,
+    /// <see cref="Report"/>) are answered by this driver instead of the space's own write log: the analogue of a VFIO
+    /// variant driver's log_ops. An NVMe VF's migration driver sets it so memory-change tracking goes through the
+    /// primary controller (Track Send / Track Receive), whose "hardware" is the write log below
+    /// (<see cref="StartWriteLog"/>, <see cref="StopWriteLog"/>, <see cref="ReportWriteLog"/>).
+    /// </summary>
+    public IDmaLoggingDriver? LoggingDriver { get; set; }
 
     /// <summary>The logging granule in bytes (valid while <see cref="IsLogging"/>).</summary>
     public ulong LogPageSize => _logPageSize;
@@ -350,11 +374,21 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
         }
     }
 
+    /// <summary>DMA_LOGGING_START: <see cref="LoggingDriver"/> if set, else <see cref="StartWriteLog"/>.</summary>
+    public int StartLogging(ulong pageSize) => LoggingDriver is { } d ? d.Start(pageSize) : StartWriteLog(pageSize);
+
+    /// <summary>DMA_LOGGING_STOP: <see cref="LoggingDriver"/> if set, else <see cref="StopWriteLog"/>.</summary>
+    public int StopLogging() => LoggingDriver is { } d ? d.Stop() : StopWriteLog();
+
+    /// <summary>DMA_LOGGING_REPORT: <see cref="LoggingDriver"/> if set, else <see cref="ReportWriteLog"/>.</summary>
+    public int Report(ulong iova, ulong length, ulong pageSize, Span<ulong> bitmap) =>
+        LoggingDriver is { } d ? d.Report(iova, length, pageSize, bitmap) : ReportWriteLog(iova, length, pageSize, bitmap);
+
     /// <summary>
-    /// DMA_LOGGING_START: log writes to every fd-backed window at <paramref name="pageSize"/> granularity
+    /// Starts the write log: log writes to every fd-backed window at <paramref name="pageSize"/> granularity
     /// (power of two, ≥ 4096). Returns 0, EINVAL (bad page size) or EBUSY (already started).
     /// </summary>
-    public int StartLogging(ulong pageSize)
+    public int StartWriteLog(ulong pageSize)
     {
         if (pageSize < 4096 || !BitOperations.IsPow2(pageSize))
         {
@@ -379,8 +413,8 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
         return 0;
     }
 
-    /// <summary>DMA_LOGGING_STOP. Returns 0, or EINVAL if logging was not started.</summary>
-    public int StopLogging()
+    /// <summary>Stops the write log. Returns 0, or EINVAL if it was not started.</summary>
+    public int StopWriteLog()
     {
         lock (_gate)
         {
@@ -398,12 +432,12 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
     }
 
     /// <summary>
-    /// DMA_LOGGING_REPORT: read-and-clear the log for [iova, +length) into <paramref name="bitmap"/>, one bit per
+    /// Read-and-clear the write log for [iova, +length) into <paramref name="bitmap"/>, one bit per
     /// <paramref name="pageSize"/> (a power-of-two multiple of the logging granule); bit n = page iova + n*pageSize,
     /// u64 words, LSB first. The range may span several windows; pages outside any window report 0.
     /// Returns 0, EINVAL (not logging, misaligned, bad page size, bitmap too small) or ERANGE.
     /// </summary>
-    public int Report(ulong iova, ulong length, ulong pageSize, Span<ulong> bitmap)
+    public int ReportWriteLog(ulong iova, ulong length, ulong pageSize, Span<ulong> bitmap)
     {
         if (!_logging || pageSize < _logPageSize || !BitOperations.IsPow2(pageSize) || length == 0
             || iova + length < iova || (iova & (pageSize - 1)) != 0)

@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.Collections.Concurrent;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Vmig.Native;
@@ -13,10 +12,13 @@ public delegate void VfioUserRequestHandler(VfioUserConnection connection, VfioU
 
 /// <summary>
 /// One vfio-user connection (either end): 16-byte header framing, SCM_RIGHTS fds, msg_id matching.
-/// One receive thread reads every message; commands go to the handler inline, replies wake their waiter.
 /// Sends are serialized under one lock and go out as one sendmsg (header + payload + bulk, no copy of bulk).
-/// A request sent FROM the receive thread (a device's DMA_READ while handling a doorbell) pumps the socket
-/// itself until its reply arrives, deferring other commands until the current handler returns.
+/// Receiving is leader/follower: one thread at a time holds the read role. A thread waiting for its reply takes the
+/// role itself when it is free and reads from the socket, so the reply reaches it without a thread hand-off (and a
+/// bulk reply can land straight in its buffer, <see cref="SendRequestInto"/>); replies it reads for other callers are
+/// handed to them, commands it reads go to the receive thread. The receive thread reads only while nobody waits for a
+/// reply, and runs every command handler, one at a time, in arrival order. A request sent FROM a handler (a device's
+/// DMA_READ while handling a doorbell) waits the same way; commands that arrive meanwhile run after the handler returns.
 /// </summary>
 /// <remarks>Shutdown is idempotent: <see cref="Dispose"/> from any thread fails pending requests with
 /// <see cref="VfioUserConnectionClosedException"/> and raises <see cref="Closed"/> once.</remarks>
@@ -27,19 +29,45 @@ public sealed class VfioUserConnection : IDisposable
 
     private const int SmallSend = 256;
     private const int DiscardChunk = 64 * 1024;
+    // SO_RCVTIMEO and poll interval: how often a blocked reader looks at its deadline and at shutdown.
+    private const int TickMs = 100;
+    // How long the receive thread stays parked while callers read, before it looks again, on a connection that has
+    // not carried a command from the peer yet (see _commandsSeen).
+    private const int LazyParkMs = 1;
 
     private readonly FdSocket _socket;
     private readonly ILogger _logger;
     private readonly object _sendLock = new();
-    private readonly ConcurrentDictionary<ushort, Pending> _pending = new();
-    private readonly Queue<VfioUserMessage> _deferred = new();
-    // Receive-thread scratch for fds: most messages carry none, so a message gets its own list only when some arrived.
+    // Guards everything below it: the read role, pending requests, the command queue and the receive thread's state.
+    private readonly object _gate = new();
+    private readonly Dictionary<ushort, Pending> _pending = [];
+    private readonly Queue<VfioUserMessage> _commands = new();
+    private readonly EventFd _wake;
+    // Reader scratch for fds: most messages carry none, so a message gets its own list only when some arrived.
+    // Only the holder of the read role touches it.
     private readonly List<UnixFd> _scratchFds = [];
+    private bool _reading;
+    private bool _rxReading;
+    private int _waiters;
+    private int _roleWaiters;
+    private RxState _rx = RxState.Busy;
+    private bool _wakeSignaled;
+    // Until a caller first finds the receive thread holding the read role, the receive thread blocks in recvmsg itself
+    // (one syscall per message, as a server with no requests of its own needs). From then on it polls first and reads
+    // only when nobody waits for a reply.
+    private bool _pollMode;
+    // Set once the peer has sent a command (every server connection; a client once the server does DMA by message).
+    // Before that, the last caller to leave does not wake the parked receive thread: it looks again within
+    // LazyParkMs by itself. Waking it at the end of every call would cost a thread wake-up per round trip; the price is
+    // that the peer's first command may wait up to LazyParkMs if it arrives just after a call.
+    private bool _commandsSeen;
     private VfioUserRequestHandler? _handler;
     private Thread? _receiveThread;
     private int _nextId;
     private int _closed;
     private int _closedRaised;
+    private int _disposed;
+    private int _wakeDisposed;
     private string _closeReason = "closed";
 
     public VfioUserConnection(FdSocket socket, string name, ILogger? logger = null)
@@ -47,6 +75,16 @@ public sealed class VfioUserConnection : IDisposable
         _socket = socket ?? throw new ArgumentNullException(nameof(socket));
         Name = name;
         _logger = logger ?? NullLogger.Instance;
+        _wake = EventFd.Create();
+        try
+        {
+            _socket.SetReceiveTimeout(TickMs);
+        }
+        catch (NativeException e)
+        {
+            // Not a socket we can tune (already closed): the first receive reports the real error.
+            _logger.LogDebug("{Name}: SO_RCVTIMEO: {Message}", name, e.Message);
+        }
     }
 
     /// <summary>For logs.</summary>
@@ -58,7 +96,7 @@ public sealed class VfioUserConnection : IDisposable
     /// <summary>Most fds accepted with one message (our max_msg_fds). Commands with more get EINVAL.</summary>
     public int MaxIncomingFds { get; set; } = 16;
 
-    /// <summary>Default timeout for <see cref="SendRequest"/>, in milliseconds.</summary>
+    /// <summary>Default timeout for <see cref="SendRequest"/>, in milliseconds (checked every 100 ms while waiting).</summary>
     public int RequestTimeoutMs { get; set; } = 30_000;
 
     /// <summary>True once the connection is shut down.</summary>
@@ -78,52 +116,106 @@ public sealed class VfioUserConnection : IDisposable
     /// <summary>
     /// Sends a command and waits for its reply. Returns the reply (caller disposes it).
     /// </summary>
-    /// <exception cref="VfioUserException">Error reply (errno from the peer) or ETIMEDOUT.</exception>
+    /// <exception cref="VfioUserException">Error reply (errno from the peer), ETIMEDOUT, or E2BIG when the reply was
+    /// over <see cref="MaxPayloadSize"/> (drained).</exception>
     /// <exception cref="VfioUserConnectionClosedException">The connection ended first.</exception>
     public VfioUserMessage SendRequest(VfioUserCommand command, ReadOnlySpan<byte> payload, ReadOnlySpan<byte> bulk = default,
         ReadOnlySpan<int> fds = default, int timeoutMs = 0)
     {
-        var p = new Pending();
-        ushort id;
-        do
+        var p = Call(command, payload, bulk, fds, timeoutMs, default, default, direct: false);
+        return p.Reply!;
+    }
+
+    /// <summary>
+    /// Sends a command and receives its reply's payload into caller memory: the first <c>replyHead.Length</c> bytes
+    /// into <paramref name="replyHead"/> (the reply's fixed fields), the rest into <paramref name="replyTail"/> (bulk
+    /// data: MIG_DATA_READ, REGION_READ, DMA_READ). When this thread reads the reply itself — the usual case — the
+    /// bytes go from the socket straight into the spans; when another reader got it first they are copied from its
+    /// buffer. Returns the reply's payload length (msg_size − 16, at most head + tail); a shorter reply fills the head
+    /// first. Fds sent with the reply are closed.
+    /// </summary>
+    /// <exception cref="VfioUserException">Error reply (errno from the peer), ETIMEDOUT, EPROTO when the reply is
+    /// longer than head + tail (drained) or answers another command.</exception>
+    /// <exception cref="VfioUserConnectionClosedException">The connection ended first.</exception>
+    public int SendRequestInto(VfioUserCommand command, ReadOnlySpan<byte> payload, ReadOnlySpan<byte> bulk,
+        Span<byte> replyHead, Span<byte> replyTail, int timeoutMs = 0)
+    {
+        var p = Call(command, payload, bulk, default, timeoutMs, replyHead, replyTail, direct: true);
+        if (p.Reply is not { } r)
         {
-            id = (ushort)Interlocked.Increment(ref _nextId);
+            return p.DirectLength;
         }
-        while (!_pending.TryAdd(id, p));
+        // Another reader took the reply into a pooled buffer: copy it out.
+        using (r)
+        {
+            if (r.Length > replyHead.Length + replyTail.Length)
+            {
+                throw new VfioUserException(Errno.EPROTO, $"{Name}: reply to {command} has {r.Length} payload bytes, room for {replyHead.Length + replyTail.Length}", command);
+            }
+            int h = Math.Min(r.Length, replyHead.Length);
+            r.Payload[..h].CopyTo(replyHead);
+            r.Payload[h..].CopyTo(replyTail);
+            return r.Length;
+        }
+    }
+
+    private Pending Call(VfioUserCommand command, ReadOnlySpan<byte> payload, ReadOnlySpan<byte> bulk, ReadOnlySpan<int> fds,
+        int timeoutMs, Span<byte> replyHead, Span<byte> replyTail, bool direct)
+    {
+        int timeout = timeoutMs > 0 ? timeoutMs : RequestTimeoutMs;
+        var p = new Pending();
+        bool handedOut = false;
+        lock (_gate)
+        {
+            do
+            {
+                p.Id = (ushort)Interlocked.Increment(ref _nextId);
+            }
+            while (!_pending.TryAdd(p.Id, p));
+            // Counted before the request leaves, so the receive thread keeps off the socket from now on.
+            _waiters++;
+        }
         try
         {
             ThrowIfClosed();
-            Send(new VfioUserHeader(id, command, Checked(payload.Length + bulk.Length), VfioUserHeaderFlags.Command), payload, bulk, fds);
-            if (Thread.CurrentThread == _receiveThread)
+            Send(new VfioUserHeader(p.Id, command, Checked(payload.Length + bulk.Length), VfioUserHeaderFlags.Command), payload, bulk, fds);
+            WaitForReply(p, command, Environment.TickCount64 + timeout, timeout, replyHead, replyTail, direct);
+            if (p.LocalErrno != 0)
             {
-                PumpUntil(p);
+                throw new VfioUserException(p.LocalErrno, $"{Name}: {command}: {p.LocalError}", command);
             }
-            else if (!p.Done.Wait(timeoutMs > 0 ? timeoutMs : RequestTimeoutMs))
-            {
-                throw new VfioUserException(Errno.ETIMEDOUT, $"{Name}: no reply to {command} within {(timeoutMs > 0 ? timeoutMs : RequestTimeoutMs)} ms", command);
-            }
-            if (p.Reply is null)
+            if (p.Reply is null && !p.DirectDone)
             {
                 throw new VfioUserConnectionClosedException($"{Name}: {command}: {_closeReason}");
             }
-            var reply = p.Reply;
-            if (reply.Header.IsError)
+            var h = p.Reply?.Header ?? p.DirectHeader;
+            if (h.IsError)
             {
-                int e = (int)reply.Header.ErrorNo;
-                reply.Dispose();
+                int e = (int)h.ErrorNo;
                 throw new VfioUserException(e == 0 ? Errno.EIO : e, $"{Name}: {command} failed: errno {e}", command);
             }
-            if (reply.Header.Command != command)
+            if (h.Command != command)
             {
-                reply.Dispose();
-                throw new VfioUserException(Errno.EPROTO, $"{Name}: reply to {command} carries command {reply.Header.Command}", command);
+                throw new VfioUserException(Errno.EPROTO, $"{Name}: reply to {command} carries command {h.Command}", command);
             }
-            return reply;
+            handedOut = true;
+            return p;
         }
         finally
         {
-            _pending.TryRemove(id, out _);
-            p.Done.Dispose();
+            lock (_gate)
+            {
+                _pending.Remove(p.Id);
+                if (--_waiters == 0 && !_reading && _rx == RxState.Parked && _commandsSeen)
+                {
+                    // Nobody waits for a reply any more: the receive thread must watch the socket again, now.
+                    WakeReceiver();
+                }
+            }
+            if (!handedOut)
+            {
+                p.Reply?.Dispose();
+            }
         }
     }
 
@@ -215,29 +307,229 @@ public sealed class VfioUserConnection : IDisposable
         }
     }
 
+    /// <summary>Waits until <paramref name="p"/> is answered, reading the socket whenever the read role is free.</summary>
+    private void WaitForReply(Pending p, VfioUserCommand command, long deadline, int timeout, Span<byte> replyHead, Span<byte> replyTail, bool direct)
+    {
+        while (true)
+        {
+            lock (_gate)
+            {
+                while (true)
+                {
+                    if (p.Done || IsClosed)
+                    {
+                        return;
+                    }
+                    if (!_reading)
+                    {
+                        _reading = true;
+                        break;
+                    }
+                    if (_rxReading)
+                    {
+                        // The receive thread sits in recvmsg and will hand this reply over; from now on it polls first.
+                        _pollMode = true;
+                    }
+                    long left = deadline - Environment.TickCount64;
+                    if (left <= 0)
+                    {
+                        throw TimedOut(command, timeout);
+                    }
+                    _roleWaiters++;
+                    try
+                    {
+                        Monitor.Wait(_gate, (int)Math.Min(left, TickMs * 10));
+                    }
+                    finally
+                    {
+                        _roleWaiters--;
+                    }
+                }
+            }
+            ReadKind k = ReadAndFinish(dontWait: false, direct ? p : null, replyHead, replyTail);
+            if (k == ReadKind.EndOfStream)
+            {
+                Close("peer closed the connection");
+                return;
+            }
+            if (k == ReadKind.TimedOut && !p.Done && Environment.TickCount64 >= deadline)
+            {
+                throw TimedOut(command, timeout);
+            }
+        }
+    }
+
+    private VfioUserException TimedOut(VfioUserCommand command, int timeout) =>
+        new(Errno.ETIMEDOUT, $"{Name}: no reply to {command} within {timeout} ms", command);
+
+    /// <summary>
+    /// With the read role held: reads one message and, before giving the role up, delivers it (a reply to its waiter,
+    /// a command to the queue), so commands keep their order whoever reads them. A socket error closes the connection.
+    /// </summary>
+    private ReadKind ReadAndFinish(bool dontWait, Pending? direct, Span<byte> replyHead, Span<byte> replyTail)
+    {
+        ReadKind k;
+        VfioUserMessage? m = null;
+        try
+        {
+            k = ReadOne(dontWait, direct, replyHead, replyTail, out m);
+        }
+        catch (Exception e) when (e is NativeException or EndOfStreamException or ObjectDisposedException or VfioUserException)
+        {
+            ReleaseRole();
+            Close(IsClosed ? _closeReason : $"receive failed: {e.Message}");
+            return ReadKind.EndOfStream;
+        }
+        VfioUserMessage? unexpected = null;
+        lock (_gate)
+        {
+            if (k == ReadKind.Direct)
+            {
+                direct!.DirectDone = true;
+                direct.Done = true;
+            }
+            else if (m is not null)
+            {
+                if (m.Header.IsReply)
+                {
+                    if (_pending.TryGetValue(m.Header.MessageId, out var owner) && !owner.Done)
+                    {
+                        owner.Reply = m;
+                        owner.Done = true;
+                    }
+                    else
+                    {
+                        unexpected = m;
+                    }
+                }
+                else
+                {
+                    _commandsSeen = true;
+                    _commands.Enqueue(m);
+                    WakeReceiver();
+                }
+            }
+            ReleaseRoleLocked();
+        }
+        if (unexpected is not null)
+        {
+            _logger.LogWarning("{Name}: unexpected reply {Header}", Name, unexpected.Header);
+            unexpected.Dispose();
+        }
+        return k;
+    }
+
+    private void ReleaseRole()
+    {
+        lock (_gate)
+        {
+            ReleaseRoleLocked();
+        }
+    }
+
+    private void ReleaseRoleLocked()
+    {
+        _reading = false;
+        _rxReading = false;
+        if (_roleWaiters > 0)
+        {
+            Monitor.PulseAll(_gate);
+        }
+    }
+
+    /// <summary>Wakes the receive thread out of its poll (under <see cref="_gate"/>): a command is queued, nobody waits for a
+    /// reply any more, or the connection closed. One eventfd write until the thread has seen it.</summary>
+    private void WakeReceiver()
+    {
+        if (_rx == RxState.Busy || _wakeSignaled)
+        {
+            return;
+        }
+        _wakeSignaled = true;
+        try
+        {
+            _wake.Signal();
+        }
+        catch (Exception e) when (e is ObjectDisposedException or NativeException)
+        {
+            // Disposed: the receive thread is gone.
+        }
+    }
+
     private void ReceiveLoop()
     {
         try
         {
             while (!IsClosed)
             {
-                while (_deferred.Count > 0)
+                VfioUserMessage? command = null;
+                RxState next;
+                lock (_gate)
                 {
-                    Dispatch(_deferred.Dequeue());
+                    if (_commands.Count > 0)
+                    {
+                        command = _commands.Dequeue();
+                        next = RxState.Busy;
+                    }
+                    else if (_reading || _waiters > 0)
+                    {
+                        // A caller reads (or is about to): stay off the socket until nobody waits.
+                        next = RxState.Parked;
+                    }
+                    else if (_pollMode)
+                    {
+                        next = RxState.Polling;
+                    }
+                    else
+                    {
+                        _reading = true;
+                        _rxReading = true;
+                        next = RxState.Busy;
+                    }
+                    _rx = next;
                 }
-                var m = ReceiveOne();
-                if (m is null)
+                if (command is not null)
                 {
-                    Close("peer closed the connection");
-                    break;
+                    Dispatch(command);
+                    continue;
                 }
-                if (m.Header.IsReply)
+                if (next == RxState.Busy)
                 {
-                    CompleteReply(m);
+                    if (ReadAndFinish(dontWait: false, null, default, default) == ReadKind.EndOfStream)
+                    {
+                        Close(IsClosed ? _closeReason : "peer closed the connection");
+                    }
+                    continue;
+                }
+                bool readable, woken;
+                if (next == RxState.Parked)
+                {
+                    readable = false;
+                    woken = FdIo.PollIn(_wake.Handle, _commandsSeen ? TickMs : LazyParkMs);
                 }
                 else
                 {
-                    Dispatch(m);
+                    readable = _socket.WaitReadable(TickMs, _wake.Handle, out woken);
+                }
+                if (woken)
+                {
+                    _ = FdIo.TryReadUInt64(_wake.Handle, out _);
+                }
+                lock (_gate)
+                {
+                    _rx = RxState.Busy;
+                    _wakeSignaled = false;
+                    if (!readable || _reading || _waiters > 0 || _commands.Count > 0)
+                    {
+                        continue;
+                    }
+                    _reading = true;
+                    _rxReading = true;
+                }
+                // Someone may have read the data between poll and taking the role: don't block for the next message.
+                if (ReadAndFinish(dontWait: true, null, default, default) == ReadKind.EndOfStream)
+                {
+                    Close(IsClosed ? _closeReason : "peer closed the connection");
                 }
             }
         }
@@ -247,31 +539,21 @@ public sealed class VfioUserConnection : IDisposable
         }
         finally
         {
-            while (_deferred.Count > 0)
+            List<VfioUserMessage> left;
+            lock (_gate)
             {
-                _deferred.Dequeue().Dispose();
+                _rx = RxState.Busy;
+                left = [.. _commands];
+                _commands.Clear();
+            }
+            foreach (var m in left)
+            {
+                m.Dispose();
             }
             Close(_closeReason);
-        }
-    }
-
-    private void PumpUntil(Pending p)
-    {
-        while (!p.Done.IsSet)
-        {
-            var m = ReceiveOne();
-            if (m is null)
+            if (Volatile.Read(ref _disposed) != 0)
             {
-                Close("peer closed the connection");
-                return;
-            }
-            if (m.Header.IsReply)
-            {
-                CompleteReply(m);
-            }
-            else
-            {
-                _deferred.Enqueue(m);
+                DisposeWake();
             }
         }
     }
@@ -298,75 +580,124 @@ public sealed class VfioUserConnection : IDisposable
         }
     }
 
-    private void CompleteReply(VfioUserMessage m)
+    /// <summary>
+    /// Reads one message (the read role must be held). A reply to <paramref name="direct"/> lands in
+    /// <paramref name="replyHead"/>/<paramref name="replyTail"/> (<see cref="ReadKind.Direct"/>); anything else becomes a
+    /// <see cref="VfioUserMessage"/>. Oversized or fd-flooded messages are drained and answered here (E2BIG / EINVAL;
+    /// an oversized reply fails its waiter with E2BIG) so the stream stays in frame; a msg_size below 16 cannot be
+    /// resynchronized and throws.
+    /// </summary>
+    private ReadKind ReadOne(bool dontWait, Pending? direct, Span<byte> replyHead, Span<byte> replyTail, out VfioUserMessage? message)
     {
-        if (_pending.TryGetValue(m.Header.MessageId, out var p) && !p.Done.IsSet)
+        message = null;
+        Span<byte> hb = stackalloc byte[VfioUserHeader.Size];
+        var fds = _scratchFds;
+        var status = _socket.TryReceive(hb, fds, dontWait, out bool truncated);
+        if (status != ReceiveStatus.Received)
         {
-            p.Reply = m;
-            p.Done.Set();
+            CloseAll(fds);
+            return status switch
+            {
+                ReceiveStatus.EndOfStream => ReadKind.EndOfStream,
+                _ => ReadKind.TimedOut,
+            };
         }
-        else
+        var h = VfioUserHeader.ReadFrom(hb);
+        if (h.MessageSize < VfioUserHeader.Size)
         {
-            _logger.LogWarning("{Name}: unexpected reply {Header}", Name, m.Header);
-            m.Dispose();
+            CloseAll(fds);
+            throw new VfioUserException(Errno.EINVAL, $"{Name}: msg_size {h.MessageSize} is smaller than the header; framing lost");
+        }
+        long payload = h.MessageSize - VfioUserHeader.Size;
+        if (direct is not null && h.IsReply && h.MessageId == direct.Id)
+        {
+            return ReadDirect(h, payload, direct, replyHead, replyTail);
+        }
+        if (payload > MaxPayloadSize)
+        {
+            CloseAll(fds);
+            Drain(payload);
+            _logger.LogWarning("{Name}: refused {Command}: msg_size {Size} over the {Max}-byte bound", Name, h.Command, h.MessageSize, MaxPayloadSize);
+            if (h.IsCommand)
+            {
+                SendError(h, Errno.E2BIG);
+            }
+            else if (h.IsReply)
+            {
+                FailPending(h.MessageId, Errno.E2BIG, $"reply of {h.MessageSize} bytes is over the {MaxPayloadSize}-byte bound");
+            }
+            return ReadKind.Skipped;
+        }
+        byte[]? buf = payload == 0 ? null : ArrayPool<byte>.Shared.Rent((int)payload);
+        try
+        {
+            if (payload > 0)
+            {
+                if (!_socket.Receive(buf.AsSpan(0, (int)payload), fds, out bool t2))
+                {
+                    throw new EndOfStreamException("peer closed mid-message");
+                }
+                truncated |= t2;
+            }
+        }
+        catch
+        {
+            if (buf is not null)
+            {
+                ArrayPool<byte>.Shared.Return(buf);
+            }
+            CloseAll(fds);
+            throw;
+        }
+        List<UnixFd>? owned = fds.Count == 0 ? null : [.. fds];
+        fds.Clear();
+        message = new VfioUserMessage(h, buf, (int)payload, owned, truncated || (owned?.Count ?? 0) > MaxIncomingFds);
+        return ReadKind.Message;
+    }
+
+    /// <summary>The reply this thread waits for, read from the socket straight into the caller's spans.</summary>
+    private ReadKind ReadDirect(VfioUserHeader h, long payload, Pending p, Span<byte> replyHead, Span<byte> replyTail)
+    {
+        var fds = _scratchFds;
+        try
+        {
+            p.DirectHeader = h;
+            if (h.IsError || payload > replyHead.Length + replyTail.Length)
+            {
+                Drain(payload);
+                if (!h.IsError)
+                {
+                    p.LocalErrno = Errno.EPROTO;
+                    p.LocalError = $"reply has {payload} payload bytes, room for {replyHead.Length + replyTail.Length}";
+                }
+                return ReadKind.Direct;
+            }
+            int n1 = (int)Math.Min(payload, replyHead.Length);
+            int n2 = (int)payload - n1;
+            if ((n1 > 0 && !_socket.Receive(replyHead[..n1], fds, out _)) || (n2 > 0 && !_socket.Receive(replyTail[..n2], fds, out _)))
+            {
+                throw new EndOfStreamException("peer closed mid-message");
+            }
+            p.DirectLength = (int)payload;
+            return ReadKind.Direct;
+        }
+        finally
+        {
+            // Replies read into caller memory carry no fds (MIG_DATA_READ, REGION_READ, DMA_READ): close any that came.
+            CloseAll(fds);
         }
     }
 
-    /// <summary>Reads one message. Returns null at end of stream. Oversized or fd-flooded messages are drained and
-    /// answered here (E2BIG / EINVAL) so the stream stays in frame; a msg_size below 16 cannot be resynchronized and closes.</summary>
-    private VfioUserMessage? ReceiveOne()
+    private void FailPending(ushort id, int errno, string why)
     {
-        while (true)
+        lock (_gate)
         {
-            Span<byte> hb = stackalloc byte[VfioUserHeader.Size];
-            var fds = _scratchFds;
-            if (!_socket.Receive(hb, fds, out bool truncated))
+            if (_pending.TryGetValue(id, out var p) && !p.Done)
             {
-                CloseAll(fds);
-                return null;
+                p.LocalErrno = errno;
+                p.LocalError = why;
+                p.Done = true;
             }
-            var h = VfioUserHeader.ReadFrom(hb);
-            if (h.MessageSize < VfioUserHeader.Size)
-            {
-                CloseAll(fds);
-                throw new VfioUserException(Errno.EINVAL, $"{Name}: msg_size {h.MessageSize} is smaller than the header; framing lost");
-            }
-            long payload = h.MessageSize - VfioUserHeader.Size;
-            if (payload > MaxPayloadSize)
-            {
-                CloseAll(fds);
-                Drain(payload);
-                _logger.LogWarning("{Name}: refused {Command}: msg_size {Size} over the {Max}-byte bound", Name, h.Command, h.MessageSize, MaxPayloadSize);
-                if (h.IsCommand)
-                {
-                    SendError(h, Errno.E2BIG);
-                }
-                continue;
-            }
-            byte[]? buf = payload == 0 ? null : ArrayPool<byte>.Shared.Rent((int)payload);
-            try
-            {
-                if (payload > 0)
-                {
-                    if (!_socket.Receive(buf.AsSpan(0, (int)payload), fds, out bool t2))
-                    {
-                        throw new EndOfStreamException("peer closed mid-message");
-                    }
-                    truncated |= t2;
-                }
-            }
-            catch
-            {
-                if (buf is not null)
-                {
-                    ArrayPool<byte>.Shared.Return(buf);
-                }
-                CloseAll(fds);
-                throw;
-            }
-            List<UnixFd>? owned = fds.Count == 0 ? null : [.. fds];
-            fds.Clear();
-            return new VfioUserMessage(h, buf, (int)payload, owned, truncated || (owned?.Count ?? 0) > MaxIncomingFds);
         }
     }
 
@@ -406,15 +737,14 @@ public sealed class VfioUserConnection : IDisposable
         {
             _closeReason = reason;
             _socket.Shutdown();
-            foreach (var p in _pending.Values)
+            lock (_gate)
             {
-                try
+                foreach (var p in _pending.Values)
                 {
-                    p.Done.Set();
+                    p.Done = true;
                 }
-                catch (ObjectDisposedException)
-                {
-                }
+                Monitor.PulseAll(_gate);
+                WakeReceiver();
             }
         }
         if (Thread.CurrentThread == _receiveThread || _receiveThread is null)
@@ -437,11 +767,49 @@ public sealed class VfioUserConnection : IDisposable
             t.Join(5000);
         }
         _socket.Dispose();
+        Volatile.Write(ref _disposed, 1);
+        if (t is null || !t.IsAlive)
+        {
+            DisposeWake();
+        }
     }
 
+    // The eventfd goes when both Dispose has run and the receive thread has ended (Dispose may run on that thread).
+    private void DisposeWake()
+    {
+        if (Interlocked.Exchange(ref _wakeDisposed, 1) == 0)
+        {
+            _wake.Dispose();
+        }
+    }
+
+    private enum ReadKind
+    {
+        Message,
+        Direct,
+        Skipped,
+        TimedOut,
+        EndOfStream,
+    }
+
+    private enum RxState
+    {
+        Busy,
+        Parked,
+        Polling,
+    }
+
+    /// <summary>One request waiting for its reply. Every field is written under <see cref="_gate"/>, or by the thread
+    /// holding the read role for the direct fields.</summary>
     private sealed class Pending
     {
-        public ManualResetEventSlim Done { get; } = new(false);
-        public VfioUserMessage? Reply { get; set; }
+        public ushort Id;
+        public bool Done;
+        public VfioUserMessage? Reply;
+        public bool DirectDone;
+        public VfioUserHeader DirectHeader;
+        public int DirectLength;
+        public int LocalErrno;
+        public string? LocalError;
     }
 }

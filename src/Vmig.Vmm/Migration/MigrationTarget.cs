@@ -8,9 +8,11 @@ namespace Vmig.Vmm.Migration;
 
 /// <summary>
 /// Receives a live migration (ARCHITECTURE §4 steps 1, 4): checks the VM description and every device before any
-/// state moves, loads RAM/vCPU/device state, commits the devices (RESUMING→STOP for all, →RUNNING_P2P for all,
-/// →RUNNING), runs the vCPUs, and tells the source. On any failure it tells the source (if it can), resets and
-/// releases its devices and throws; nothing of the incoming VM survives.
+/// state moves, loads RAM/vCPU/device state, loads the devices (RESUMING→STOP for all, →RUNNING_P2P for P2P ones),
+/// sends TargetReady and waits for the source's Commit (docs/stream-format.md §4.1); only then →RUNNING, runs the
+/// vCPUs and tells the source. Without Commit, or on any failure before the vCPUs run, it tells the source (if it
+/// can), resets and releases its devices and throws; nothing of the incoming VM survives. Once committed it keeps
+/// the VM even if its result cannot be delivered.
 /// </summary>
 public static class MigrationTarget
 {
@@ -368,7 +370,7 @@ internal sealed class TargetSession
                 main.Writer.Write(SectionType.TargetTimings, SectionIo.TimingsPayload(_steps));
                 SendResult(main, 0, downUs, commitWaitUs, null);
             }
-            catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException)
+            catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException or NotSupportedException)
             {
                 // Committed: the VM runs here even if the source never hears it (it stays paused in doubt). Discarding
                 // now would leave a guest that already ran on shared storage, and none running.

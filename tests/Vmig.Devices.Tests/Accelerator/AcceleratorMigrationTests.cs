@@ -233,6 +233,109 @@ public sealed class AcceleratorMigrationTests
         Load(state, expectWriteFailure: false);
     }
 
+    /// <summary>A 4 MiB VF filled with a pattern, saved in STOP_COPY: Profile, four 1 MiB Pages records, State, End.</summary>
+    private static (AcceleratorRig Src, byte[] Wire) SavedFullVf()
+    {
+        var src = new AcceleratorRig();
+        Assert.Equal(AcceleratorJobStatus.Success, src.Run(AcceleratorOpcode.Fill, 0, 0, 4 << 20, 0x9E37_79B9_7F4A_7C15UL).Status);
+        src.Step(DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
+        var wire = new MemoryStream();
+        src.Drain(wire, 1 << 20);
+        return (src, wire.ToArray());
+    }
+
+    /// <summary>Writes <paramref name="stream"/> in pieces of the sizes <paramref name="next"/> gives; returns the first write's error, if any.</summary>
+    private static MigrationException? LoadInPieces(AcceleratorRig dst, byte[] stream, Func<int, int> next)
+    {
+        dst.Step(DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+        for (int at = 0, i = 0; at < stream.Length; i++)
+        {
+            int n = Math.Clamp(next(i), 1, stream.Length - at);
+            try
+            {
+                dst.Migration.WriteData(stream.AsSpan(at, n));
+            }
+            catch (MigrationException e)
+            {
+                return e;
+            }
+            at += n;
+        }
+        return null;
+    }
+
+    public static TheoryData<string> Segmentations => new() { "whole", "1 MiB", "1 MiB + 36", "1 MiB - 3", "4 KiB + 1", "1 byte near each trailer", "random" };
+
+    private static Func<int, int> Pieces(string how, byte[] stream)
+    {
+        var rng = new Random(how.Length);
+        return how switch
+        {
+            "whole" => _ => stream.Length,
+            "1 MiB" => _ => 1 << 20,
+            "1 MiB + 36" => _ => (1 << 20) + 36,
+            "1 MiB - 3" => _ => (1 << 20) - 3,
+            "4 KiB + 1" => _ => 4097,
+            // The header, the payload but its last 2 bytes, then single bytes: the trailer arrives across writes.
+            "1 byte near each trailer" => PiecesAlongRecords(stream),
+            _ => _ => rng.Next(1, 300_000),
+        };
+    }
+
+    [Theory]
+    [MemberData(nameof(Segmentations))]
+    public void AnySegmentationOfTheResumeStream_GivesAnIdenticalTarget(string how)
+    {
+        var (src, wire) = SavedFullVf();
+        using var _ = src;
+        using var dst = new AcceleratorRig(initDriver: false);
+        Assert.Null(LoadInPieces(dst, wire, Pieces(how, wire)));
+        dst.Step(DeviceState.Resuming, DeviceState.Stop);
+        Assert.True(dst.Vf.Memory.GetSpan(0, 4 << 20).SequenceEqual(src.Vf.Memory.GetSpan(0, 4 << 20)));
+    }
+
+    [Theory]
+    [MemberData(nameof(Segmentations))]
+    public void CorruptPagesRecord_IsRefusedBeforeAnyOfItReachesDeviceMemory(string how)
+    {
+        var (src, wire) = SavedFullVf();
+        using var _ = src;
+        // Corrupt the last payload byte of the third Pages record (device memory [2 MiB, 3 MiB)): its CRC fails only
+        // once the whole payload has been seen, after most of it has arrived.
+        int third = FindRecord(wire, AcceleratorRecordType.Pages) + (2 * (int)AcceleratorRecordHeader.RecordSize(1 << 20));
+        Assert.True(AcceleratorRecordHeader.TryRead(wire.AsSpan(third), out var h));
+        Assert.Equal(2ul << 20, h.DeviceOffset);
+        wire[third + AcceleratorRecordHeader.Size + (1 << 20) - 1] ^= 0x80;
+
+        using var dst = new AcceleratorRig(initDriver: false);
+        var e = LoadInPieces(dst, wire, Pieces(how, wire));
+        Assert.NotNull(e);
+        Assert.Equal(Errno.EINVAL, e.Errno);
+        Assert.Contains("CRC32C mismatch", e.Message);
+        // Records before it were applied, none of the bad one was, nothing after it.
+        Assert.True(dst.Vf.Memory.GetSpan(0, 2 << 20).SequenceEqual(src.Vf.Memory.GetSpan(0, 2 << 20)));
+        Assert.True(dst.Vf.Memory.GetSpan(2 << 20, 2 << 20).IndexOfAnyExcept((byte)0) < 0);
+    }
+
+    /// <summary>Pieces that follow the records: the header, the payload less 2 bytes, then 1-byte writes through the trailer.</summary>
+    private static Func<int, int> PiecesAlongRecords(byte[] stream)
+    {
+        var sizes = new List<int>();
+        for (int at = 0; at < stream.Length;)
+        {
+            Assert.True(AcceleratorRecordHeader.TryRead(stream.AsSpan(at), out var h));
+            int payload = (int)h.PayloadLength;
+            sizes.Add(AcceleratorRecordHeader.Size);
+            if (payload > 2)
+            {
+                sizes.Add(payload - 2);
+            }
+            sizes.AddRange(Enumerable.Repeat(1, Math.Min(payload, 2) + AcceleratorRecordHeader.TrailerSize));
+            at += (int)AcceleratorRecordHeader.RecordSize(payload);
+        }
+        return i => sizes[i];
+    }
+
     private static int FindRecord(byte[] stream, AcceleratorRecordType type)
     {
         int at = 0;

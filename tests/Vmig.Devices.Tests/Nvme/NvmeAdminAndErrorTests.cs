@@ -223,6 +223,53 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
     }
 
     [Fact]
+    public void Deallocate_punches_a_hole_in_the_namespace_file_and_the_blocks_read_as_zeroes_as_dlfeat_says()
+    {
+        Assert.Equal(1, _drv.IdentifyNamespace(_rig.Nsid).Dlfeat & 7); // read behaviour 001b: zeroes
+        byte[] data = Pattern(256 * 1024, 8);
+        for (int i = 0; i < 4; i++)
+        {
+            _ram.Write(Buf, data.AsSpan(i * 65536, 65536));
+            Assert.True(_drv.Write(1, _rig.Nsid, 2048 + (ulong)(i * 128), 128, 512, Buf).IsSuccess); // 1 MiB into the file
+        }
+        Assert.True(_drv.ExecuteRaw(1, new SubmissionQueueEntry { Opcode = (byte)NvmeIoOpcode.Flush, Nsid = _rig.Nsid }).Status.IsSuccess);
+        long before = Allocated();
+        Assert.True(before >= 256 * 1024);
+
+        // Deallocate 3 of the 4 x 64 KiB, the last range through Write Zeroes with DEAC (CDW12 bit 25).
+        byte[] ranges = new byte[32];
+        new DatasetManagementRange(0, 128, 2048).WriteTo(ranges);
+        new DatasetManagementRange(0, 128, 2048 + 256).WriteTo(ranges.AsSpan(16));
+        _ram.Write(Buf + 0x40000, ranges);
+        var dsm = new SubmissionQueueEntry { Opcode = (byte)NvmeIoOpcode.DatasetManagement, Nsid = _rig.Nsid, Cdw10 = 1, Cdw11 = 4 };
+        Assert.True(_drv.ExecuteRaw(1, dsm, Buf + 0x40000, 32).Status.IsSuccess);
+        var wz = NvmeDriver.ReadWrite(NvmeIoOpcode.WriteZeroes, _rig.Nsid, 2048 + 384, 128);
+        Assert.True(_drv.ExecuteRaw(1, wz with { Cdw12 = wz.Cdw12 | (1u << 25) }).Status.IsSuccess);
+
+        Assert.True(before - Allocated() >= 3 * 65536, $"allocated {before} -> {Allocated()} bytes: no hole punched");
+        Assert.Equal(new byte[65536], _rig.ReadFile(2048 * 512, 65536));
+        Assert.Equal(data.AsSpan(65536, 65536).ToArray(), _rig.ReadFile((2048 + 128) * 512, 65536));
+        Assert.Equal(new byte[131072], _rig.ReadFile((2048 + 256) * 512, 131072));
+        Assert.Equal(new byte[65536], ReadThroughDevice(2048, 128)); // and through the controller
+        Assert.Equal(NvmeRig.NamespaceBytes, new FileInfo(_rig.NamespacePath).Length); // KEEP_SIZE
+
+        long Allocated()
+        {
+            using var h = File.OpenHandle(_rig.NamespacePath);
+            return Vmig.Native.FileSpace.AllocatedBytes(h);
+        }
+    }
+
+    private byte[] ReadThroughDevice(ulong slba, int blocks)
+    {
+        _ram.Write(Buf, new byte[blocks * 512].Select(_ => (byte)0xEE).ToArray());
+        Assert.True(_drv.Read(1, _rig.Nsid, slba, blocks, 512, Buf).IsSuccess);
+        byte[] b = new byte[blocks * 512];
+        _ram.Read(Buf, b);
+        return b;
+    }
+
+    [Fact]
     public void Bad_io_input_gets_spec_statuses()
     {
         ulong blocks = (ulong)(NvmeRig.NamespaceBytes / 512);
@@ -374,5 +421,80 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
         var list = SecondaryControllerEntry.ReadList(b);
         Assert.Equal([(ushort)1, (ushort)2], list.Select(e => e.Scid));
         Assert.All(list, e => Assert.False(e.Online));
+    }
+
+    private CompletionQueueEntry ReadCqe(ulong cq, int index)
+    {
+        byte[] b = new byte[CompletionQueueEntry.Size];
+        _ram.Read(cq + (ulong)(index * CompletionQueueEntry.Size), b);
+        Assert.True(CompletionQueueEntry.TryRead(b, out var e));
+        return e;
+    }
+
+    /// <summary>Rings a doorbell as a shadow-doorbell driver does: the shadow copy in memory, then the register.</summary>
+    private void Ring(int qid, bool sq, uint value)
+    {
+        ulong shadow = _ram.ReadUInt64(_drv.StateGpa + NvmeDriverState.OffShadow);
+        if (shadow != 0)
+        {
+            _ram.WriteUInt32(shadow + (ulong)(sq ? ShadowDoorbell.SqOffset(qid) : ShadowDoorbell.CqOffset(qid)), value);
+        }
+        Doorbell(sq ? NvmeRegisters.SqTailDoorbell(qid) : NvmeRegisters.CqHeadDoorbell(qid), value);
+    }
+
+    private NvmeCompletion Abort(ushort sqid, ushort cid) => AdminC(Op(NvmeAdminOpcode.Abort, sqid | ((uint)cid << 16)));
+
+    [Fact]
+    public void Abort_of_a_command_waiting_in_its_sq_completes_it_with_command_abort_requested_without_running_it()
+    {
+        // Qid 2 again, with a 2-entry CQ (room for one completion): commands wait in the SQ while the CQ is full.
+        Assert.True(Admin(Op(NvmeAdminOpcode.DeleteIoSubmissionQueue, 2)).IsSuccess);
+        Assert.True(Admin(Op(NvmeAdminOpcode.DeleteIoCompletionQueue, 2)).IsSuccess);
+        ulong cq = _drv.Allocate(4096), sq = _drv.Allocate(4096);
+        Assert.True(Admin(Op(NvmeAdminOpcode.CreateIoCompletionQueue, 2 | (1u << 16), cdw11: 1) with { Prp1 = cq }).IsSuccess);
+        Assert.True(Admin(Op(NvmeAdminOpcode.CreateIoSubmissionQueue, 2 | (7u << 16), cdw11: 1 | (2u << 16)) with { Prp1 = sq }).IsSuccess);
+        byte[] raw = new byte[SubmissionQueueEntry.Size];
+        for (int i = 0; i < 3; i++)
+        {
+            _ram.Write(Buf + (ulong)(i * 4096), Pattern(4096, 60 + i));
+            var w = NvmeDriver.ReadWrite(NvmeIoOpcode.Write, _rig.Nsid, 100 + (ulong)(i * 8), 8) with { Cid = (ushort)(i + 1), Prp1 = Buf + (ulong)(i * 4096) };
+            w.WriteTo(raw);
+            _ram.Write(sq + (ulong)(i * SubmissionQueueEntry.Size), raw);
+        }
+        Ring(2, sq: true, 3);
+        Assert.Equal(1, ReadCqe(cq, 0).Cid); // CID 1 ran; CIDs 2 and 3 wait for room in the CQ
+
+        Assert.Equal(0u, Abort(2, 3).Dw0 & 1);  // found in the SQ: aborted
+        Assert.Equal(1u, Abort(2, 1).Dw0 & 1);  // already completed
+        Assert.Equal(1u, Abort(2, 9).Dw0 & 1);  // no such command
+        Assert.Equal(1u, Abort(7, 2).Dw0 & 1);  // no such SQ
+
+        Ring(2, sq: false, 1);
+        var second = ReadCqe(cq, 1);
+        Assert.Equal((2, true), (second.Cid, second.Status.IsSuccess));
+        Ring(2, sq: false, 0);
+        var third = ReadCqe(cq, 0);
+        Assert.Equal(3, third.Cid);
+        Assert.Equal(NvmeStatus.AbortRequested, third.Status);
+        Assert.False(third.Phase); // second pass over the CQ
+        Assert.Equal(Pattern(4096, 61), _rig.ReadFile(108 * 512, 4096));
+        Assert.Equal(new byte[4096], _rig.ReadFile(116 * 512, 4096)); // the aborted write never ran
+    }
+
+    [Fact]
+    public void Abort_of_an_outstanding_async_event_request_completes_it_with_command_abort_requested()
+    {
+        ushort aer = _drv.Submit(0, Op(NvmeAdminOpcode.AsynchronousEventRequest));
+        var abort = Abort(0, aer);
+        Assert.True(abort.Status.IsSuccess);
+        Assert.Equal(0u, abort.Dw0 & 1);
+        Assert.Equal(NvmeStatus.AbortRequested, _drv.Wait(0, aer, 2000).Status);
+        Assert.Equal(1u, Abort(0, aer).Dw0 & 1); // gone now
+        // The AER slot is free again: four may be outstanding (AERL 3), a fifth is refused.
+        for (int i = 0; i < 4; i++)
+        {
+            _drv.Submit(0, Op(NvmeAdminOpcode.AsynchronousEventRequest));
+        }
+        Assert.Equal(NvmeStatus.AsyncEventRequestLimitExceeded, Admin(Op(NvmeAdminOpcode.AsynchronousEventRequest)));
     }
 }

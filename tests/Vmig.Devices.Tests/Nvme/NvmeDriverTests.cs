@@ -173,4 +173,43 @@ public sealed class NvmeDriverTests
         public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data) { }
         public bool WaitInterrupt(int vector, int timeoutMs) => false;
     }
+
+    [Theory]
+    [InlineData(0)]
+    [InlineData(50)]
+    public void Queue_depth_loop_with_or_without_cq_polling_reaps_every_completion_with_its_data(int pollMicroseconds)
+    {
+        using var rig = new NvmeRig();
+        Assert.True(rig.Subsystem.AttachNamespace(rig.Nsid, [0]).IsSuccess);
+        var (ram, fn) = rig.Connect(0);
+        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, CompletionPollMicroseconds = pollMicroseconds });
+        for (int i = 0; i < 16; i++)
+        {
+            ram.Write(Buf, Pattern(512, 200 + i));
+            Assert.True(drv.Write(1, rig.Nsid, (ulong)i, 1, 512, Buf).IsSuccess);
+        }
+        for (int i = 0; i < 16; i++)
+        {
+            drv.Submit(1, NvmeDriver.ReadWrite(NvmeIoOpcode.Read, rig.Nsid, (ulong)i, 1), Buf + (ulong)(i * 4096), 512, tag: (ulong)i);
+        }
+        var seen = new HashSet<ulong>();
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        while (seen.Count < 16)
+        {
+            Assert.True(sw.ElapsedMilliseconds < 10_000, $"{seen.Count} of 16 completed");
+            if (drv.TryTakeAnyCompletion(1, out var c))
+            {
+                Assert.True(c.Status.IsSuccess);
+                Assert.True(seen.Add(c.Tag));
+                continue;
+            }
+            drv.WaitForCompletions(1, 5);
+        }
+        for (int i = 0; i < 16; i++)
+        {
+            byte[] b = new byte[512];
+            ram.Read(Buf + (ulong)(i * 4096), b);
+            Assert.Equal(Pattern(512, 200 + i), b);
+        }
+    }
 }

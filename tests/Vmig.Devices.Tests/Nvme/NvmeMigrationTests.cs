@@ -316,4 +316,38 @@ public sealed class NvmeMigrationTests
         Assert.True(pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (1u << 16), Cdw11 = 1, Cdw15 = (Chunk / 4) - 1 }, buf, Chunk).Status.IsSuccess);
         Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, new SubmissionQueueEntry { Opcode = (byte)NvmeAdminOpcode.MigrationSend, Cdw10 = 2 | (2u << 16), Cdw11 = 1, Cdw12 = 4 * Chunk, Cdw15 = (Chunk / 4) - 1 }, buf, Chunk).Status);
     }
+
+    [Fact]
+    public void An_abort_marked_sq_slot_travels_in_the_state_and_one_naming_no_sq_is_refused()
+    {
+        using var src = new NvmeRig();
+        src.ProvisionVf(1);
+        var (ram, fn) = src.Connect(1, vectors: 5);
+        NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 2 });
+        var ctrl = src.Subsystem.GetController(1)!;
+        ctrl.WithLock(s =>
+        {
+            s.AbortedSlots.Add((2, 5)); // as Abort leaves it for a command still waiting in SQ 2
+            return 0;
+        });
+        var mig = src.Subsystem.Migration;
+        Assert.True(mig.Suspend(1, SuspendType.Suspend).IsSuccess);
+        Assert.True(mig.GetControllerState(1, out byte[] state).IsSuccess);
+
+        using var dst = new NvmeRig(sharedNamespacePath: src.NamespacePath);
+        dst.ProvisionVf(1);
+        var tmig = dst.Subsystem.Migration;
+        Assert.True(tmig.Suspend(1, SuspendType.Suspend).IsSuccess);
+        Assert.True(tmig.SetControllerState(1, state, out string err).IsSuccess, err);
+        Assert.Equal([((ushort)2, (ushort)5)], dst.Subsystem.GetController(1)!.WithLock(s => s.AbortedSlots.ToArray()));
+
+        ctrl.WithLock(s =>
+        {
+            s.AbortedSlots.Add((7, 0)); // no SQ 7
+            return 0;
+        });
+        Assert.True(mig.GetControllerState(1, out byte[] bad).IsSuccess);
+        Assert.Equal(NvmeStatus.InvalidField, tmig.SetControllerState(1, bad, out err));
+        Assert.Contains("aborted slot", err, StringComparison.Ordinal);
+    }
 }

@@ -3,6 +3,7 @@ using Vmig.Guest.Nvme;
 using Vmig.Migration;
 using Vmig.Native;
 using Vmig.Spec.Nvme;
+using Vmig.VfioUser;
 using Vmig.VfioUser.Client;
 using Vmig.VfioUser.Protocol;
 using Vmig.VfioUser.Server;
@@ -104,5 +105,60 @@ public sealed class NvmeSocketTests
         byte[] back = new byte[4096];
         ramB.Read(Buf, back);
         Assert.Equal(Pattern(4096, 99), back);
+    }
+
+    [Fact]
+    public void Vf_dma_logging_goes_through_the_primary_track_commands_and_reports_exactly_the_pages_the_secondary_wrote()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        string sp = SocketPath();
+        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sp);
+        server.Start();
+        using var client = VfioUserClient.Connect(sp);
+        using var ram = new TestGuestRam(16 << 20);
+        using var fn = new ClientPciFunction(client, ram);
+        // No shadow doorbells: then the device's only writes to guest memory are read data and completion entries.
+        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, ShadowDoorbells = false });
+        for (int i = 0; i < 4; i++)
+        {
+            ram.Write(Buf, Pattern(8192, i));
+            Assert.True(drv.Write(1, rig.Nsid, (ulong)(i * 16), 16, 512, Buf).IsSuccess);
+        }
+        var primary = rig.Subsystem.Migration;
+
+        Assert.Equal(4096UL, client.StartDirtyLogging(4096, []));
+        // The VF's DMA_LOGGING_START became Track Send / Track Memory Changes on the primary: a host agent's own start
+        // for the same secondary is refused as already started.
+        Assert.Equal(NvmeStatus.CommandSequenceError, primary.TrackMemoryChanges(1, start: true));
+        Assert.Equal(Errno.EBUSY, Assert.Throws<VfioUserException>(() => client.StartDirtyLogging(4096, [])).Errno);
+
+        // The guest writes RAM itself (SQ entries, its own bookkeeping): not the device, so not tracked.
+        ram.Write(Buf + 0x200000, Pattern(4096, 7));
+        ulong[] targets = [Buf + 0x10000, Buf + 0x30000, Buf + 0x80000];
+        Assert.True(drv.Read(1, rig.Nsid, 0, 8, 512, targets[0]).IsSuccess);          // one page
+        Assert.True(drv.Read(1, rig.Nsid, 16, 16, 512, targets[1]).IsSuccess);        // two pages
+        Assert.True(drv.Read(1, rig.Nsid, 32, 8, 512, targets[2] + 2048).IsSuccess); // straddles two pages
+        ulong cqBase = ram.ReadUInt64(drv.StateGpa + NvmeDriverState.OffQueues + NvmeDriverState.QueueDescSize + NvmeDriverState.QCqBase);
+        var expected = new SortedSet<ulong> { targets[0], targets[1], targets[1] + 4096, targets[2], targets[2] + 4096, cqBase & ~4095UL };
+
+        // A report of one range leaves the pages outside it pending for a later report.
+        var part = client.ReportDirty(targets[1], 8192, 4096);
+        Assert.Equal([targets[1], targets[1] + 4096], part.EnumerateDirtyPages().ToArray());
+        var rest = client.ReportDirty(0, ram.Size, 4096);
+        expected.Remove(targets[1]);
+        expected.Remove(targets[1] + 4096);
+        Assert.Equal(expected.ToArray(), rest.EnumerateDirtyPages().ToArray());
+        Assert.Equal(0UL, client.ReportDirty(0, ram.Size, 4096).Count()); // read and cleared
+
+        // Folded to a larger page size: 64 KiB pages holding the written 4 KiB pages.
+        Assert.True(drv.Read(1, rig.Nsid, 0, 8, 512, targets[2]).IsSuccess);
+        var folded = client.ReportDirty(0, ram.Size, 65536);
+        Assert.Equal(new[] { cqBase & ~65535UL, targets[2] & ~65535UL }.Distinct().Order().ToArray(), folded.EnumerateDirtyPages().ToArray());
+
+        client.StopDirtyLogging();
+        // Stopped on the primary too: Track Receive for the secondary has nothing started.
+        Assert.Equal(NvmeStatus.CommandSequenceError, primary.ReceiveTrackedChanges(1, 16, [], out _));
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VfioUserException>(client.StopDirtyLogging).Errno);
     }
 }
