@@ -26,6 +26,7 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     private readonly PageBitmap _dirty;
     private readonly object _readerLock = new();
     private SafeFileHandle? _reader;
+    private SafeFileHandle? _writer;
 
     private GuestRam(UnixFd fd, Mapping mapping, ulong size)
     {
@@ -163,6 +164,25 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     }
 
     /// <summary>
+    /// Writes <paramref name="source"/> at [<paramref name="gpa"/>, +source.Length) with pwrite(2) on the memfd instead of
+    /// stores through the mapping: on a fresh memfd each store through the mapping takes a page fault that allocates and
+    /// zeroes the page, where pwrite allocates in the kernel's copy loop (measured on this machine: ~1.0 s per GiB through
+    /// the mapping against ~0.5 s with pwrite). Coherent with the mapping (same page cache). Thread-safe; no dirty marking.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">The range is outside RAM.</exception>
+    /// <exception cref="IOException">pwrite failed.</exception>
+    public void WriteUntracked(ulong gpa, ReadOnlySpan<byte> source)
+    {
+        Check(gpa, (ulong)source.Length);
+        SafeFileHandle h;
+        lock (_readerLock)
+        {
+            h = _writer ??= File.OpenHandle($"/proc/self/fd/{Fd.Fd}", FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);
+        }
+        RandomAccess.Write(h, source, (long)gpa);
+    }
+
+    /// <summary>
     /// Clears in <paramref name="pages"/> every page that is a hole in the memfd (never written by anyone: vCPU, device
     /// DMA or a load through the mapping), found with lseek SEEK_DATA/SEEK_HOLE instead of reading RAM. A hole reads
     /// as zeros, so a receiver whose RAM starts zero-filled needs nothing for it. Cost: two lseek calls per allocated
@@ -249,6 +269,7 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     public void Dispose()
     {
         _reader?.Dispose();
+        _writer?.Dispose();
         _mapping.Dispose();
         Fd.Dispose();
     }

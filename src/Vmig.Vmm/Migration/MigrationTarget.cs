@@ -422,6 +422,7 @@ internal sealed class TargetSession
             {
                 throw new StreamFormatException("an extra connection belongs to another migration session");
             }
+            loader.PageRounds.Concurrent = true;
             tasks.Add(Task.Factory.StartNew(() => ReceiveChannel(c, vm, loader), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
         }
         return tasks;
