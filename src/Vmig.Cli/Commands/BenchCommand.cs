@@ -15,7 +15,7 @@ internal static class BenchCommand
         var runs = new Option<int?>("--runs") { Description = "measured runs per figure (median and spread over these)" };
         var scenarios = new Argument<string[]>("scenario")
         {
-            Description = "scenarios to run: region, migdata, nvme, accel, vm (default: all)",
+            Description = $"scenarios to run: {string.Join(", ", BenchRunner.ScenarioIds)} (default: all)",
             Arity = ArgumentArity.ZeroOrMore,
         };
         var cmd = new Command("bench", """
