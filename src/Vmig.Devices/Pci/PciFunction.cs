@@ -670,7 +670,7 @@ public abstract class PciFunction : VfioUserDevice
         return (ctl & PciMsix.ControlEnable) != 0 && (ctl & PciMsix.ControlFunctionMask) == 0;
     }
 
-    /// <summary>Sends every pending vector that may now be delivered and clears its PBA bit (PCIe §6.1.4.5).</summary>
+    /// <summary>Sends every pending vector that may now be delivered and clears the PBA bit of each one sent (PCIe §6.1.4.5).</summary>
     private void DeliverPendingLocked()
     {
         // Delivery depends on Message Control only (see CanDeliverLocked), so it is decided once for every vector.
@@ -681,12 +681,15 @@ public abstract class PciFunction : VfioUserDevice
         for (int w = 0; w < _pba.Length; w++)
         {
             ulong bits = _pba[w];
-            _pba[w] = 0;
             while (bits != 0)
             {
                 int bit = BitOperations.TrailingZeroCount(bits);
                 bits &= bits - 1;
-                ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, w * 64 + bit);
+                // A vector the client has not armed stays pending, as SignalMsix leaves it.
+                if (ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, w * 64 + bit))
+                {
+                    _pba[w] &= ~(1UL << bit);
+                }
             }
         }
     }

@@ -331,6 +331,24 @@ public sealed class PciFunctionTests : IDisposable
     }
 
     [Fact]
+    public void Msix_PendingVectorTheClientDidNotArm_StaysPendingWhenTheFunctionIsUnmasked()
+    {
+        // Vector 1 is armed, vector 5 is not: unmasking the function delivers 1 and must keep 5 in the PBA.
+        using var few = new GuestRam(1 << 20, msixVectors: 4);
+        var f = new TestFunction(Declaration());
+        f.OnAttached(few.Context);
+        EnableMemoryAndBusMaster(f);
+        EnableMsix(f, functionMask: true);
+        Assert.False(f.SignalMsix(1));
+        Assert.False(f.SignalMsix(5));
+        EnableMsix(f, functionMask: false);
+        Assert.Equal(1ul, few.Irqs.Take(VfioPci.MsixIrqIndex, 1, 1000));
+        Assert.False(f.IsMsixPending(1));
+        Assert.True(f.IsMsixPending(5));
+        Assert.Equal(1u << 5, Bar32(f, 2, 0x2000));
+    }
+
+    [Fact]
     public void Msix_FunctionMaskAndDisable_HoldInterruptsUntilCleared()
     {
         var f = Attached();
