@@ -502,19 +502,19 @@ public sealed class VfioUserConnection : IDisposable
                     ReadAndFinish(dontWait: false, null, default, default);
                     continue;
                 }
-                bool readable, woken;
+                bool readable = false;
                 if (next == RxState.Parked)
                 {
-                    readable = false;
-                    woken = FdIo.PollIn(_wake.Handle, _commandsSeen ? TickMs : LazyParkMs);
+                    // Consumes the wake-up if one came.
+                    _ = _wake.Wait(_commandsSeen ? TickMs : LazyParkMs);
                 }
                 else
                 {
-                    readable = _socket.WaitReadable(TickMs, _wake.Handle, out woken);
-                }
-                if (woken)
-                {
-                    _ = FdIo.TryReadUInt64(_wake.Handle, out _);
+                    readable = _socket.WaitReadable(TickMs, _wake.Handle, out bool woken);
+                    if (woken)
+                    {
+                        _ = FdIo.TryReadUInt64(_wake.Handle, out _);
+                    }
                 }
                 lock (_gate)
                 {
