@@ -185,8 +185,10 @@ public class StreamFormatTests
         Assert.Contains("version 3.0", e.Message, StringComparison.Ordinal);
     }
 
-    [Fact]
-    public void RamPages_EncodeApplyRoundTripWithZeroPagesAndRoundOrdering()
+    [Theory]
+    [InlineData(false)] // one writer: claimed pages written as runs with pwrite
+    [InlineData(true)]  // parallel connections: page by page under the stripe locks
+    public void RamPages_EncodeApplyRoundTripWithZeroPagesAndRoundOrdering(bool concurrent)
     {
         using var src = GuestRam.Create(64 * 1024);
         using var dst = GuestRam.Create(64 * 1024);
@@ -197,7 +199,7 @@ public class StreamFormatTests
         Assert.Equal(14, zeros);
         // Two data pages + records for runs [0-2]z [3]d [4]z [5]d [6-15]z = 5 records.
         Assert.Equal(8 + (5 * 16) + (2 * 4096), len);
-        var rounds = new PageRounds(dst.PageCount);
+        var rounds = new PageRounds(dst.PageCount) { Concurrent = concurrent };
         // Round 1 wrote page 0 with data; round 2's ZERO record for it must clear it.
         using (var earlier = GuestRam.Create(64 * 1024))
         {
@@ -215,6 +217,18 @@ public class StreamFormatTests
         int oldLen = RamPages.Encode(old, 1, 5, 1, buf, out _);
         RamPages.Apply(dst, buf.AsSpan(0, oldLen), rounds);
         Assert.Equal(7, dst.GetHostSpan(4096 * 5, 1)[0]);
+
+        // A record only partly superseded: round 4 wrote page 5, then round 3 brings pages 4-6. Pages 4 and 6 take
+        // round 3's bytes (the write is split around page 5), page 5 keeps round 4's.
+        using var r4 = GuestRam.Create(64 * 1024);
+        r4.Write(4096 * 5, Enumerable.Repeat((byte)4, 4096).ToArray());
+        RamPages.Apply(dst, buf.AsSpan(0, RamPages.Encode(r4, 4, 5, 1, buf, out _)), rounds);
+        using var r3 = GuestRam.Create(64 * 1024);
+        r3.Write(4096 * 4, Enumerable.Repeat((byte)3, 3 * 4096).ToArray());
+        Assert.Equal(3, RamPages.Apply(dst, buf.AsSpan(0, RamPages.Encode(r3, 3, 4, 3, buf, out _)), rounds));
+        Assert.True(dst.GetHostSpan(4096 * 4, 4096).ToArray().All(x => x == 3));
+        Assert.True(dst.GetHostSpan(4096 * 5, 4096).ToArray().All(x => x == 4));
+        Assert.True(dst.GetHostSpan(4096 * 6, 4096).ToArray().All(x => x == 3));
     }
 
     [Fact]
