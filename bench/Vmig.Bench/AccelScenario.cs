@@ -58,16 +58,10 @@ internal static class AccelScenario
         var stop = new List<double>();
         long preBytes = 0, tailBytes = 0, stopBytes = 0;
 
-        // Pre-copy mode: RUNNING→PRE_COPY, read everything pre-copy offers, then STOP_COPY for the rest (the tail).
-        void MigratePrecopy()
+        // →STOP_COPY, read to the end into the target, target RESUMING→STOP (commit): (bytes, seconds).
+        (long Bytes, double Seconds) StopCopyToEnd()
         {
-            long p = 0, s = 0;
-            dst.SetState(DeviceState.Resuming);
-            double tp = Measure.Seconds(() =>
-            {
-                src.SetState(DeviceState.PreCopy);
-                p = Pump(src.Client, dst, buf);
-            });
+            long s = 0;
             double ts = Measure.Seconds(() =>
             {
                 src.SetState(DeviceState.StopCopy);
@@ -76,6 +70,20 @@ internal static class AccelScenario
             });
             src.SetState(DeviceState.Running);
             dst.SetState(DeviceState.Running);
+            return (s, ts);
+        }
+
+        // Pre-copy mode: RUNNING→PRE_COPY, read everything pre-copy offers, then STOP_COPY for the rest (the tail).
+        void MigratePrecopy()
+        {
+            long p = 0;
+            dst.SetState(DeviceState.Resuming);
+            double tp = Measure.Seconds(() =>
+            {
+                src.SetState(DeviceState.PreCopy);
+                p = Pump(src.Client, dst, buf);
+            });
+            var (s, ts) = StopCopyToEnd();
             (preBytes, tailBytes) = (p, s);
             pre.Add(p / Measure.MiB / tp);
             tail.Add(ts * 1e3);
@@ -84,16 +92,8 @@ internal static class AccelScenario
         // Stop-copy mode: RUNNING→STOP→STOP_COPY, the whole device memory in stop-copy.
         void MigrateStopCopy()
         {
-            long s = 0;
             dst.SetState(DeviceState.Resuming);
-            double ts = Measure.Seconds(() =>
-            {
-                src.SetState(DeviceState.StopCopy);
-                s = Pump(src.Client, dst, buf);
-                dst.SetState(DeviceState.Stop);
-            });
-            src.SetState(DeviceState.Running);
-            dst.SetState(DeviceState.Running);
+            var (s, ts) = StopCopyToEnd();
             stopBytes = s;
             stop.Add(s / Measure.MiB / ts);
         }

@@ -1,8 +1,6 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Globalization;
-using System.Net;
-using System.Net.Sockets;
 using Vmig.Guest;
 using Vmig.Guest.Accelerator;
 using Vmig.Guest.Workloads;
@@ -149,36 +147,20 @@ internal static class DowntimeScenario
         {
             string dst = sockets[(hop + 1) % 2];
             double rate = VmScenario.RawTcpMiBps(256 * MiB);
-            var listener = new TcpListener(IPAddress.Loopback, 0);
-            listener.Start();
-            try
+            var (report, next) = VmScenario.MigrateOverLoopback(vm, incoming, _ => open(dst), options);
+            long before = progress(vm);
+            vm.Dispose(); // the source host's server takes the next client (the hop back)
+            vm = next;
+            WaitFor(() => progress(next) > before, $"hop {hop}: the guest job made no progress on the target");
+            if (hop > 0)
             {
-                var accept = MigrationTarget.AcceptAsync(listener, incoming, _ => open(dst));
-                var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, options).GetAwaiter().GetResult();
-                var next = accept.GetAwaiter().GetResult();
-                if (report.Outcome != "completed")
-                {
-                    next.Dispose();
-                    throw new InvalidOperationException($"migration outcome {report.Outcome}: {report.Error}");
-                }
-                long before = progress(vm);
-                vm.Dispose(); // the source host's server takes the next client (the hop back)
-                vm = next;
-                WaitFor(() => progress(next) > before, $"hop {hop}: the guest job made no progress on the target");
-                if (hop > 0)
-                {
-                    totals.Add(report.TotalMilliseconds);
-                    ideals.Add(report.TotalBytes / (double)MiB / rate * 1e3);
-                    downs.Add(report.DowntimeMilliseconds);
-                    targetDowns.Add(report.TargetDowntimeMilliseconds);
-                    rates.Add(rate);
-                }
-                last = report;
+                totals.Add(report.TotalMilliseconds);
+                ideals.Add(report.TotalBytes / (double)MiB / rate * 1e3);
+                downs.Add(report.DowntimeMilliseconds);
+                targetDowns.Add(report.TargetDowntimeMilliseconds);
+                rates.Add(rate);
             }
-            finally
-            {
-                listener.Stop();
-            }
+            last = report;
         }
         return new HopResults(totals, ideals, downs, targetDowns, rates, last!, hops);
     }

@@ -147,7 +147,6 @@ internal static class VmScenario
         var srcDevices = new List<IVmDevice>();
         Vm? vm = null;
         Vm? target = null;
-        var listener = new TcpListener(IPAddress.Loopback, 0);
         try
         {
             if (devices > 0)
@@ -169,17 +168,10 @@ internal static class VmScenario
             // The busy VM's dirtier owns the lower half and its verify pass expects pages it has not reached to read 0.
             Populate(vm.Memory, busy ? ramBytes / 2 : 0, ramBytes);
             vm.Start();
-            listener.Start();
             var dst = dstSocks;
-            var accept = MigrationTarget.AcceptAsync(listener, new VmConfig { Name = "bench", Programs = programs },
-                d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile));
-            var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) })
-                .GetAwaiter().GetResult();
-            target = accept.GetAwaiter().GetResult();
-            if (report.Outcome != "completed")
-            {
-                throw new InvalidOperationException($"migration outcome {report.Outcome}: {report.Error}");
-            }
+            (var report, target) = MigrateOverLoopback(vm, new VmConfig { Name = "bench", Programs = programs },
+                d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile),
+                new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) });
             if (busy)
             {
                 target.Pause();
@@ -202,9 +194,36 @@ internal static class VmScenario
             {
                 d.Dispose();
             }
-            listener.Stop();
             srcPeer?.Dispose();
             dstPeer?.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// One live migration of <paramref name="vm"/> over TCP loopback into a new VM built from <paramref name="incoming"/>
+    /// (its devices opened by <paramref name="open"/>). Throws unless the outcome is "completed" (the target, if one was
+    /// built, is disposed); otherwise the caller owns both VMs.
+    /// </summary>
+    internal static (MigrationReport Report, Vm Target) MigrateOverLoopback(Vm vm, VmConfig incoming, Func<DeviceDescription, IVmDevice> open,
+        MigrationOptions options)
+    {
+        var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        try
+        {
+            var accept = MigrationTarget.AcceptAsync(listener, incoming, open);
+            var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, options).GetAwaiter().GetResult();
+            var target = accept.GetAwaiter().GetResult();
+            if (report.Outcome != "completed")
+            {
+                target.Dispose();
+                throw new InvalidOperationException($"migration outcome {report.Outcome}: {report.Error}");
+            }
+            return (report, target);
+        }
+        finally
+        {
+            listener.Stop();
         }
     }
 

@@ -8,12 +8,18 @@ public sealed class CliErrorTests : IDisposable
 
     private static readonly TimeSpan T = TimeSpan.FromSeconds(60);
 
+    /// <summary>`vmig host --config FILE` with <paramref name="text"/> written to FILE in the test's directory.</summary>
+    private (int Code, string Output) RunHost(string file, string text)
+    {
+        string cfg = Path.Combine(_dir, file);
+        File.WriteAllText(cfg, text);
+        return VmigProcess.Run(T, "host", "--config", cfg);
+    }
+
     [Fact]
     public void Host_config_with_a_wrong_type_names_file_line_and_field()
     {
-        string cfg = Path.Combine(_dir, "h.json");
-        File.WriteAllText(cfg, "{\n  \"name\": \"h\",\n  \"accelerators\": [ { \"name\": \"a\", \"vfs\": \"many\" } ]\n}\n");
-        var (code, output) = VmigProcess.Run(T, "host", "--config", cfg);
+        var (code, output) = RunHost("h.json", "{\n  \"name\": \"h\",\n  \"accelerators\": [ { \"name\": \"a\", \"vfs\": \"many\" } ]\n}\n");
         Assert.Equal(1, code);
         Assert.Contains("h.json:3", output, StringComparison.Ordinal);
         Assert.Contains("vfs", output, StringComparison.Ordinal);
@@ -22,9 +28,7 @@ public sealed class CliErrorTests : IDisposable
     [Fact]
     public void Host_yaml_config_with_an_unknown_field_names_the_line()
     {
-        string cfg = Path.Combine(_dir, "h.yaml");
-        File.WriteAllText(cfg, "name: h\naccelerators:\n  - name: a\n    bogus: 1\n");
-        var (code, output) = VmigProcess.Run(T, "host", "--config", cfg);
+        var (code, output) = RunHost("h.yaml", "name: h\naccelerators:\n  - name: a\n    bogus: 1\n");
         Assert.Equal(1, code);
         Assert.Contains("h.yaml:4", output, StringComparison.Ordinal);
     }
@@ -32,9 +36,7 @@ public sealed class CliErrorTests : IDisposable
     [Fact]
     public void Host_config_value_out_of_range_is_refused_with_the_field()
     {
-        string cfg = Path.Combine(_dir, "h.json");
-        File.WriteAllText(cfg, """{ "name": "h", "runtimeDir": "RUN", "accelerators": [ { "name": "a", "vfs": 0 } ] }""".Replace("RUN", Path.Combine(_dir, "run"), StringComparison.Ordinal));
-        var (code, output) = VmigProcess.Run(T, "host", "--config", cfg);
+        var (code, output) = RunHost("h.json", """{ "name": "h", "runtimeDir": "RUN", "accelerators": [ { "name": "a", "vfs": 0 } ] }""".Replace("RUN", Path.Combine(_dir, "run"), StringComparison.Ordinal));
         Assert.Equal(1, code);
         Assert.Contains("accelerators[a].vfs", output, StringComparison.Ordinal);
     }

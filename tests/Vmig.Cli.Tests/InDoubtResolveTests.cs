@@ -37,10 +37,9 @@ public sealed class InDoubtResolveTests : IDisposable
             runtimeDir = _dir,
             workloads = new object[] { new { kind = "memory-dirtier", size = "4M", rate = "4M" } },
         }));
-        var p = _procs.Start("vm", "--config", cfg);
+        _procs.Start("vm", "--config", cfg);
         string ctl = Path.Combine(_dir, name + ".ctl");
         VmigProcesses.WaitFor(() => File.Exists(ctl), name + " control socket");
-        _ = p;
         return ctl;
     }
 

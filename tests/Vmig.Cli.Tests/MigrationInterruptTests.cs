@@ -1,6 +1,4 @@
 using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 using System.Text.Json;
 using Vmig.Native;
 
@@ -25,33 +23,13 @@ public sealed class MigrationInterruptTests : IDisposable
     [Fact]
     public void Sigterm_to_vmig_migrate_mid_migration_leaves_the_vm_running_at_the_source_with_nothing_lost()
     {
-        string ns = Path.Combine(_dir, "ns.img");
-        foreach (string h in new[] { "A", "B" })
-        {
-            File.WriteAllText(Path.Combine(_dir, $"host{h}.json"), JsonSerializer.Serialize(new
-            {
-                name = "host" + h,
-                runtimeDir = Path.Combine(_dir, h),
-                nvme = new[] { new { name = "nvme0", vfs = 1, namespaces = new[] { new { path = ns, size = "16M" } } } },
-            }));
-            Start("host", "--config", Path.Combine(_dir, $"host{h}.json"));
-        }
-        WaitFor(() => File.Exists(Path.Combine(_dir, "A", "host.json")) && File.Exists(Path.Combine(_dir, "B", "host.json")), "device hosts");
-        File.WriteAllText(Path.Combine(_dir, "job.fio"), "[w]\nrw=randwrite\nbs=4k\niodepth=4\nsize=4M\nverify=crc32c\ntime_based=1\nruntime=600\n");
-        File.WriteAllText(Path.Combine(_dir, "vm.json"), JsonSerializer.Serialize(new
-        {
-            name = "vm0",
-            memory = "64M",
-            runtimeDir = Path.Combine(_dir, "vmA"),
-            devices = new[] { new { name = "nvme0", socket = Path.Combine(_dir, "A", "nvme0-vf0.sock") } },
-            workloads = new object[] { new { kind = "fio", device = "nvme0", job = "job.fio" }, new { kind = "memory-dirtier", size = "16M", rate = "8M" } },
-        }));
-        Start("vm", "--config", Path.Combine(_dir, "vm.json"));
+        NvmeTwoHosts.StartHosts(_dir, (_, cfg) => Start("host", "--config", cfg), WaitFor);
+        Start("vm", "--config", NvmeTwoHosts.WriteVmConfig(_dir, "8M"));
         string ctl = Path.Combine(_dir, "vmA", "vm0.ctl");
         WaitFor(() => File.Exists(ctl), "vm0 control socket");
-        int port = FreePort();
+        int port = VmigProcess.FreePort();
         var target = Start("vm", "--incoming", $"tcp:127.0.0.1:{port}", "--name", "vm0", "--runtime-dir", Path.Combine(_dir, "vmB"),
-            "--device", $"nvme0={Path.Combine(_dir, "B", "nvme0-vf0.sock")}");
+            "--device", $"nvme0={NvmeTwoHosts.TargetVfSocket(_dir)}");
         Thread.Sleep(2000);
 
         // 1 MiB/s makes the 64 MiB RAM copy take a minute: the SIGTERM lands in pre-copy.
@@ -86,14 +64,5 @@ public sealed class MigrationInterruptTests : IDisposable
         int i = output.IndexOf('{', StringComparison.Ordinal);
         using var d = JsonDocument.Parse(output[i..]);
         return d.RootElement.GetProperty("state").GetString();
-    }
-
-    private static int FreePort()
-    {
-        var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        int p = ((IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return p;
     }
 }

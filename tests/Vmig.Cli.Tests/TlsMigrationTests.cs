@@ -1,5 +1,3 @@
-using System.Net;
-using System.Net.Sockets;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
 using System.Text.Json;
@@ -56,14 +54,14 @@ public sealed class TlsMigrationTests : IDisposable
         string ctl = BootSource("t0");
 
         // A source that trusts another CA refuses the target's certificate: nothing moves, the VM keeps running.
-        int port = FreePort();
+        int port = VmigProcess.FreePort();
         _procs.Start("vm", "--incoming", $"tcp:127.0.0.1:{port}", "--name", "t0", "--runtime-dir", Path.Combine(_dir, "dst1"), "--tls-cert", cert, "--tls-key", key);
         Thread.Sleep(2000);
         var (bad, badOut) = VmigProcess.Run(TimeSpan.FromMinutes(2), "migrate", ctl, "--to", $"tcp:127.0.0.1:{port}", "--tls-ca", otherCa);
         Assert.True(bad != 0, badOut);
         Assert.Equal("Running", VmigProcesses.Control(ctl, "{\"op\":\"status\"}").GetProperty("result").GetProperty("state").GetString());
 
-        port = FreePort();
+        port = VmigProcess.FreePort();
         _procs.Start("vm", "--incoming", $"tcp:127.0.0.1:{port}", "--name", "t0", "--runtime-dir", Path.Combine(_dir, "dst2"), "--tls-cert", cert, "--tls-key", key);
         Thread.Sleep(2000);
         string json = Path.Combine(_dir, "report.json");
@@ -76,14 +74,5 @@ public sealed class TlsMigrationTests : IDisposable
         VmigProcesses.WaitFor(() => File.Exists(ctl2), ctl2);
         var v = VmigProcesses.Control(ctl2, "{\"op\":\"verify\"}").GetProperty("result");
         Assert.Equal(0, v.GetProperty("corrupt").GetInt64());
-    }
-
-    private static int FreePort()
-    {
-        var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        int p = ((IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return p;
     }
 }

@@ -34,6 +34,65 @@ internal static class VmigProcess
         }
         return (p.ExitCode, stdout.Result + stderr.Result);
     }
+
+    /// <summary>A loopback TCP port free a moment ago (for `vmig vm --incoming tcp:127.0.0.1:PORT`).</summary>
+    public static int FreePort()
+    {
+        var l = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        l.Start();
+        int p = ((System.Net.IPEndPoint)l.LocalEndpoint).Port;
+        l.Stop();
+        return p;
+    }
+}
+
+/// <summary>
+/// The two-host NVMe setup of the process-level migration tests: `vmig host` A and B (NVMe "nvme0", one VF each, on
+/// one shared 16 MiB namespace file; runtime dirs DIR/A and DIR/B) and a 64 MiB VM "vm0" on host A's VF (runtime dir
+/// DIR/vmA) running a verifying fio job (4k randwrite, QD4) and a memory dirtier over 16 MiB.
+/// </summary>
+internal static class NvmeTwoHosts
+{
+    /// <summary>Host B's VF socket, the incoming VM's device.</summary>
+    public static string TargetVfSocket(string dir) => Path.Combine(dir, "B", "nvme0-vf0.sock");
+
+    /// <summary>
+    /// Starts host A, then host B once A has written its manifest (<paramref name="start"/> gets the host letter and
+    /// the config path): the first host creates the shared namespace file, and a second host opening it while it is
+    /// being created failed with "being used by another process" (one harness error in 30 fault cases).
+    /// </summary>
+    public static void StartHosts(string dir, Action<string, string> start, Action<Func<bool>, string> waitFor)
+    {
+        string ns = Path.Combine(dir, "ns.img");
+        foreach (string h in new[] { "A", "B" })
+        {
+            string cfg = Path.Combine(dir, $"host{h}.json");
+            File.WriteAllText(cfg, System.Text.Json.JsonSerializer.Serialize(new
+            {
+                name = "host" + h,
+                runtimeDir = Path.Combine(dir, h),
+                nvme = new[] { new { name = "nvme0", vfs = 1, namespaces = new[] { new { path = ns, size = "16M" } } } },
+            }));
+            start(h, cfg);
+            waitFor(() => File.Exists(Path.Combine(dir, h, "host.json")), "device host " + h);
+        }
+    }
+
+    /// <summary>Writes job.fio and vm.json (the dirtier writing <paramref name="dirtierRate"/> per second); returns vm.json's path.</summary>
+    public static string WriteVmConfig(string dir, string dirtierRate)
+    {
+        File.WriteAllText(Path.Combine(dir, "job.fio"), "[w]\nrw=randwrite\nbs=4k\niodepth=4\nsize=4M\nverify=crc32c\ntime_based=1\nruntime=600\n");
+        string vm = Path.Combine(dir, "vm.json");
+        File.WriteAllText(vm, System.Text.Json.JsonSerializer.Serialize(new
+        {
+            name = "vm0",
+            memory = "64M",
+            runtimeDir = Path.Combine(dir, "vmA"),
+            devices = new[] { new { name = "nvme0", socket = Path.Combine(dir, "A", "nvme0-vf0.sock") } },
+            workloads = new object[] { new { kind = "fio", device = "nvme0", job = "job.fio" }, new { kind = "memory-dirtier", size = "16M", rate = dirtierRate } },
+        }));
+        return vm;
+    }
 }
 
 /// <summary>The vmig child processes of one test: started with output drained, killed and disposed at the end.</summary>

@@ -7,17 +7,14 @@ internal sealed class ChildProcess : IDisposable
 {
     private readonly Process _p;
     private readonly StreamWriter _log;
+    private readonly string _logPath;
 
     private ChildProcess(Process p, StreamWriter log, string logPath)
     {
         _p = p;
         _log = log;
-        LogPath = logPath;
+        _logPath = logPath;
     }
-
-    public string LogPath { get; }
-    public int Pid => _p.Id;
-    public bool HasExited => _p.HasExited;
 
     /// <summary>Starts `vmig ARGS` (via the dotnet host when we run as a dll).</summary>
     public static ChildProcess Start(string logPath, params string[] args)
@@ -66,7 +63,7 @@ internal sealed class ChildProcess : IDisposable
     {
         try
         {
-            using var f = new FileStream(LogPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            using var f = new FileStream(_logPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
             using var r = new StreamReader(f);
             return r.ReadToEnd().Contains(text, StringComparison.Ordinal);
         }
@@ -76,11 +73,11 @@ internal sealed class ChildProcess : IDisposable
         }
     }
 
-    public string Tail(int lines = 15)
+    private string Tail(int lines = 15)
     {
         try
         {
-            using var f = new FileStream(LogPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            using var f = new FileStream(_logPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
             using var r = new StreamReader(f);
             var all = r.ReadToEnd().Split('\n');
             return string.Join('\n', all.TakeLast(lines));

@@ -125,12 +125,12 @@ internal sealed class VmControl : IDisposable
     /// <summary>Outcome of the last migration ("completed", "rolled-back", "in-doubt", …; null if none ran).</summary>
     private volatile string? _lastMigration;
 
-    /// <summary>Set while the VM is paused after an in-doubt migration, until <c>resolve</c>.</summary>
-    private volatile bool _inDoubt;
+    /// <summary>The VM is paused after an in-doubt migration, until <c>resolve</c> (which records how it ended).</summary>
+    private bool InDoubt => _lastMigration == "in-doubt";
 
     private void RefuseWhileInDoubt(string op)
     {
-        if (_inDoubt)
+        if (InDoubt)
         {
             throw new InvalidOperationException($"{op}: VM {_vm.Name} is paused after an in-doubt migration; resolve it first (vmig resolve {_vm.Name} --resume|--discard)");
         }
@@ -148,7 +148,7 @@ internal sealed class VmControl : IDisposable
             {
                 throw new ArgumentException("resolve: 'action' must be \"resume\" or \"discard\"");
             }
-            if (!_inDoubt)
+            if (!InDoubt)
             {
                 throw new InvalidOperationException($"resolve: VM {_vm.Name} is not in doubt (state {_vm.State}, last migration {_lastMigration ?? "none"})");
             }
@@ -164,7 +164,6 @@ internal sealed class VmControl : IDisposable
                 _lastMigration = "in-doubt, resolved: discarded at the source";
                 Volatile.Write(ref _finishAfterReply, true);
             }
-            _inDoubt = false;
             _logger.LogWarning("in-doubt migration resolved by the operator: {Action}; state {State}", action, _vm.State);
             return new JsonObject { ["state"] = _vm.State.ToString(), ["problem"] = problem };
         }
@@ -174,7 +173,7 @@ internal sealed class VmControl : IDisposable
     {
         ["name"] = _vm.Name,
         ["state"] = _vm.State.ToString(),
-        ["inDoubt"] = _inDoubt,
+        ["inDoubt"] = InDoubt,
         ["lastMigration"] = _lastMigration,
         ["memoryBytes"] = _vm.Memory.Size,
         ["pid"] = Environment.ProcessId,
@@ -248,11 +247,10 @@ internal sealed class VmControl : IDisposable
         catch (VmMigrationException e)
         {
             _lastMigration = e.Report.Outcome;
-            _inDoubt = e.Report.Outcome == "in-doubt";
             var o = Error(e.Message);
             o["report"] = JsonNode.Parse(e.Report.ToJson());
             o["sourceRunning"] = _vm.State == VmRunState.Running;
-            o["inDoubt"] = _inDoubt;
+            o["inDoubt"] = InDoubt;
             return o;
         }
         catch (OperationCanceledException)

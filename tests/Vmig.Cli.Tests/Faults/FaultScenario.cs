@@ -116,34 +116,12 @@ internal sealed class FaultScenario : IDisposable
 
     public FaultOutcome Run(FaultPhase phase, FaultKind fault)
     {
-        string ns = Path.Combine(_dir, "ns.img");
-        foreach (string h in new[] { "A", "B" })
-        {
-            File.WriteAllText(Path.Combine(_dir, $"host{h}.json"), JsonSerializer.Serialize(new
-            {
-                name = "host" + h,
-                runtimeDir = Path.Combine(_dir, h),
-                nvme = new[] { new { name = "nvme0", vfs = 1, namespaces = new[] { new { path = ns, size = "16M" } } } },
-            }));
-            Start("host" + h, "host", "--config", Path.Combine(_dir, $"host{h}.json"));
-            // One after the other: the first host creates the shared namespace file, and a second host opening it
-            // while it is being created failed with "being used by another process" (one harness error in 30 cases).
-            WaitFor(() => File.Exists(Path.Combine(_dir, h, "host.json")), "device host " + h, 120);
-        }
-        File.WriteAllText(Path.Combine(_dir, "job.fio"), "[w]\nrw=randwrite\nbs=4k\niodepth=4\nsize=4M\nverify=crc32c\ntime_based=1\nruntime=600\n");
-        File.WriteAllText(Path.Combine(_dir, "vm.json"), JsonSerializer.Serialize(new
-        {
-            name = "vm0",
-            memory = "64M",
-            runtimeDir = Path.Combine(_dir, "vmA"),
-            devices = new[] { new { name = "nvme0", socket = Path.Combine(_dir, "A", "nvme0-vf0.sock") } },
-            workloads = new object[] { new { kind = "fio", device = "nvme0", job = "job.fio" }, new { kind = "memory-dirtier", size = "16M", rate = "4M" } },
-        }));
-        Start("vmA", "vm", "--config", Path.Combine(_dir, "vm.json"));
+        NvmeTwoHosts.StartHosts(_dir, (h, cfg) => Start("host" + h, "host", "--config", cfg), (cond, what) => WaitFor(cond, what, 120));
+        Start("vmA", "vm", "--config", NvmeTwoHosts.WriteVmConfig(_dir, "4M"));
         WaitFor(() => File.Exists(SrcCtl), "source control socket");
-        int port = FreePort();
+        int port = VmigProcess.FreePort();
         Start("vmB", "vm", "--incoming", $"tcp:127.0.0.1:{port}", "--name", "vm0", "--runtime-dir", Path.Combine(_dir, "vmB"),
-            "--device", $"nvme0={Path.Combine(_dir, "B", "nvme0-vf0.sock")}");
+            "--device", $"nvme0={NvmeTwoHosts.TargetVfSocket(_dir)}");
         WaitFor(() => Log.Contains("vmB: vm vm0: waiting for a migration", StringComparison.Ordinal), "incoming VM listening");
         using var proxy = new FaultProxy(new IPEndPoint(IPAddress.Loopback, port));
         Thread.Sleep(1000); // let fio acknowledge some writes first
@@ -451,14 +429,5 @@ internal sealed class FaultScenario : IDisposable
         {
         }
         return null;
-    }
-
-    private static int FreePort()
-    {
-        var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        int p = ((IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return p;
     }
 }
