@@ -194,7 +194,6 @@ internal sealed class VmControl : IDisposable
 
     private async Task<JsonObject> MigrateAsync(JsonObject req, StreamWriter writer)
     {
-        RefuseWhileInDoubt("migrate");
         var endpoint = ParseTcp(req["to"]?.GetValue<string>() ?? throw new ArgumentException("migrate: 'to' (tcp:HOST:PORT) is required"));
         var tlsNode = req["tls"] as JsonObject;
         var options = new MigrationOptions
@@ -218,6 +217,8 @@ internal sealed class VmControl : IDisposable
         Task<MigrationReport> run;
         lock (_opLock)
         {
+            // Under the lock, so a concurrent resolve cannot slip between the check and the start.
+            RefuseWhileInDoubt("migrate");
             run = MigrationSource.RunAsync(_vm, endpoint, options, progress, cancel.Token);
         }
         _ = run.ContinueWith(_ => events.Writer.TryComplete(), TaskScheduler.Default);
@@ -275,10 +276,10 @@ internal sealed class VmControl : IDisposable
 
     private JsonNode Snapshot(JsonObject req)
     {
-        RefuseWhileInDoubt("snapshot");
         string path = req["to"]?.GetValue<string>() ?? throw new ArgumentException("snapshot: 'to' (a file path) is required");
         lock (_opLock)
         {
+            RefuseWhileInDoubt("snapshot");
             using var f = File.Create(path);
             var report = VmSnapshot.Save(_vm, f);
             f.Flush(true);
