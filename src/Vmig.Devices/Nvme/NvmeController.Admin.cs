@@ -762,7 +762,7 @@ public sealed partial class NvmeController
                     int fmt = want.Flbas & 0xF;
                     if (fmt >= NvmeNamespace.LbaFormats.Count)
                     {
-                        return new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true); // Invalid Format
+                        return NvmeStatus.InvalidFormat;
                     }
                     st = _subsystem.CreateNamespace(want.Nsze, NvmeNamespace.LbaFormats[fmt].DataSize, out uint nsid);
                     dw0 = nsid;
