@@ -158,14 +158,11 @@ public sealed unsafe class FdSocket : IDisposable
     {
         while (true)
         {
-            switch (ReceiveCore(buffer, fds, dontWait: false, out fdsTruncated))
+            // Blocking: only TimedOut (SO_RCVTIMEO, nothing consumed) comes back short of a result.
+            var status = TryReceive(buffer, fds, dontWait: false, out fdsTruncated);
+            if (status != ReceiveStatus.TimedOut)
             {
-                case ReceiveStatus.Received:
-                    return true;
-                case ReceiveStatus.EndOfStream:
-                    return false;
-                default:
-                    continue;
+                return status == ReceiveStatus.Received;
             }
         }
     }
@@ -178,10 +175,7 @@ public sealed unsafe class FdSocket : IDisposable
     /// </summary>
     /// <exception cref="NativeException">A socket error.</exception>
     /// <exception cref="EndOfStreamException">End of stream mid-buffer.</exception>
-    public ReceiveStatus TryReceive(Span<byte> buffer, List<UnixFd>? fds, bool dontWait, out bool fdsTruncated) =>
-        ReceiveCore(buffer, fds, dontWait, out fdsTruncated);
-
-    private ReceiveStatus ReceiveCore(Span<byte> buffer, List<UnixFd>? fds, bool dontWait, out bool fdsTruncated)
+    public ReceiveStatus TryReceive(Span<byte> buffer, List<UnixFd>? fds, bool dontWait, out bool fdsTruncated)
     {
         fdsTruncated = false;
         bool added = false;

@@ -24,9 +24,8 @@ public sealed class GuestRam : IGuestMemory, IDisposable
 
     private readonly Mapping _mapping;
     private readonly PageBitmap _dirty;
-    private readonly object _readerLock = new();
-    private SafeFileHandle? _reader;
-    private SafeFileHandle? _writer;
+    private readonly object _fileLock = new();
+    private SafeFileHandle? _file;
 
     private GuestRam(UnixFd fd, Mapping mapping, ulong size)
     {
@@ -146,11 +145,7 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     public void ReadUntracked(ulong gpa, Span<byte> destination)
     {
         Check(gpa, (ulong)destination.Length);
-        SafeFileHandle h;
-        lock (_readerLock)
-        {
-            h = _reader ??= File.OpenHandle($"/proc/self/fd/{Fd.Fd}", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
-        }
+        SafeFileHandle h = MemFdHandle();
         while (!destination.IsEmpty)
         {
             int n = RandomAccess.Read(h, destination, (long)gpa);
@@ -174,12 +169,16 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     public void WriteUntracked(ulong gpa, ReadOnlySpan<byte> source)
     {
         Check(gpa, (ulong)source.Length);
-        SafeFileHandle h;
-        lock (_readerLock)
+        RandomAccess.Write(MemFdHandle(), source, (long)gpa);
+    }
+
+    /// <summary>The memfd opened once, read-write, for <see cref="ReadUntracked"/> and <see cref="WriteUntracked"/> (positioned I/O: one handle serves every thread).</summary>
+    private SafeFileHandle MemFdHandle()
+    {
+        lock (_fileLock)
         {
-            h = _writer ??= File.OpenHandle($"/proc/self/fd/{Fd.Fd}", FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);
+            return _file ??= File.OpenHandle($"/proc/self/fd/{Fd.Fd}", FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);
         }
-        RandomAccess.Write(h, source, (long)gpa);
     }
 
     /// <summary>
@@ -268,8 +267,7 @@ public sealed class GuestRam : IGuestMemory, IDisposable
 
     public void Dispose()
     {
-        _reader?.Dispose();
-        _writer?.Dispose();
+        _file?.Dispose();
         _mapping.Dispose();
         Fd.Dispose();
     }

@@ -3,7 +3,6 @@ using Vmig.Devices.Nvme;
 using Vmig.Migration;
 using Vmig.VfioUser;
 using Vmig.VfioUser.Client;
-using Vmig.VfioUser.Server;
 
 namespace Vmig.Devices.Tests;
 
@@ -13,36 +12,11 @@ namespace Vmig.Devices.Tests;
 /// CRC-protected and start with a profile record); a replayed stream is refused or loads exactly the original state;
 /// the device is usable after a reset, and a valid state still loads afterwards.
 /// </summary>
-public sealed class HostileMigrationDataTests : IDisposable
+public sealed class HostileMigrationDataTests() : SocketTestScope("vmig-hostile-")
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-hostile-").FullName;
-    private readonly List<IDisposable> _own = [];
-
-    public void Dispose()
-    {
-        for (int i = _own.Count - 1; i >= 0; i--)
-        {
-            _own[i].Dispose();
-        }
-        Directory.Delete(_dir, true);
-    }
-
-    private T Own<T>(T d) where T : IDisposable
-    {
-        _own.Add(d);
-        return d;
-    }
-
-    private VfioUserClient Serve(VfioUserDevice device, string name)
-    {
-        var s = Own(new VfioUserServer(device, Path.Combine(_dir, name + ".sock")));
-        s.Start();
-        return Own(VfioUserClient.Connect(s.SocketPath));
-    }
-
     private VfioUserClient NvmeVf(string name)
     {
-        string img = Path.Combine(_dir, "ns.img");
+        string img = Path.Combine(Dir, "ns.img");
         if (!File.Exists(img))
         {
             using var f = File.Create(img);

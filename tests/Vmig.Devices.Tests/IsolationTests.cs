@@ -1,4 +1,3 @@
-using Microsoft.Extensions.Logging.Abstractions;
 using Vmig.Devices.Accelerator;
 using Vmig.Devices.Tests.Nvme;
 using Vmig.Guest;
@@ -21,34 +20,10 @@ namespace Vmig.Devices.Tests;
 /// (as `vmig host` serves them); each test drives one VF the way a guest (driver over MMIO + DMA) or its VMM
 /// (the socket) can, and checks the other function or the hidden state did not move.
 /// </summary>
-public sealed class IsolationTests : IDisposable
+public sealed class IsolationTests() : SocketTestScope("vmig-isolation-")
 {
     private const long RamSize = 16 << 20;
     private const ulong ForeignIova = 0x4000_0000;
-    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-isolation-").FullName;
-    private readonly List<IDisposable> _own = [];
-
-    public void Dispose()
-    {
-        for (int i = _own.Count - 1; i >= 0; i--)
-        {
-            _own[i].Dispose();
-        }
-        Directory.Delete(_dir, true);
-    }
-
-    private T Own<T>(T d) where T : IDisposable
-    {
-        _own.Add(d);
-        return d;
-    }
-
-    private VfioUserClient Serve(VfioUserDevice device, string name)
-    {
-        var s = Own(new VfioUserServer(device, Path.Combine(_dir, name + ".sock"), null, NullLoggerFactory.Instance));
-        s.Start();
-        return Own(VfioUserClient.Connect(s.SocketPath));
-    }
 
     /// <summary>Accelerator PF with two VFs, each on its own socket, each VF's guest RAM mapped into its DMA window.</summary>
     private (AcceleratorPf Pf, VfioUserClient[] Clients, TestGuestRam[] Rams, ClientPciFunction[] Fns) TwoAccelVfs()

@@ -83,4 +83,42 @@ public sealed class FdPassingTests
         Assert.True(twinKeep.Receive(one, null, out _));
         Assert.Equal(42, one[0]);
     }
+
+    [Fact]
+    public void TryReceive_gives_up_before_the_first_byte_without_consuming_it_and_WaitReadable_tells_socket_from_wake()
+    {
+        var (a, b) = FdSocket.CreatePair();
+        using var _a = a;
+        using var _b = b;
+        using var wake = EventFd.Create();
+        var buf = new byte[4];
+        Assert.Equal(ReceiveStatus.WouldBlock, b.TryReceive(buf, null, dontWait: true, out _));
+        b.SetReceiveTimeout(50);
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        Assert.Equal(ReceiveStatus.TimedOut, b.TryReceive(buf, null, dontWait: false, out _));
+        Assert.InRange(sw.ElapsedMilliseconds, 30, 5000);
+        Assert.False(b.WaitReadable(0, wake.Handle, out bool woken));
+        Assert.False(woken);
+        wake.Signal();
+        Assert.False(b.WaitReadable(5000, wake.Handle, out woken));
+        Assert.True(woken);
+        // The first two bytes arrive alone: once a byte is in, TryReceive waits for the rest even with dontWait.
+        a.Send([1, 2], default, default);
+        Assert.True(b.WaitReadable(5000, null, out woken));
+        Assert.False(woken);
+        var late = new Thread(() =>
+        {
+            Thread.Sleep(100);
+            a.Send([3, 4, 5], default, default);
+        });
+        late.Start();
+        Assert.Equal(ReceiveStatus.Received, b.TryReceive(buf, null, dontWait: true, out _));
+        Assert.True(late.Join(5000));
+        Assert.Equal(new byte[] { 1, 2, 3, 4 }, buf);
+        // Nothing of the next message was lost to the timeouts above.
+        Assert.Equal(ReceiveStatus.Received, b.TryReceive(buf.AsSpan(0, 1), null, dontWait: true, out _));
+        Assert.Equal(5, buf[0]);
+        a.Shutdown();
+        Assert.Equal(ReceiveStatus.EndOfStream, b.TryReceive(buf, null, dontWait: false, out _));
+    }
 }

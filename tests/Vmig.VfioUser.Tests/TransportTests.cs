@@ -287,12 +287,18 @@ public sealed class TransportTests
         client.Start(static (c, m) => c.SendError(m.Header, Errno.EINVAL));
         var head = new byte[4];
         var tail = new byte[16];
+        // Sentinels: neither the error reply nor the refused (drained) one may write into the spans.
+        head.AsSpan().Fill(0xAA);
+        tail.AsSpan().Fill(0xAA);
         var e = Assert.Throws<VfioUserException>(() => client.SendRequestInto(VfioUserCommand.MigDataRead, [0], default, head, tail, 5000));
         Assert.Equal(Errno.ENOSPC, e.Errno);
         e = Assert.Throws<VfioUserException>(() => client.SendRequestInto(VfioUserCommand.MigDataRead, [1], default, head, tail, 5000));
         Assert.Equal(Errno.EPROTO, e.Errno);
+        Assert.Equal(new byte[] { 0xAA, 0xAA, 0xAA, 0xAA }, head);
         Assert.Equal(3, client.SendRequestInto(VfioUserCommand.MigDataRead, [2], default, head, tail, 5000));
-        Assert.Equal(new byte[] { 1, 2, 3, 0 }, head);
+        // A reply shorter than the head fills the head first and touches nothing past its 3 bytes.
+        Assert.Equal(new byte[] { 1, 2, 3, 0xAA }, head);
+        Assert.True(tail.AsSpan().IndexOfAnyExcept((byte)0xAA) < 0, "tail untouched");
     }
 
     [Fact]

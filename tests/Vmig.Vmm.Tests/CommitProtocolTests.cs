@@ -111,11 +111,8 @@ public sealed class CommitProtocolTests : IDisposable
         var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P, [], dmaGpa: 0x3000);
         using var src = TestVms.Dirtier(8, "gpa=1M,size=2M,rate=20", [dev]);
         src.Start();
-        var fake = Task.Run(() =>
+        var fake = FakeTargetAfterEndOfState((r, w) =>
         {
-            using var s = _listener.AcceptSocket();
-            using var ns = new NetworkStream(s);
-            var (r, w) = ReadUntilEndOfState(ns);
             w.Write(SectionType.TargetReady, []);
             w.Flush();
             r.Expect(SectionType.Commit);
@@ -138,11 +135,8 @@ public sealed class CommitProtocolTests : IDisposable
     {
         using var src = TestVms.Dirtier(8, "gpa=1M,size=2M,rate=20");
         src.Start();
-        var fake = Task.Run(() =>
+        var fake = FakeTargetAfterEndOfState((r, w) =>
         {
-            using var s = _listener.AcceptSocket();
-            using var ns = new NetworkStream(s);
-            var (r, w) = ReadUntilEndOfState(ns);
             // A 1.x-style target: runs and reports at once. The source must not take that as a commit.
             w.Write(SectionType.TargetResult, new TargetResult(0, 1, 0, "").ToPayload());
             w.Flush();
@@ -266,15 +260,17 @@ public sealed class CommitProtocolTests : IDisposable
         return flipped;
     }
 
-    /// <summary>A fake target: accepts the handshake and reads the whole state.</summary>
-    private static (SectionReader Reader, SectionWriter Writer) ReadUntilEndOfState(NetworkStream ns)
+    /// <summary>A fake target on <see cref="_listener"/>: accepts the handshake, reads the whole state, then runs <paramref name="end"/>.</summary>
+    private Task FakeTargetAfterEndOfState(Action<SectionReader, SectionWriter> end) => Task.Run(() =>
     {
+        using var s = _listener.AcceptSocket();
+        using var ns = new NetworkStream(s);
         var (r, w) = MigrationTests.AcceptHandshake(ns);
         while (r.ReadNext() && r.Type != SectionType.EndOfState)
         {
         }
-        return (r, w);
-    }
+        end(r, w);
+    });
 
     private static double MeasureLoopbackRoundTripMs()
     {

@@ -185,25 +185,27 @@ public class StreamFormatTests
         Assert.Contains("version 3.0", e.Message, StringComparison.Ordinal);
     }
 
-    [Fact]
-    public void RamPages_EncodeApplyRoundTripWithZeroPagesAndRoundOrdering()
+    [Theory]
+    [InlineData(false)] // one writer: claimed pages written as runs with pwrite
+    [InlineData(true)]  // parallel connections: page by page under the stripe locks
+    public void RamPages_EncodeApplyRoundTripWithZeroPagesAndRoundOrdering(bool concurrent)
     {
         using var src = GuestRam.Create(64 * 1024);
         using var dst = GuestRam.Create(64 * 1024);
         src.Write(4096 * 3, new byte[] { 0xAB, 0xCD });
         src.Write(4096 * 5, Enumerable.Repeat((byte)7, 4096).ToArray());
         var buf = new byte[RamPages.MaxPayload];
-        int len = RamPages.Encode(src, 2, 0, 16, buf, out int zeros);
+        int len = EncodeRun(src, 2, 0, 16, buf, out int zeros);
         Assert.Equal(14, zeros);
         // Two data pages + records for runs [0-2]z [3]d [4]z [5]d [6-15]z = 5 records.
         Assert.Equal(8 + (5 * 16) + (2 * 4096), len);
-        var rounds = new PageRounds(dst.PageCount);
+        var rounds = new PageRounds(dst.PageCount) { Concurrent = concurrent };
         // Round 1 wrote page 0 with data; round 2's ZERO record for it must clear it.
         using (var earlier = GuestRam.Create(64 * 1024))
         {
             earlier.Write(0, Enumerable.Repeat((byte)0xEE, 4096).ToArray());
             var b1 = new byte[RamPages.MaxPayload];
-            RamPages.Apply(dst, b1.AsSpan(0, RamPages.Encode(earlier, 1, 0, 1, b1, out _)), rounds);
+            RamPages.Apply(dst, b1.AsSpan(0, EncodeRun(earlier, 1, 0, 1, b1, out _)), rounds);
             Assert.Equal(0xEE, dst.GetHostSpan(0, 1)[0]);
         }
         Assert.Equal(16, RamPages.Apply(dst, buf.AsSpan(0, len), rounds));
@@ -212,9 +214,28 @@ public class StreamFormatTests
         // An older round arriving late (another connection) must not overwrite newer pages.
         using var old = GuestRam.Create(64 * 1024);
         old.Write(4096 * 5, Enumerable.Repeat((byte)1, 4096).ToArray());
-        int oldLen = RamPages.Encode(old, 1, 5, 1, buf, out _);
+        int oldLen = EncodeRun(old, 1, 5, 1, buf, out _);
         RamPages.Apply(dst, buf.AsSpan(0, oldLen), rounds);
         Assert.Equal(7, dst.GetHostSpan(4096 * 5, 1)[0]);
+
+        // A record only partly superseded: round 4 wrote page 5, then round 3 brings pages 4-6. Pages 4 and 6 take
+        // round 3's bytes (the write is split around page 5), page 5 keeps round 4's.
+        using var r4 = GuestRam.Create(64 * 1024);
+        r4.Write(4096 * 5, Enumerable.Repeat((byte)4, 4096).ToArray());
+        RamPages.Apply(dst, buf.AsSpan(0, EncodeRun(r4, 4, 5, 1, buf, out _)), rounds);
+        using var r3 = GuestRam.Create(64 * 1024);
+        r3.Write(4096 * 4, Enumerable.Repeat((byte)3, 3 * 4096).ToArray());
+        Assert.Equal(3, RamPages.Apply(dst, buf.AsSpan(0, EncodeRun(r3, 3, 4, 3, buf, out _)), rounds));
+        Assert.True(dst.GetHostSpan(4096 * 4, 4096).ToArray().All(x => x == 3));
+        Assert.True(dst.GetHostSpan(4096 * 5, 4096).ToArray().All(x => x == 4));
+        Assert.True(dst.GetHostSpan(4096 * 6, 4096).ToArray().All(x => x == 3));
+    }
+
+    /// <summary>One payload: the 8-byte header and the run [first, first+count), all-zero pages as ZERO records. Returns its length.</summary>
+    private static int EncodeRun(GuestRam ram, uint round, long first, int count, byte[] buffer, out int zeroPages)
+    {
+        RamPages.WritePayloadHeader(buffer, round);
+        return RamPages.AppendRun(ram, first, count, buffer, RamPages.PayloadHeaderSize, omitZeroPages: false, out zeroPages);
     }
 
     [Fact]

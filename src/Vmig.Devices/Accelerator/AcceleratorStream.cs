@@ -244,7 +244,7 @@ public sealed class AcceleratorSaveStream
     {
         _hasRecord = true;
         _pos = 0;
-        _crc = ~0u;
+        _crc = Crc32C.Start;
     }
 
     private int EmitFromRecord(Span<byte> dst)
@@ -267,14 +267,11 @@ public sealed class AcceleratorSaveStream
             _crc = Crc32C.AppendCopy(_crc, from, dst.Slice(written, k));
             _pos += k;
             written += k;
-            if (_pos == payloadEnd)
-            {
-                BinaryPrimitives.WriteUInt32LittleEndian(_trailer, ~_crc);
-            }
         }
-        if (_payloadLength == 0 && _pos == payloadEnd)
+        if (_pos == payloadEnd)
         {
-            BinaryPrimitives.WriteUInt32LittleEndian(_trailer, ~_crc);
+            // The payload is all out (or empty): its CRC is final. Rewritten unchanged if the trailer waits for the next read.
+            BinaryPrimitives.WriteUInt32LittleEndian(_trailer, Crc32C.Finish(_crc));
         }
         if (written < dst.Length && _pos >= payloadEnd)
         {

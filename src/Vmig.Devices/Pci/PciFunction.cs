@@ -252,7 +252,7 @@ public abstract class PciFunction : VfioUserDevice
     /// attaches, so merely attaching the host-only PF socket did that). Disable SR-IOV first, or FLR through the
     /// PCIe Device Control register, which stays exactly as the spec says.
     /// </remarks>
-    public override int PrepareReset() => Declaration.Sriov is not null && SriovSettings.VfEnable ? 16 /* EBUSY */ : 0;
+    public override int PrepareReset() => Declaration.Sriov is not null && SriovSettings.VfEnable ? Errno.EBUSY : 0;
 
     /// <summary>
     /// Resets the function: config space to its power-on image (BARs, command, MSI-X enable, VF Enable cleared), all
@@ -286,7 +286,7 @@ public abstract class PciFunction : VfioUserDevice
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(vector, m?.VectorCount ?? 0);
         lock (_lock)
         {
-            if (CanDeliverLocked(vector) && Context is { } ctx && ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, vector))
+            if (CanDeliverLocked() && Context is { } ctx && ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, vector))
             {
                 return true;
             }
@@ -664,17 +664,17 @@ public abstract class PciFunction : VfioUserDevice
     /// is not masked, and the client armed it (an eventfd in the IRQ table); otherwise it is left pending in the PBA.
     /// Found by Linux's nvme driver through QEMU (docs/realguest.md).
     /// </remarks>
-    private bool CanDeliverLocked(int vector)
+    private bool CanDeliverLocked()
     {
-        _ = vector;
         ushort ctl = MsixControlLocked();
         return (ctl & PciMsix.ControlEnable) != 0 && (ctl & PciMsix.ControlFunctionMask) == 0;
     }
 
-    /// <summary>Sends every pending vector that may now be delivered and clears its PBA bit (PCIe §6.1.4.5).</summary>
+    /// <summary>Sends every pending vector that may now be delivered and clears the PBA bit of each one sent (PCIe §6.1.4.5).</summary>
     private void DeliverPendingLocked()
     {
-        if (Context is not { } ctx)
+        // Delivery depends on Message Control only (see CanDeliverLocked), so it is decided once for every vector.
+        if (Context is not { } ctx || !CanDeliverLocked())
         {
             return;
         }
@@ -685,11 +685,10 @@ public abstract class PciFunction : VfioUserDevice
             {
                 int bit = BitOperations.TrailingZeroCount(bits);
                 bits &= bits - 1;
-                int vector = w * 64 + bit;
-                if (CanDeliverLocked(vector))
+                // A vector the client has not armed stays pending, as SignalMsix leaves it.
+                if (ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, w * 64 + bit))
                 {
                     _pba[w] &= ~(1UL << bit);
-                    ctx.Irqs.Trigger(VfioPci.MsixIrqIndex, vector);
                 }
             }
         }

@@ -1,6 +1,5 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
-using System.Numerics;
 using System.Text;
 
 namespace Vmig.Guest.Workloads;

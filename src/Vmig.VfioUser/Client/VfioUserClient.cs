@@ -535,13 +535,9 @@ public sealed class VfioUserClient : IDisposable
         while (done < buffer.Length)
         {
             int want = (int)Math.Min((uint)(buffer.Length - done), _server.MaxDataXferSize);
-            new MigDataHead((uint)(MigDataHead.WireSize + want), (uint)want).WriteTo(req);
+            MigDataReadRequest(req, want);
             int len = _conn.SendRequestInto(VfioUserCommand.MigDataRead, req, default, head, buffer.Slice(done, want));
-            if (len < MigDataHead.WireSize || !MigDataHead.TryRead(head, out var h) || h.Size > (uint)want || len != MigDataHead.WireSize + (int)h.Size)
-            {
-                throw MigDataMismatch();
-            }
-            int n = (int)h.Size;
+            int n = MigDataCount(head[..Math.Min(len, MigDataHead.WireSize)], len, want);
             done += n;
             if (n < want)
             {
@@ -556,8 +552,11 @@ public sealed class VfioUserClient : IDisposable
     public int ReadMigrationData(int size, Stream destination)
     {
         ArgumentNullException.ThrowIfNull(destination);
-        using var r = MigDataRead((int)Math.Min((uint)size, _server.MaxDataXferSize));
-        int n = (int)BinaryPrimitives.ReadUInt32LittleEndian(r.Payload[4..]);
+        int want = (int)Math.Min((uint)size, _server.MaxDataXferSize);
+        Span<byte> req = stackalloc byte[MigDataHead.WireSize];
+        MigDataReadRequest(req, want);
+        using var r = _conn.SendRequest(VfioUserCommand.MigDataRead, req);
+        int n = MigDataCount(r.Payload, r.Length, want);
         destination.Write(r.Payload.Slice(MigDataHead.WireSize, n));
         return n;
     }
@@ -565,18 +564,18 @@ public sealed class VfioUserClient : IDisposable
     /// <summary>The largest MIG_DATA chunk the server accepts, in bytes.</summary>
     public int MaxMigrationChunk => (int)Math.Min(_server.MaxDataXferSize, _options.MaxDataXferSize);
 
-    private VfioUserMessage MigDataRead(int size)
-    {
-        Span<byte> req = stackalloc byte[MigDataHead.WireSize];
+    /// <summary>The MIG_DATA_READ request for <paramref name="size"/> bytes (argsz, size) into <paramref name="req"/>.</summary>
+    private static void MigDataReadRequest(Span<byte> req, int size) =>
         new MigDataHead((uint)(MigDataHead.WireSize + size), (uint)size).WriteTo(req);
-        var r = _conn.SendRequest(VfioUserCommand.MigDataRead, req);
-        if (!MigDataHead.TryRead(r.Payload, out var h) || h.Size > (uint)size || (ulong)r.Length != MigDataHead.WireSize + (ulong)h.Size)
-        {
-            r.Dispose();
-            throw MigDataMismatch();
-        }
-        return r;
-    }
+
+    /// <summary>The data count of a MIG_DATA_READ reply of <paramref name="replyLength"/> payload bytes starting with
+    /// <paramref name="replyHead"/>, for a request of <paramref name="asked"/> bytes.</summary>
+    /// <exception cref="VfioUserException">EPROTO: the reply is shorter than its head, its size field exceeds the request,
+    /// or the payload length is not head + size.</exception>
+    private static int MigDataCount(ReadOnlySpan<byte> replyHead, int replyLength, int asked) =>
+        MigDataHead.TryRead(replyHead, out var h) && h.Size <= (uint)asked && replyLength == MigDataHead.WireSize + (int)h.Size
+            ? (int)h.Size
+            : throw MigDataMismatch();
 
     /// <summary>MIG_DATA_WRITE of <paramref name="data"/> (split at the server's max_data_xfer_size).</summary>
     public void WriteMigrationData(ReadOnlySpan<byte> data)

@@ -349,7 +349,6 @@ public sealed class VfioUserConnection : IDisposable
             ReadKind k = ReadAndFinish(dontWait: false, direct ? p : null, replyHead, replyTail);
             if (k == ReadKind.EndOfStream)
             {
-                Close("peer closed the connection");
                 return;
             }
             if (k == ReadKind.TimedOut && !p.Done && Environment.TickCount64 >= deadline)
@@ -364,7 +363,8 @@ public sealed class VfioUserConnection : IDisposable
 
     /// <summary>
     /// With the read role held: reads one message and, before giving the role up, delivers it (a reply to its waiter,
-    /// a command to the queue), so commands keep their order whoever reads them. A socket error closes the connection.
+    /// a command to the queue), so commands keep their order whoever reads them. End of stream or a socket error closes
+    /// the connection (<see cref="ReadKind.EndOfStream"/>).
     /// </summary>
     private ReadKind ReadAndFinish(bool dontWait, Pending? direct, Span<byte> replyHead, Span<byte> replyTail)
     {
@@ -377,7 +377,7 @@ public sealed class VfioUserConnection : IDisposable
         catch (Exception e) when (e is NativeException or EndOfStreamException or ObjectDisposedException or VfioUserException)
         {
             ReleaseRole();
-            Close(IsClosed ? _closeReason : $"receive failed: {e.Message}");
+            Close($"receive failed: {e.Message}");
             return ReadKind.EndOfStream;
         }
         VfioUserMessage? unexpected = null;
@@ -415,6 +415,10 @@ public sealed class VfioUserConnection : IDisposable
         {
             _logger.LogWarning("{Name}: unexpected reply {Header}", Name, unexpected.Header);
             unexpected.Dispose();
+        }
+        if (k == ReadKind.EndOfStream)
+        {
+            Close("peer closed the connection");
         }
         return k;
     }
@@ -495,25 +499,22 @@ public sealed class VfioUserConnection : IDisposable
                 }
                 if (next == RxState.Busy)
                 {
-                    if (ReadAndFinish(dontWait: false, null, default, default) == ReadKind.EndOfStream)
-                    {
-                        Close(IsClosed ? _closeReason : "peer closed the connection");
-                    }
+                    ReadAndFinish(dontWait: false, null, default, default);
                     continue;
                 }
-                bool readable, woken;
+                bool readable = false;
                 if (next == RxState.Parked)
                 {
-                    readable = false;
-                    woken = FdIo.PollIn(_wake.Handle, _commandsSeen ? TickMs : LazyParkMs);
+                    // Consumes the wake-up if one came.
+                    _ = _wake.Wait(_commandsSeen ? TickMs : LazyParkMs);
                 }
                 else
                 {
-                    readable = _socket.WaitReadable(TickMs, _wake.Handle, out woken);
-                }
-                if (woken)
-                {
-                    _ = FdIo.TryReadUInt64(_wake.Handle, out _);
+                    readable = _socket.WaitReadable(TickMs, _wake.Handle, out bool woken);
+                    if (woken)
+                    {
+                        _ = FdIo.TryReadUInt64(_wake.Handle, out _);
+                    }
                 }
                 lock (_gate)
                 {
@@ -527,15 +528,12 @@ public sealed class VfioUserConnection : IDisposable
                     _rxReading = true;
                 }
                 // Someone may have read the data between poll and taking the role: don't block for the next message.
-                if (ReadAndFinish(dontWait: true, null, default, default) == ReadKind.EndOfStream)
-                {
-                    Close(IsClosed ? _closeReason : "peer closed the connection");
-                }
+                ReadAndFinish(dontWait: true, null, default, default);
             }
         }
         catch (Exception e) when (e is NativeException or EndOfStreamException or ObjectDisposedException or VfioUserException)
         {
-            Close(IsClosed ? _closeReason : $"receive failed: {e.Message}");
+            Close($"receive failed: {e.Message}");
         }
         finally
         {

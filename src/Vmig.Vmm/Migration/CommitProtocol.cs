@@ -108,13 +108,6 @@ internal static class CommitProtocol
         writer.Flush();
     }
 
-    /// <summary>Source, after Commit: the target's result (status 0 running, 1 failed without running).</summary>
-    public static TargetResult ReadResult(SectionReader reader)
-    {
-        reader.Expect(SectionType.TargetResult);
-        return TargetResult.Read(reader.Payload);
-    }
-
     /// <summary>
     /// Target: sends TargetReady and waits for Commit (bounded by the connection's receive timeout). Returns the
     /// wait in µs. Throws if anything else arrives or the connection ends: the target must then discard the VM.

@@ -381,7 +381,6 @@ internal sealed class SourceSession
             // --- two-phase end (docs/stream-format.md §4.1): no TargetReady → we resume; after Commit the target
             // runs, and only a TargetResult tells us so.
             Report(MigrationPhase.WaitingForTarget, round + 1, sender.BytesWritten, 0, 0, 0);
-            t = Stopwatch.GetTimestamp();
             CommitProtocol.AwaitReady(main.Reader);
             long readyTicks = Stopwatch.GetTimestamp();
             Step("downtime.target-ready", endSent);

@@ -23,16 +23,6 @@ internal static class RamPages
     /// <summary>Bytes one run of <paramref name="count"/> pages may take in a payload at most (every page its own record).</summary>
     public static int WorstCaseRunBytes(int count) => count * (RecordHeaderSize + GuestRam.PageSize);
 
-    /// <summary>
-    /// Encodes one payload: the 8-byte header and the run [first, first+count) (count ≤ <see cref="MaxPagesPerSection"/>)
-    /// into <paramref name="buffer"/>, all-zero pages as ZERO records. Returns the payload length.
-    /// </summary>
-    public static int Encode(GuestRam ram, uint round, long first, int count, byte[] buffer, out int zeroPages)
-    {
-        WritePayloadHeader(buffer, round);
-        return AppendRun(ram, first, count, buffer, PayloadHeaderSize, omitZeroPages: false, out zeroPages);
-    }
-
     /// <summary>Writes the 8-byte payload header (u32 round, u32 0) at the start of <paramref name="payload"/>.</summary>
     public static void WritePayloadHeader(Span<byte> payload, uint round)
     {

@@ -17,7 +17,7 @@ public sealed class SectionWriter
     /// <summary>Total bytes written (headers included).</summary>
     public long BytesWritten { get; private set; }
 
-    /// <summary>Bytes written per section type (12-byte headers included).</summary>
+    /// <summary>Bytes written per section type (16-byte headers included).</summary>
     public IReadOnlyDictionary<SectionType, long> BytesByType => _bytesByType;
 
     /// <summary>Writes the 16-byte stream header.</summary>
@@ -47,8 +47,8 @@ public sealed class SectionWriter
 
     /// <summary>
     /// Writes a section whose payload is already in <paramref name="frame"/> at offset <see cref="SectionHeader.Size"/>
-    /// (<paramref name="payloadLength"/> bytes): the header is filled into the first 12 bytes and header and payload go
-    /// to the stream in one write (a separate 12-byte header write would be its own send on a socket).
+    /// (<paramref name="payloadLength"/> bytes): the header is filled into the first 16 bytes and header and payload go
+    /// to the stream in one write (a separate 16-byte header write would be its own send on a socket).
     /// </summary>
     public void WriteFramed(SectionType type, byte[] frame, int payloadLength)
     {

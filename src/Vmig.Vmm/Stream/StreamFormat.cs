@@ -28,7 +28,7 @@ public enum SectionType : ushort
     DeviceEnd = 8,
     /// <summary>S→T, mandatory, empty: the whole VM state has been sent.</summary>
     EndOfState = 9,
-    /// <summary>T→S, mandatory: u32 status (0 running, 1 failed), u64 target downtime µs, UTF-8 reason.</summary>
+    /// <summary>T→S, mandatory: u32 status (0 running, 1 failed), u32 0, u64 target downtime µs, u64 commit wait µs, UTF-8 reason (<see cref="Migration.TargetResult"/>).</summary>
     TargetResult = 10,
     /// <summary>S→T on an extra RAM channel, mandatory: 16-byte session id, u32 channel index, u32 channel count.</summary>
     ChannelHello = 11,

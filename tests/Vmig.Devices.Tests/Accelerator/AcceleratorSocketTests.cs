@@ -1,5 +1,5 @@
-using Microsoft.Extensions.Logging.Abstractions;
 using Vmig.Devices.Accelerator;
+using Vmig.Devices.Tests.Nvme;
 using Vmig.Guest;
 using Vmig.Guest.Accelerator;
 using Vmig.Migration;
@@ -15,72 +15,21 @@ namespace Vmig.Devices.Tests.Accelerator;
 /// The accelerator served over real vfio-user sockets: a "VMM" (clients here) maps one guest RAM memfd into two
 /// device hosts' VFs and moves the VF's state from one to the other with MIG_DATA_READ/WRITE (DeviceMigrator).
 /// </summary>
-public sealed class AcceleratorSocketTests : IDisposable
+public sealed class AcceleratorSocketTests() : SocketTestScope("vmig-accel-")
 {
     private const long RamSize = 16 << 20;
-    private readonly string _dir = Directory.CreateTempSubdirectory("vmig-accel-").FullName;
-    private readonly List<IDisposable> _owned = [];
 
-    public void Dispose()
-    {
-        for (int i = _owned.Count - 1; i >= 0; i--)
-        {
-            _owned[i].Dispose();
-        }
-        Directory.Delete(_dir, recursive: true);
-    }
-
-    private T Own<T>(T d) where T : IDisposable
-    {
-        _owned.Add(d);
-        return d;
-    }
-
-    /// <summary>A guest's view of a function through a vfio-user client, with its own MSI-X eventfds.</summary>
-    private sealed class ClientFunction : IGuestPciFunction, IDisposable
-    {
-        private readonly VfioUserClient _client;
-        private readonly EventFd[] _vectors;
-
-        public ClientFunction(VfioUserClient client)
-        {
-            _client = client;
-            _vectors = [EventFd.Create(), EventFd.Create()];
-            client.SetIrqEventFds(VfioPci.MsixIrqIndex, 0, _vectors);
-        }
-
-        public int MsixVectorCount => _vectors.Length;
-        public void ReadConfig(int offset, Span<byte> data) => _client.ReadRegion(VfioPci.ConfigRegionIndex, (ulong)offset, data);
-        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => _client.WriteRegion(VfioPci.ConfigRegionIndex, (ulong)offset, data);
-        public void MmioRead(int bar, ulong offset, Span<byte> data) => _client.ReadRegion(bar, offset, data);
-        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data) => _client.WriteRegion(bar, offset, data);
-        public bool WaitInterrupt(int vector, int timeoutMs) => _vectors[vector].Wait(timeoutMs) != 0;
-
-        public void Dispose()
-        {
-            foreach (var v in _vectors)
-            {
-                v.Dispose();
-            }
-        }
-    }
-
-    private (AcceleratorPf Pf, VfioUserClient Client) Host(string name, UnixFd ram)
+    private (AcceleratorPf Pf, VfioUserClient Client) Host(string name)
     {
         var pf = Own(new AcceleratorPf(1, AcceleratorProfile.Create(64 << 20, 64)));
         pf.EnableVfs(1);
-        var server = Own(new VfioUserServer(pf.GetVf(0), Path.Combine(_dir, name + ".sock"), null, NullLoggerFactory.Instance));
-        server.Start();
-        var client = Own(VfioUserClient.Connect(server.SocketPath));
-        client.DmaMap(0, RamSize, ram, 0, DmaProt.Read | DmaProt.Write);
-        return (pf, client);
+        return (pf, Serve(pf.GetVf(0), name));
     }
 
     [Fact]
     public void RegionInfo_ShowsOnlyTheVisibleRegisterPart_AndHiddenAccessFails()
     {
-        using var ramFd = MemFd.Create("ram", RamSize);
-        var (_, client) = Host("a", ramFd);
+        var (_, client) = Host("a");
         Assert.Equal(AcceleratorIds.VfRegisterVisibleSize, client.GetRegionInfo(0).Size);
         Assert.Equal(0ul, client.GetRegionInfo(1).Size);
         Assert.Equal(4096ul, client.GetRegionInfo(VfioPci.ConfigRegionIndex).Size);
@@ -92,13 +41,12 @@ public sealed class AcceleratorSocketTests : IDisposable
     [Fact]
     public void BusyVf_MovesBetweenDeviceHostsOverSockets_JobsCompleteExactlyOnce()
     {
-        using var ramFd = MemFd.Create("ram", RamSize);
-        using var ramMap = Mapping.Map(ramFd, 0, RamSize);
-        var ram = new MappedGuestMemory(ramMap);
-        var (srcPf, srcClient) = Host("src", ramFd);
-        var (dstPf, dstClient) = Host("dst", ramFd);
-        using var srcFn = new ClientFunction(srcClient);
-        using var dstFn = new ClientFunction(dstClient);
+        // One guest RAM memfd, DMA-mapped into both device hosts (ClientPciFunction maps it), as a VMM does.
+        using var ram = new TestGuestRam(RamSize);
+        var (srcPf, srcClient) = Host("src");
+        var (dstPf, dstClient) = Host("dst");
+        using var srcFn = new ClientPciFunction(srcClient, ram);
+        using var dstFn = new ClientPciFunction(dstClient, ram);
 
         var driver = AcceleratorDriver.Initialize(ram, srcFn, 0x10_0000, 32);
         var data = new byte[512 * 1024];
@@ -149,17 +97,5 @@ public sealed class AcceleratorSocketTests : IDisposable
     private sealed class SyncProgress(Action<DeviceMigrationProgress> report) : IProgress<DeviceMigrationProgress>
     {
         public void Report(DeviceMigrationProgress value) => report(value);
-    }
-
-    /// <summary>Guest RAM over one mapping, gpa = offset.</summary>
-    private sealed class MappedGuestMemory(Mapping map) : IGuestMemory
-    {
-        public ulong Size => (ulong)map.Length;
-        public void Read(ulong gpa, Span<byte> destination) => map.GetSpan((long)gpa, destination.Length).CopyTo(destination);
-        public void Write(ulong gpa, ReadOnlySpan<byte> source) => source.CopyTo(map.GetSpan((long)gpa, source.Length));
-        public uint ReadUInt32(ulong gpa) => map.ReadUInt32Volatile((long)gpa);
-        public void WriteUInt32(ulong gpa, uint value) => map.WriteUInt32Volatile((long)gpa, value);
-        public ulong ReadUInt64(ulong gpa) => (ulong)map.ReadInt64Volatile((long)gpa);
-        public void WriteUInt64(ulong gpa, ulong value) => System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(map.GetSpan((long)gpa, 8), value);
     }
 }

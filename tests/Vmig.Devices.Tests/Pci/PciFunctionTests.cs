@@ -1,4 +1,3 @@
-using Vmig.Spec;
 using System.Buffers.Binary;
 using Vmig.Devices.Pci;
 using Vmig.Spec.Pci;
@@ -316,6 +315,40 @@ public sealed class PciFunctionTests : IDisposable
     }
 
     [Fact]
+    public void Msix_VectorTheClientDidNotArm_StaysPendingInThePba()
+    {
+        // Only vectors 0..3 have an eventfd (SET_IRQS armed four): signalling vector 5 must not be lost.
+        using var few = new GuestRam(1 << 20, msixVectors: 4);
+        var f = new TestFunction(Declaration());
+        f.OnAttached(few.Context);
+        EnableMemoryAndBusMaster(f);
+        EnableMsix(f);
+        Assert.True(f.SignalMsix(3));
+        Assert.Equal(1ul, few.Irqs.Take(VfioPci.MsixIrqIndex, 3, 1000));
+        Assert.False(f.SignalMsix(5));
+        Assert.True(f.IsMsixPending(5));
+        Assert.Equal(1u << 5, Bar32(f, 2, 0x2000));
+    }
+
+    [Fact]
+    public void Msix_PendingVectorTheClientDidNotArm_StaysPendingWhenTheFunctionIsUnmasked()
+    {
+        // Vector 1 is armed, vector 5 is not: unmasking the function delivers 1 and must keep 5 in the PBA.
+        using var few = new GuestRam(1 << 20, msixVectors: 4);
+        var f = new TestFunction(Declaration());
+        f.OnAttached(few.Context);
+        EnableMemoryAndBusMaster(f);
+        EnableMsix(f, functionMask: true);
+        Assert.False(f.SignalMsix(1));
+        Assert.False(f.SignalMsix(5));
+        EnableMsix(f, functionMask: false);
+        Assert.Equal(1ul, few.Irqs.Take(VfioPci.MsixIrqIndex, 1, 1000));
+        Assert.False(f.IsMsixPending(1));
+        Assert.True(f.IsMsixPending(5));
+        Assert.Equal(1u << 5, Bar32(f, 2, 0x2000));
+    }
+
+    [Fact]
     public void Msix_FunctionMaskAndDisable_HoldInterruptsUntilCleared()
     {
         var f = Attached();
@@ -488,8 +521,4 @@ public sealed class PciFunctionTests : IDisposable
         Assert.Throws<ArgumentException>(() => new TestFunction(Declaration() with { Msix = new PciMsixLayout(4, 0, 0, 0, 0x20) }));
         Assert.Throws<ArgumentException>(() => new TestFunction(Declaration() with { Msix = new PciMsixLayout(300, 0, 0, 0, 0xF00) }));
     }
-
-    [Fact]
-    public void Crc32C_MatchesCheckValue() =>
-        Assert.Equal(0xE3069283u, Vmig.Spec.Crc32C.Compute("123456789"u8));
 }
