@@ -17,6 +17,12 @@ internal sealed class ControllerDataQueues(NvmeSubsystem subsystem)
     private readonly Dictionary<ushort, Queue> _queues = [];
     private ushort _nextId = 1;
 
+    /// <summary>
+    /// Some queue is logging. Read without the lock by <see cref="LogChange"/>, which every write of every secondary
+    /// calls: with no queue logging (the usual case) a write costs no lock shared by all controllers. Set under the lock.
+    /// </summary>
+    private volatile bool _anyLogging;
+
     private sealed class Queue
     {
         public ushort Cdqid;
@@ -38,7 +44,9 @@ internal sealed class ControllerDataQueues(NvmeSubsystem subsystem)
         {
             lock (_gate)
             {
-                return _queues.Remove((ushort)c.Cdw11) ? NvmeStatus.Success : NvmeStatus.InvalidQueueIdentifier;
+                bool removed = _queues.Remove((ushort)c.Cdw11);
+                UpdateAnyLoggingLocked();
+                return removed ? NvmeStatus.Success : NvmeStatus.InvalidQueueIdentifier;
             }
         }
         if (sel != ControllerDataQueueSelect.Create || (byte)(c.Cdw10 >> 16) != 0)
@@ -91,13 +99,13 @@ internal sealed class ControllerDataQueues(NvmeSubsystem subsystem)
             if (lact == 1)
             {
                 q.Logging = true;
-                return NvmeStatus.Success;
             }
-            if (q.Logging)
+            else if (q.Logging)
             {
                 q.Logging = false;
                 Post(primary, q, new UserDataChangeEntry(0, 0, 0, q.Phase, UserDataChangeEntry.EsaLastStopped, 2), force: true);
             }
+            UpdateAnyLoggingLocked();
             return NvmeStatus.Success;
         }
     }
@@ -159,12 +167,17 @@ internal sealed class ControllerDataQueues(NvmeSubsystem subsystem)
                     _queues.Remove(q.Cdqid);
                 }
             }
+            UpdateAnyLoggingLocked();
         }
     }
 
     /// <summary>Called by a secondary after it changed blocks [slba, +nlb) of <paramref name="nsid"/>.</summary>
     public void LogChange(ushort cntlid, uint nsid, ulong slba, ulong nlb)
     {
+        if (!_anyLogging)
+        {
+            return;
+        }
         lock (_gate)
         {
             foreach (var q in _queues.Values)
@@ -174,7 +187,18 @@ internal sealed class ControllerDataQueues(NvmeSubsystem subsystem)
                     Post(subsystem.Primary, q, new UserDataChangeEntry(nsid, (uint)Math.Min(nlb, uint.MaxValue), slba, q.Phase, UserDataChangeEntry.EsaRange, 0), force: false);
                 }
             }
+            UpdateAnyLoggingLocked(); // a full or unreachable queue stopped logging
         }
+    }
+
+    private void UpdateAnyLoggingLocked()
+    {
+        bool any = false;
+        foreach (var q in _queues.Values)
+        {
+            any |= q.Logging;
+        }
+        _anyLogging = any;
     }
 
     private static void Post(NvmeController primary, Queue q, UserDataChangeEntry e, bool force)

@@ -492,13 +492,12 @@ public sealed partial class NvmeController
                 return NvmeStatus.Success;
             case FeatureId.InterruptVectorConfiguration:
                 {
-                    uint iv = c.Cdw11 & 0xFFFF;
-                    if (iv >= (uint)Math.Max(VectorResources, 1) || iv >= 64)
+                    if (!TryInterruptVector(c.Cdw11, out ulong bit))
                     {
                         return NvmeStatus.InvalidField;
                     }
                     bool cd = (c.Cdw11 & (1u << 16)) != 0;
-                    s.CoalescingDisabledVectors = cd ? s.CoalescingDisabledVectors | (1UL << (int)iv) : s.CoalescingDisabledVectors & ~(1UL << (int)iv);
+                    s.CoalescingDisabledVectors = cd ? s.CoalescingDisabledVectors | bit : s.CoalescingDisabledVectors & ~bit;
                     return NvmeStatus.Success;
                 }
             case FeatureId.WriteAtomicityNormal:
@@ -568,12 +567,11 @@ public sealed partial class NvmeController
                 return NvmeStatus.Success;
             case FeatureId.InterruptVectorConfiguration:
                 {
-                    uint iv = c.Cdw11 & 0xFFFF;
-                    if (iv >= (uint)Math.Max(VectorResources, 1) || iv >= 64)
+                    if (!TryInterruptVector(c.Cdw11, out ulong bit))
                     {
                         return NvmeStatus.InvalidField;
                     }
-                    dw0 = iv | (current && (s.CoalescingDisabledVectors & (1UL << (int)iv)) != 0 ? 1u << 16 : 0);
+                    dw0 = (c.Cdw11 & 0xFFFF) | (current && (s.CoalescingDisabledVectors & bit) != 0 ? 1u << 16 : 0);
                     return NvmeStatus.Success;
                 }
             case FeatureId.WriteAtomicityNormal:
@@ -584,6 +582,18 @@ public sealed partial class NvmeController
             default:
                 return NvmeStatus.InvalidField;
         }
+    }
+
+    /// <summary>
+    /// Interrupt Vector Configuration CDW11 IV [15:0]: valid below the controller's vector resources (and 64, the width
+    /// of <see cref="NvmeControllerState.CoalescingDisabledVectors"/>); <paramref name="bit"/> is its CD mask bit.
+    /// </summary>
+    private bool TryInterruptVector(uint cdw11, out ulong bit)
+    {
+        uint iv = cdw11 & 0xFFFF;
+        bool ok = iv < (uint)Math.Max(VectorResources, 1) && iv < 64;
+        bit = ok ? 1UL << (int)iv : 0;
+        return ok;
     }
 
     // Temperature Threshold CDW11 (NVMe Base 2.0 §5.27.1.4): TMPTH [15:0] kelvin, TMPSEL [19:16] (0 = composite;
@@ -752,7 +762,7 @@ public sealed partial class NvmeController
                     int fmt = want.Flbas & 0xF;
                     if (fmt >= NvmeNamespace.LbaFormats.Count)
                     {
-                        return new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true); // Invalid Format
+                        return NvmeStatus.InvalidFormat;
                     }
                     st = _subsystem.CreateNamespace(want.Nsze, NvmeNamespace.LbaFormats[fmt].DataSize, out uint nsid);
                     dw0 = nsid;

@@ -204,35 +204,53 @@ public sealed class NvmeMigrationController
         foreach (var w in dma.Windows)
         {
             ulong pages = (w.Size + TrackPageSize - 1) / TrackPageSize;
-            var bitmap = new ulong[(pages + 63) / 64];
-            if (dma.ReportWriteLog(w.Iova, pages * TrackPageSize, TrackPageSize, bitmap) != 0)
+            int words = (int)((pages + 63) / 64);
+            // Pooled: a window of guest RAM needs a large bitmap on every report (ReportWriteLog clears it first).
+            ulong[] rented = System.Buffers.ArrayPool<ulong>.Shared.Rent(words);
+            try
             {
-                continue;
+                CollectRuns(dma, w.Iova, pages, rented.AsSpan(0, words), maxRuns, runs, ref more);
             }
-            ulong p = 0;
-            while (p < pages)
+            finally
             {
-                if ((bitmap[p >> 6] & (1UL << (int)(p & 63))) == 0)
-                {
-                    p++;
-                    continue;
-                }
-                ulong startPage = p;
-                while (p < pages && (bitmap[p >> 6] & (1UL << (int)(p & 63))) != 0 && p - startPage < uint.MaxValue)
-                {
-                    p++;
-                }
-                if (runs.Count == maxRuns)
-                {
-                    // Out of room: put the run back so the next Track Receive reports it.
-                    dma.MarkDirty(w.Iova + (startPage * TrackPageSize), (p - startPage) * TrackPageSize);
-                    more = true;
-                    continue;
-                }
-                runs.Add(new TrackedMemoryChange(w.Iova + (startPage * TrackPageSize), (uint)(p - startPage)));
+                System.Buffers.ArrayPool<ulong>.Shared.Return(rented);
             }
         }
         return NvmeStatus.Success;
+    }
+
+    /// <summary>Reads and clears the write log of the window at <paramref name="iova"/> into runs (see <see cref="ReceiveTrackedChanges"/>).</summary>
+    private static void CollectRuns(DmaSpace dma, ulong iova, ulong pages, Span<ulong> bitmap, int maxRuns, List<TrackedMemoryChange> runs, ref bool more)
+    {
+        if (dma.ReportWriteLog(iova, pages * TrackPageSize, TrackPageSize, bitmap) != 0)
+        {
+            return;
+        }
+        ulong p = 0;
+        while (p < pages)
+        {
+            // Skip clean pages a word at a time: most of a window is clean between two reports.
+            ulong rest = bitmap[(int)(p >> 6)] >> (int)(p & 63);
+            if (rest == 0)
+            {
+                p = (p | 63) + 1;
+                continue;
+            }
+            p += (ulong)System.Numerics.BitOperations.TrailingZeroCount(rest);
+            ulong startPage = p;
+            while (p < pages && (bitmap[(int)(p >> 6)] & (1UL << (int)(p & 63))) != 0 && p - startPage < uint.MaxValue)
+            {
+                p++;
+            }
+            if (runs.Count == maxRuns)
+            {
+                // Out of room: put the run back so the next Track Receive reports it.
+                dma.MarkDirty(iova + (startPage * TrackPageSize), (p - startPage) * TrackPageSize);
+                more = true;
+                continue;
+            }
+            runs.Add(new TrackedMemoryChange(iova + (startPage * TrackPageSize), (uint)(p - startPage)));
+        }
     }
 
     // ---- admin command forms (primary's admin queue) ----

@@ -222,9 +222,9 @@ public sealed class NvmeSubsystem : IDisposable
         {
             return NvmeStatus.InvalidField;
         }
-        if (lbaSize is not (512 or 4096))
+        if (!NvmeNamespace.LbaFormats.Any(f => f.DataSize == lbaSize))
         {
-            return new NvmeStatus(StatusCodeType.CommandSpecific, 0x0A, Dnr: true); // Invalid Format
+            return NvmeStatus.InvalidFormat;
         }
         lock (_gate)
         {
@@ -235,7 +235,7 @@ public sealed class NvmeSubsystem : IDisposable
             }
             if (id == 0)
             {
-                return new NvmeStatus(StatusCodeType.CommandSpecific, 0x16, Dnr: true); // Namespace Identifier Unavailable
+                return NvmeStatus.NamespaceIdentifierUnavailable;
             }
             string path = Path.Combine(dir, $"ns{id}.img");
             try

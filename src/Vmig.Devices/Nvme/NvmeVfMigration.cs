@@ -333,9 +333,15 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunct
                 foreach (var r in runs)
                 {
                     ulong first = r.Saddr / NvmeMigrationController.TrackPageSize;
-                    for (ulong p = first; p < first + r.Length; p++)
+                    ulong end = first + r.Length;
+                    for (ulong p = first; p < end;)
                     {
-                        _pendingPages[p >> 6] = _pendingPages.GetValueOrDefault(p >> 6) | (1UL << (int)(p & 63));
+                        // A word of the run at a time (a run can be a whole window of 4 KiB pages).
+                        int bit = (int)(p & 63);
+                        int take = (int)Math.Min(64UL - (ulong)bit, end - p);
+                        ulong mask = take == 64 ? ulong.MaxValue : ((1UL << take) - 1) << bit;
+                        System.Runtime.InteropServices.CollectionsMarshal.GetValueRefOrAddDefault(_pendingPages, p >> 6, out _) |= mask;
+                        p += (ulong)take;
                     }
                 }
             }

@@ -293,7 +293,16 @@ public sealed class NvmePciTests
         Assert.False(more);
         Assert.Equal(2, rest.Count);
 
+        // The host agent's driver API (interface 2) issues the same Track Send / Track Receive commands.
+        Assert.Equal(NvmeStatus.CommandSequenceError, pf.TrackSecondaryMemory(1, start: true)); // already started
+        Assert.True(vf.Read(1, rig.Nsid, 0, 16, 512, Buf + 0x3000).IsSuccess);
+        Assert.Equal(expected, pf.ReceiveSecondaryMemoryChanges(1).OrderBy(r => r.Saddr).ToList());
+        Assert.Empty(pf.ReceiveSecondaryMemoryChanges(1));
+
         Assert.True(pf.ExecuteRaw(0, start with { Cdw10 = 1 }).Status.IsSuccess);
+        Assert.True(pf.TrackSecondaryMemory(1, start: true).IsSuccess);
+        Assert.True(pf.TrackSecondaryMemory(1, start: false).IsSuccess);
+        Assert.Equal((NvmeStatus?)NvmeStatus.CommandSequenceError, Assert.Throws<NvmeDriverException>(() => pf.ReceiveSecondaryMemoryChanges(1)).Status);
         Assert.Equal(NvmeStatus.CommandSequenceError, pf.ExecuteRaw(0, recv, page, 4096).Status);
         Assert.Equal(NvmeStatus.InvalidControllerIdentifier, pf.ExecuteRaw(0, start with { Cdw11 = 7 }).Status);
         Assert.Equal(NvmeStatus.InvalidField, pf.ExecuteRaw(0, start with { Cdw10 = 5 }).Status);

@@ -156,6 +156,14 @@ public sealed class NvmeSocketTests
         var folded = client.ReportDirty(0, ram.Size, 65536);
         Assert.Equal(new[] { cqBase & ~65535UL, targets[2] & ~65535UL }.Distinct().Order().ToArray(), folded.EnumerateDirtyPages().ToArray());
 
+        // One 8-page run across a 64-page bitmap word (Buf is 256 KiB aligned: pages 60-67 of its block), reported in
+        // two ranges that split it at the word boundary.
+        ulong across = Buf + (60 * 4096);
+        Assert.True(drv.Read(1, rig.Nsid, 0, 64, 512, across).IsSuccess);
+        ulong[] Pages(ulong from, int n) => Enumerable.Range(0, n).Select(i => from + (ulong)(i * 4096)).ToArray();
+        Assert.Equal(Pages(Buf + (64 * 4096), 4), client.ReportDirty(Buf + (64 * 4096), 4 * 4096, 4096).EnumerateDirtyPages().ToArray());
+        Assert.Equal(Pages(across, 4).Append(cqBase & ~4095UL).Order().ToArray(), client.ReportDirty(0, ram.Size, 4096).EnumerateDirtyPages().ToArray());
+
         client.StopDirtyLogging();
         // Stopped on the primary too: Track Receive for the secondary has nothing started.
         Assert.Equal(NvmeStatus.CommandSequenceError, primary.ReceiveTrackedChanges(1, 16, [], out _));
