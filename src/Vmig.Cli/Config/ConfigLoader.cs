@@ -62,6 +62,13 @@ public static class ConfigLoader
         }
     }
 
-    /// <summary>Writes <paramref name="value"/> as JSON (used by the demo to write the configs it runs).</summary>
-    public static void SaveJson<T>(string path, T value) => File.WriteAllText(path, JsonSerializer.Serialize(value, new JsonSerializerOptions(Json) { WriteIndented = true }));
+    /// <summary>Writes <paramref name="value"/> as JSON, atomically (the demo's configs; the device host's ready file).</summary>
+    public static void SaveJson<T>(string path, T value)
+    {
+        // Written beside and renamed into place: readers treat a file's existence as "ready" (the device host's
+        // runtime host.json), and must never see it empty or half-written (rename(2) is atomic within a directory).
+        string tmp = path + ".tmp";
+        File.WriteAllText(tmp, JsonSerializer.Serialize(value, new JsonSerializerOptions(Json) { WriteIndented = true }));
+        File.Move(tmp, path, overwrite: true);
+    }
 }
