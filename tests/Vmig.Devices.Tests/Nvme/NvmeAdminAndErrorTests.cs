@@ -14,7 +14,7 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
 
     private readonly NvmeRig _rig = new();
     private readonly TestGuestRam _ram;
-    private readonly DirectNvmeFunction _fn;
+    private readonly NvmeDirectFunction _fn;
     private readonly NvmeDriver _drv;
 
     public NvmeAdminAndErrorTests()
