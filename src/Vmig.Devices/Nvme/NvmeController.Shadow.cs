@@ -261,13 +261,11 @@ public sealed partial class NvmeController
                     Thread.Yield();
                     continue;
                 }
-                if (_owner.ArmAndRecheck())
+                // Armed: the host rings an MMIO doorbell on its next update, which wakes us. The timeout is a safety
+                // net; it costs one poll, and the poller goes back to sleep without spinning again.
+                while (!_stop && !_owner.ArmAndRecheck() && !_wake.Wait(50))
                 {
-                    lastWork = Stopwatch.GetTimestamp();
-                    continue;
                 }
-                // Armed: the host rings an MMIO doorbell on its next update, which wakes us. The timeout is a safety net.
-                _wake.Wait(50);
                 lastWork = Stopwatch.GetTimestamp();
             }
         }
