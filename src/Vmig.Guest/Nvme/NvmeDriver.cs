@@ -713,15 +713,21 @@ public sealed partial class NvmeDriver
     /// <summary>Pause-loop checks between two sched_yields while a poll-queue waiter spins (a few µs).</summary>
     private const int PollsPerYield = 16;
 
+    /// <summary>Spin time after which a poll-queue waiter yields the CPU between every two checks (µs).</summary>
+    private const int PollEagerYieldAfterMicroseconds = 50;
+
     /// <summary>
     /// Waits on a polled CQ (IEN = 0) for the phase tag of the entry at its head to flip: spins for the spin budget
     /// (pause loop; every <see cref="PollsPerYield"/> checks a sched_yield, so a device thread sharing this core still
-    /// runs), then checks once per 1 ms sleep. At most <paramref name="timeoutMs"/>. True if an entry is there.
+    /// runs; past <see cref="PollEagerYieldAfterMicroseconds"/>, well beyond a page-cache read, a sched_yield between
+    /// every two checks, since by then the device's thread is likely waiting for this core), then checks once per
+    /// 1 ms sleep. At most <paramref name="timeoutMs"/>. True if an entry is there.
     /// </summary>
     private bool PollPhaseTag(ulong d, long timeoutMs)
     {
         long start = Stopwatch.GetTimestamp();
         long spinEnd = start + _pollSpinTicks;
+        long eagerYield = start + (PollEagerYieldAfterMicroseconds * Stopwatch.Frequency / 1_000_000);
         long end = start + (timeoutMs * Stopwatch.Frequency / 1000);
         for (int polls = 1; ; polls++)
         {
@@ -738,7 +744,7 @@ public sealed partial class NvmeDriver
             {
                 Thread.Sleep(1);
             }
-            else if (polls % PollsPerYield == 0)
+            else if (polls % PollsPerYield == 0 || now >= eagerYield)
             {
                 Thread.Yield();
             }
