@@ -20,10 +20,10 @@ namespace Vmig.Devices.Nvme;
 public sealed partial class NvmeController
 {
     /// <summary>After the last command, how long the poller busy-spins on the shadow page (µs).</summary>
-    public const int PollerSpinMicroseconds = 200;
+    public const int PollerSpinMicroseconds = 50;
 
     /// <summary>After the last command, how long the poller keeps polling (spin, then yield) before it arms EventIdx and blocks (µs).</summary>
-    public const int PollerIdleMicroseconds = 2000;
+    public const int PollerIdleMicroseconds = 500;
 
     /// <summary>Pause-loop polls between two sched_yields in the spin phase (a few µs at ~0.2 µs per poll).</summary>
     private const int PollsPerYield = 16;
