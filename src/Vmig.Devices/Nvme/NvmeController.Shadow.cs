@@ -12,7 +12,7 @@ namespace Vmig.Devices.Nvme;
 /// <remarks>
 /// The poller is adaptive, in the manner of SPDK's vfio-user target (which polls shadow doorbells in a busy loop) but
 /// backing off when idle: for <see cref="PollerSpinMicroseconds"/> after the last command it spins on the shadow page
-/// (a pause loop, with a sched_yield every few µs so a guest thread that shares the core still runs); then, until
+/// (a short pause loop, with a sched_yield every other poll so a guest thread that shares the core still runs); then, until
 /// <see cref="PollerIdleMicroseconds"/> of idleness, it polls between sched_yields; then it arms EventIdx and blocks
 /// on a semaphore the next MMIO doorbell releases. An idle controller therefore costs no CPU, and a host that takes
 /// interrupts (IEN = 1, e.g. Linux's nvme driver) gets its next command noticed within a pause loop while it is busy.
@@ -25,8 +25,13 @@ public sealed partial class NvmeController
     /// <summary>After the last command, how long the poller keeps polling (spin, then yield) before it arms EventIdx and blocks (µs).</summary>
     public const int PollerIdleMicroseconds = 500;
 
-    /// <summary>Pause-loop polls between two sched_yields in the spin phase (a few µs at ~0.2 µs per poll).</summary>
-    private const int PollsPerYield = 16;
+    /// <summary>
+    /// Polls per sched_yield in the spin phase. Small on purpose: when the guest's thread shares the poller's core (a
+    /// 2-core host with other work), each hand-over waits for the spinner's turn to end; every 16 polls made that
+    /// ~5 µs per stage, every 2 polls ~2 µs (bench/results/s3-nvme/experiment-yield-*). With a core to itself the
+    /// poller's yield is a cheap syscall.
+    /// </summary>
+    private const int PollsPerYield = 2;
 
     private static int s_pollerSerial;
 

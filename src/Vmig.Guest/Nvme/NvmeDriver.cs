@@ -27,7 +27,7 @@ public sealed record NvmeDriverOptions
     /// parameter makes them: their completion queue is created with interrupts disabled (Create I/O Completion Queue
     /// CDW11.IEN = 0, no vector; NVMe Base 2.x §5.2.2) and waiters reap it by watching the phase tag of the entry at
     /// the CQ head — what io_uring IOPOLL / fio's <c>hipri</c> do. The device then never signals an interrupt for
-    /// them. A poll-queue waiter spins (pause loop, a sched_yield every few µs) for up to
+    /// them. A poll-queue waiter spins (a pause loop, a sched_yield every other check) for up to
     /// <see cref="PollSpinMicroseconds"/> and then checks once a millisecond, so a slow command does not hold a
     /// core. 0 (the default) = every I/O queue uses MSI-X when <see cref="Interrupts"/> is on.
     /// </summary>
@@ -710,24 +710,25 @@ public sealed partial class NvmeDriver
     private readonly long _pollTicks;
     private readonly long _pollSpinTicks;
 
-    /// <summary>Pause-loop checks between two sched_yields while a poll-queue waiter spins (a few µs).</summary>
-    private const int PollsPerYield = 16;
-
-    /// <summary>Spin time after which a poll-queue waiter yields the CPU between every two checks (µs).</summary>
-    private const int PollEagerYieldAfterMicroseconds = 50;
+    /// <summary>
+    /// Phase-tag checks per sched_yield while a poll-queue waiter spins. Small on purpose: on a 2-core host shared with
+    /// other work the guest's thread and the device's poller often share one core, and then every I/O waits for a
+    /// turn to pass; yielding every 16 checks made a turn ~5 µs (QD1 read stages 5.4 / 1.6 / 8.5 µs p50), every 2
+    /// checks ~2 µs (2.2 / 1.6 / 2.9; bench/results/s3-nvme/experiment-yield-*). On separate cores a yield with
+    /// nothing else to run is a cheap syscall.
+    /// </summary>
+    private const int PollsPerYield = 2;
 
     /// <summary>
     /// Waits on a polled CQ (IEN = 0) for the phase tag of the entry at its head to flip: spins for the spin budget
-    /// (pause loop; every <see cref="PollsPerYield"/> checks a sched_yield, so a device thread sharing this core still
-    /// runs; past <see cref="PollEagerYieldAfterMicroseconds"/>, well beyond a page-cache read, a sched_yield between
-    /// every two checks, since by then the device's thread is likely waiting for this core), then checks once per
-    /// 1 ms sleep. At most <paramref name="timeoutMs"/>. True if an entry is there.
+    /// (a short pause loop between checks, a sched_yield every <see cref="PollsPerYield"/> checks so a device thread
+    /// sharing this core runs), then checks once per 1 ms sleep. At most <paramref name="timeoutMs"/>. True if an
+    /// entry is there.
     /// </summary>
     private bool PollPhaseTag(ulong d, long timeoutMs)
     {
         long start = Stopwatch.GetTimestamp();
         long spinEnd = start + _pollSpinTicks;
-        long eagerYield = start + (PollEagerYieldAfterMicroseconds * Stopwatch.Frequency / 1_000_000);
         long end = start + (timeoutMs * Stopwatch.Frequency / 1000);
         for (int polls = 1; ; polls++)
         {
@@ -744,7 +745,7 @@ public sealed partial class NvmeDriver
             {
                 Thread.Sleep(1);
             }
-            else if (polls % PollsPerYield == 0 || now >= eagerYield)
+            else if (polls % PollsPerYield == 0)
             {
                 Thread.Yield();
             }
