@@ -279,4 +279,38 @@ public sealed class NvmePollingTests
         Assert.True(fn.WaitInterrupt(1, 5000));
         Assert.True(drv.Wait(1, w).Status.IsSuccess);
     }
+
+    [Fact]
+    public void A_poll_queue_stays_interrupt_free_across_a_secondary_migration_and_its_in_flight_write_completes_there()
+    {
+        using var src = new NvmeRig();
+        src.ProvisionVf(1);
+        var (ramA, fnA) = src.Connect(1, vectors: 5);
+        var drvA = PolledDriver(ramA, fnA, shadow: true);
+        var mig = src.Subsystem.Migration;
+        Assert.True(mig.Suspend(1, SuspendType.Suspend).IsSuccess);
+        // Submitted while suspended: on the target it is fetched and completed on the IEN = 0 CQ.
+        ramA.Write(Buf, Pattern(4096, 60));
+        ushort cid = drvA.Submit(2, NvmeDriver.ReadWrite(NvmeIoOpcode.Write, src.Nsid, 40, 8), Buf, 4096, tag: 60);
+        Assert.True(mig.GetControllerState(1, out byte[] state).IsSuccess);
+
+        using var dst = new NvmeRig(sharedNamespacePath: src.NamespacePath);
+        dst.ProvisionVf(1);
+        var (ramB, fnB) = dst.Connect(1, vectors: 5);
+        ramB.CopyFrom(ramA);
+        var tmig = dst.Subsystem.Migration;
+        Assert.True(tmig.Suspend(1, SuspendType.Suspend).IsSuccess);
+        Assert.True(tmig.SetControllerState(1, state, out string err).IsSuccess, err);
+        var target = dst.Subsystem.GetController(1)!;
+        Assert.Equal((false, true), target.WithLock(s => (s.Cqs[2]!.InterruptsEnabled, s.Cqs[1]!.InterruptsEnabled)));
+        fnB.ResetCounters();
+        Assert.True(tmig.Resume(1).IsSuccess);
+
+        var drvB = NvmeDriver.Attach(ramB, fnB, Region);
+        Assert.True(drvB.IsPolled(2));
+        Assert.Equal(60UL, drvB.Wait(2, cid, 2000).Tag);
+        Assert.Equal(Pattern(4096, 60), dst.ReadFile(40 * 512, 4096));
+        Assert.True(drvB.Read(2, dst.Nsid, 40, 8, Lba, Buf + 0x10000).IsSuccess);
+        Assert.Equal(0, fnB.Interrupts);
+    }
 }
