@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using System.Diagnostics;
 using Microsoft.Win32.SafeHandles;
 using Vmig.Devices.Nvme;

@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using System.Buffers.Binary;
 using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;

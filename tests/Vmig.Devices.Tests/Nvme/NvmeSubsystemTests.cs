@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
 using Vmig.Spec.Nvme;

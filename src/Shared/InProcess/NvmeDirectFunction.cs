@@ -1,8 +1,9 @@
+using Vmig.Devices.Nvme;
 using Vmig.Guest;
 using Vmig.Native;
 using Vmig.VfioUser.Server;
 
-namespace Vmig.Devices.Nvme;
+namespace Vmig.InProcess;
 
 /// <summary>
 /// A guest driver's view of one <see cref="NvmeController"/> in the same process, without the PCI layer or a socket:
@@ -12,7 +13,7 @@ namespace Vmig.Devices.Nvme;
 /// and controller without the vfio-user transport; a VM reaches a controller through vfio-user instead.
 /// </summary>
 /// <remarks>The counters are updated and read atomically, so they may be read while I/O runs.</remarks>
-public sealed class NvmeDirectFunction : IGuestPciFunction, IDisposable
+internal sealed class NvmeDirectFunction : IGuestPciFunction, IDisposable
 {
     private readonly NvmeController _ctrl;
     private readonly EventFd[] _vectors;
