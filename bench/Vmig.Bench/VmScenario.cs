@@ -84,6 +84,12 @@ internal static class VmScenario
             }
             ctx.Report.Figures.Add(f);
         }
+        // VMIG_BENCH_VM_GROWTH=0 skips the growth tables (a quicker run while iterating on the two goal rows).
+        if (Environment.GetEnvironmentVariable("VMIG_BENCH_VM_GROWTH") == "0")
+        {
+            ctx.Report.Notes.Add("vm: growth tables skipped (VMIG_BENCH_VM_GROWTH=0)");
+            return;
+        }
         Growth(ctx);
     }
 

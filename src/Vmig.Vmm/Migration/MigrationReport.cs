@@ -105,6 +105,9 @@ public sealed class MigrationReport
 
     public bool Tls { get; set; }
 
+    /// <summary>Device data went on a connection of its own, concurrently with RAM (stream 2.2, §4.2).</summary>
+    public bool DeviceDataConnection { get; set; }
+
     /// <summary>Devices that went through pre-copy.</summary>
     public int PrecopyDevices { get; set; }
 
