@@ -180,6 +180,18 @@ internal sealed class StateLoader : IDisposable
         }
     }
 
+    /// <summary>Why the device connection failed, or null.</summary>
+    public Exception? DeviceChannelFailure
+    {
+        get
+        {
+            lock (_roundGate)
+            {
+                return _deviceChannelFailure;
+            }
+        }
+    }
+
     /// <summary>The device connection failed: a main-connection RoundInfo waiting for it fails at once.</summary>
     public void DeviceChannelFailed(Exception e)
     {
@@ -373,6 +385,7 @@ internal sealed class TargetSession
     private readonly MigrationReport _report = new();
     private readonly Dictionary<string, long> _steps = [];
     private readonly List<Task> _receivers = [];
+    private bool _resultSent;
 
     public TargetSession(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> factory, MigrationTargetOptions o, CancellationToken ct)
     {
@@ -482,6 +495,8 @@ internal sealed class TargetSession
         // Any failure discards the incoming VM and releases its devices.
         catch (Exception e) when (e is not OutOfMemoryException)
         {
+            // A failed device connection closes the main one: the main loop's error is then only the consequence.
+            e = loader?.DeviceChannelFailure ?? e;
             _report.Outcome = "failed";
             _report.Error = e.Message;
             try
@@ -561,8 +576,17 @@ internal sealed class TargetSession
         }
         catch (Exception e)
         {
-            // Unblock the main loop (a RoundInfo waiting for this connection, or a socket read): the migration is failing.
+            // Tell the source why (best effort: it may be what failed), then unblock the main loop (a RoundInfo waiting
+            // for this connection, or a socket read) and the source's writers: the migration is failing.
             loader.DeviceChannelFailed(e);
+            try
+            {
+                SendResult(main, 1, 0, 0, $"device connection: {e.Message}");
+            }
+            catch (Exception e2) when (e2 is IOException or ObjectDisposedException or SocketException or NotSupportedException)
+            {
+                // The main connection is gone too.
+            }
             CloseAll();
             throw;
         }
@@ -627,10 +651,19 @@ internal sealed class TargetSession
         }
     }
 
-    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, ulong commitWaitUs, string? reason)
+    /// <summary>TargetResult on the main connection, at most once (the device connection's thread may fail first and tell why).</summary>
+    private void SendResult(MigrationConnection main, uint status, ulong downtimeUs, ulong commitWaitUs, string? reason)
     {
-        main.Writer.Write(SectionType.TargetResult, new TargetResult(status, downtimeUs, commitWaitUs, reason ?? "").ToPayload());
-        main.Writer.Flush();
+        lock (main.Writer)
+        {
+            if (_resultSent)
+            {
+                return;
+            }
+            _resultSent = true;
+            main.Writer.Write(SectionType.TargetResult, new TargetResult(status, downtimeUs, commitWaitUs, reason ?? "").ToPayload());
+            main.Writer.Flush();
+        }
     }
 
     private void Discard(Vm? vm, List<IVmDevice>? devices)
