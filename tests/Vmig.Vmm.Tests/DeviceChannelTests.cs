@@ -162,6 +162,23 @@ public sealed class DeviceChannelTests : IDisposable
     }
 
     [Fact]
+    public async Task SourceDeviceThrowsInvalidOperationInTheCleanupAfterCommit_MigrationStillCompletes()
+    {
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, [], dmaGpa: 0x3000) { FailStopAfterStopCopy = true };
+        using var src = TestVms.Dirtier(8, "gpa=1M,size=2M,rate=20", [dev]);
+        src.Start();
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), d => new FakeDevice(d.Name, d.MigrationFlags, [], dmaGpa: 0x7000),
+            new MigrationTargetOptions { StartVcpus = false });
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3 });
+        using var dst = await target;
+        // The target runs the VM: the source's cleanup error is recorded, never reported as "in doubt" or a failure.
+        Assert.Equal("completed", report.Outcome);
+        Assert.Equal(VmRunState.MigratedAway, src.State);
+        Assert.Contains("injected: adapter refuses STOP", report.CleanupError, StringComparison.Ordinal);
+        TestVms.PauseAndVerify(dst);
+    }
+
+    [Fact]
     public void Hello_DeviceChannelRoundTripsAndDefaultsToFalseForAnOlderSource()
     {
         var vm = new VmDescription("v", 4096, [], []);

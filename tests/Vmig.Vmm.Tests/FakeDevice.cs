@@ -56,6 +56,9 @@ internal sealed class FakeDevice : IVmDevice
     public ulong CounterAtCommit { get; private set; }
     public bool FailCommit { get; set; }
 
+    /// <summary>STOP_COPY → STOP throws InvalidOperationException (an adapter failing in the source's cleanup).</summary>
+    public bool FailStopAfterStopCopy { get; set; }
+
     /// <summary>MIG_DATA_READ fails with EIO (a source device failing mid pre-copy).</summary>
     public bool FailSaveRead { get; set; }
 
@@ -124,6 +127,10 @@ internal sealed class FakeDevice : IVmDevice
             if ((Required[(int)target] & flags) != Required[(int)target])
             {
                 throw new IOException($"EINVAL: {target} not supported");
+            }
+            if (FailStopAfterStopCopy && _state == DeviceState.StopCopy && target == DeviceState.Stop)
+            {
+                throw new InvalidOperationException("injected: adapter refuses STOP after STOP_COPY");
             }
             while (_state != target)
             {

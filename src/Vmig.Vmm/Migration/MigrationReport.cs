@@ -105,6 +105,12 @@ public sealed class MigrationReport
 
     public bool Tls { get; set; }
 
+    /// <summary>
+    /// After a completed migration: the first source device that failed to reach STOP in the cleanup (the VM runs on
+    /// the target regardless), or null.
+    /// </summary>
+    public string? CleanupError { get; set; }
+
     /// <summary>Device data went on a connection of its own, concurrently with RAM (stream 2.2, §4.2).</summary>
     public bool DeviceDataConnection { get; set; }
 
