@@ -40,6 +40,7 @@ internal static class VmScenario
             var rawCpuPerMiB = new List<double>();
             var serialTimes = new List<double>();
             var serialCpu = new List<double>();
+            (double Src, double Dst) lastHosts = default;
             Migrate(ctx, ram, 1, dev, busy); // warm-up
             for (int i = 0; i < ctx.Options.RunCount; i++)
             {
@@ -54,6 +55,7 @@ internal static class VmScenario
                 var run = Migrate(ctx, ram, 1, dev, busy);
                 var r = run.Report;
                 cpu.Add(run.CpuMs);
+                lastHosts = (run.SrcHostCpuMs, run.DstHostCpuMs);
                 times.Add(r.TotalMilliseconds);
                 ideal.Add(r.TotalBytes / MiB / rate * 1e3);
                 downtimes.Add(r.DowntimeMilliseconds);
@@ -90,6 +92,12 @@ internal static class VmScenario
             foreach (var (step, ms) in last.TargetStepMilliseconds)
             {
                 f.Extra[$"last run: target step {step} ms"] = ms;
+            }
+            f.Extra["last run: source device host process CPU ms"] = lastHosts.Src;
+            f.Extra["last run: target device host process CPU ms"] = lastHosts.Dst;
+            foreach (var (role, ms) in last.CpuMilliseconds)
+            {
+                f.Extra[$"last run: source CPU {role} ms"] = ms;
             }
             foreach (var (section, b) in last.BytesBySection)
             {
@@ -170,7 +178,7 @@ internal static class VmScenario
     /// One live migration of a fresh VM; device peers (one process per side) live for this migration only. Returns the
     /// report and the CPU time (user + system, ms) this process and both device hosts spent during the migration.
     /// </summary>
-    private static (MigrationReport Report, double CpuMs) Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy,
+    private static (MigrationReport Report, double CpuMs, double SrcHostCpuMs, double DstHostCpuMs) Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy,
         MigrationOptions? options = null)
     {
         PeerProcess? srcPeer = null, dstPeer = null;
@@ -200,12 +208,14 @@ internal static class VmScenario
             Populate(vm.Memory, busy ? ramBytes / 2 : 0, ramBytes);
             vm.Start();
             var dst = dstSocks;
-            double Cpu() => ProcessCpuMs(Environment.ProcessId) + (srcPeer is null ? 0 : ProcessCpuMs(srcPeer.Pid)) + (dstPeer is null ? 0 : ProcessCpuMs(dstPeer.Pid));
-            double cpu0 = Cpu();
+            double SrcHost() => srcPeer is null ? 0 : ProcessCpuMs(srcPeer.Pid);
+            double DstHost() => dstPeer is null ? 0 : ProcessCpuMs(dstPeer.Pid);
+            double Cpu() => ProcessCpuMs(Environment.ProcessId) + SrcHost() + DstHost();
+            double cpu0 = Cpu(), src0 = SrcHost(), dst0 = DstHost();
             (var report, target) = MigrateOverLoopback(vm, new VmConfig { Name = "bench", Programs = programs },
                 d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile),
                 options ?? new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) });
-            double cpuMs = Cpu() - cpu0;
+            double cpuMs = Cpu() - cpu0, srcHostMs = SrcHost() - src0, dstHostMs = DstHost() - dst0;
             if (busy)
             {
                 target.Pause();
@@ -218,7 +228,7 @@ internal static class VmScenario
             {
                 throw new InvalidOperationException("device state differs after migration");
             }
-            return (report, cpuMs);
+            return (report, cpuMs, srcHostMs, dstHostMs);
         }
         finally
         {

@@ -106,6 +106,13 @@ public sealed class MigrationReport
     public bool Tls { get; set; }
 
     /// <summary>
+    /// CPU time (user + system, ms; 10 ms resolution) per source thread role: "main" (handshake, RAM read, zero check,
+    /// CRC, RAM sends), "device-send" (device sections to the socket), "device-read" (MIG_DATA_READ). The target's
+    /// roles are in <see cref="TargetStepMilliseconds"/> as "cpu.*".
+    /// </summary>
+    public Dictionary<string, double> CpuMilliseconds { get; } = [];
+
+    /// <summary>
     /// After a completed migration: the first source device that failed to reach STOP in the cleanup (the VM runs on
     /// the target regardless), or null.
     /// </summary>

@@ -125,6 +125,13 @@ internal sealed class StateSender
 
     public SectionWriter Main => _channels[0];
 
+    /// <summary>Told the CPU ms of each device-read helper thread when it ends (report figures).</summary>
+    public Action<double>? OnDeviceReadCpu
+    {
+        get => _devicePump.OnReaderCpu;
+        init => _devicePump.OnReaderCpu = value;
+    }
+
     /// <summary>Where device sections (DeviceData, DeviceInitialDataSent, DeviceEnd) go: the device connection or the main one.</summary>
     public SectionWriter DeviceWriter => _deviceChannel ?? Main;
 
@@ -311,6 +318,7 @@ internal sealed class SourceSession
     public MigrationReport Run(EndPoint target)
     {
         _report.StartedAt = DateTimeOffset.UtcNow;
+        double cpu0 = ThreadCpu.Milliseconds();
         _report.Connections = _o.ParallelConnections;
         _report.Tls = _o.Tls is not null;
         _total.Start();
@@ -365,7 +373,10 @@ internal sealed class SourceSession
 
             touched = true;
             var throttle = _o.MaxBandwidth > 0 ? new Throttle(_o.MaxBandwidth) : null;
-            var sender = new StateSender(_vm, ram.Select(c => c.Writer).ToArray(), throttle, _o.DeviceReadChunk, device?.Writer);
+            var sender = new StateSender(_vm, ram.Select(c => c.Writer).ToArray(), throttle, _o.DeviceReadChunk, device?.Writer)
+            {
+                OnDeviceReadCpu = ms => AddCpu("device-read", ms),
+            };
             var dirty = new PageBitmap(_vm.Memory.PageCount);
             var (round, precopy) = PreCopy(sender, dirty);
 
@@ -499,6 +510,7 @@ internal sealed class SourceSession
         {
             _total.Stop();
             _report.TotalMilliseconds = _total.Elapsed.TotalMilliseconds;
+            AddCpu("main", ThreadCpu.Milliseconds() - cpu0);
             foreach (var c in _connections)
             {
                 _report.TotalBytes += c.Writer.BytesWritten;
@@ -635,6 +647,7 @@ internal sealed class SourceSession
         Exception? first = null;
         var helper = new Thread(() =>
         {
+            double cpu0 = ThreadCpu.Milliseconds();
             try
             {
                 device();
@@ -644,6 +657,7 @@ internal sealed class SourceSession
                 Interlocked.CompareExchange(ref first, e, null);
                 CloseAll();
             }
+            AddCpu("device-send", ThreadCpu.Milliseconds() - cpu0);
         })
         { IsBackground = true, Name = "vmig device data send" };
         helper.Start();
@@ -660,6 +674,14 @@ internal sealed class SourceSession
         if (first is not null)
         {
             ExceptionDispatchInfo.Capture(first).Throw();
+        }
+    }
+
+    private void AddCpu(string role, double ms)
+    {
+        lock (_report.CpuMilliseconds)
+        {
+            _report.CpuMilliseconds[role] = _report.CpuMilliseconds.GetValueOrDefault(role) + ms;
         }
     }
 
