@@ -112,6 +112,12 @@ internal static class VmScenario
                 f.Extra["last run: final round ms"] = fin.Milliseconds;
             }
             ctx.Report.Figures.Add(f);
+            double idealMed = Summary.Of(ideal).Median;
+            double tgt = last.TargetStepMilliseconds.GetValueOrDefault("cpu.main");
+            double devPath = last.CpuMilliseconds.GetValueOrDefault("device-read") + last.CpuMilliseconds.GetValueOrDefault("device-send")
+                + last.TargetStepMilliseconds.GetValueOrDefault("cpu.device-receive") + last.TargetStepMilliseconds.GetValueOrDefault("cpu.device-write");
+            ctx.Report.Notes.Add(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                $"vm CPU budget ({name}): a migration costs {cpuMed:F0} ms of CPU (median; last run: source main thread {last.CpuMilliseconds.GetValueOrDefault("main"):F0}, target main thread {tgt:F0}, VMM device-data threads {devPath:F0}, device hosts {lastHosts.Src + lastHosts.Dst:F0}), so on 2 cores it cannot take less than {cpuMed / 2:F0} ms = {cpuMed / 2 / idealMed:F2}× the raw baseline ({idealMed:F0} ms). Raw TCP spends {rawPerMiB:F2} ms CPU per MiB ({rawPerMiB * bytes / MiB:F0} ms for these bytes: about one core busy), so ≤ 1.3× ({1.3 * idealMed:F0} ms) would need ≤ {2.6 * idealMed:F0} ms of CPU in all."));
         }
         // VMIG_BENCH_VM_GROWTH=0 skips the growth tables (a quicker run while iterating on the two goal rows).
         if (Environment.GetEnvironmentVariable("VMIG_BENCH_VM_GROWTH") == "0")
