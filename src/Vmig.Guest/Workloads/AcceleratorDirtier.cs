@@ -26,7 +26,7 @@ public sealed class AcceleratorDirtier : IGuestProgram
     /// <summary>The program kind.</summary>
     public const string Kind = "accel-dirtier";
     private const uint Magic = 0x54524441; // "ADRT"
-    private const int NameOffset = 72, NameMax = 64;
+    private const int NameOffset = 72, NameMax = AcceleratorRegisters.NameMax;
 
     private readonly AcceleratorDriver _driver;
     // Not durable: after a migration the rate restarts rather than catching up in a burst.
@@ -116,15 +116,7 @@ public sealed class AcceleratorDirtier : IGuestProgram
             return new AcceleratorDirtier(driver);
         }
 
-        public IGuestProgram Resume(GuestEnvironment environment, ReadOnlySpan<byte> registers)
-        {
-            ArgumentNullException.ThrowIfNull(environment);
-            if (registers.Length < NameOffset + NameMax || BinaryPrimitives.ReadUInt32LittleEndian(registers) != Magic)
-            {
-                throw new InvalidDataException("registers are not an accel-dirtier job's");
-            }
-            string name = System.Text.Encoding.UTF8.GetString(registers.Slice(NameOffset, NameMax)).TrimEnd('\0');
-            return new AcceleratorDirtier(environment.GetService<AcceleratorDriver>(name));
-        }
+        public IGuestProgram Resume(GuestEnvironment environment, ReadOnlySpan<byte> registers) =>
+            new AcceleratorDirtier(AcceleratorRegisters.ResumeDriver(environment, registers, Magic, NameOffset, "accel-dirtier"));
     }
 }
