@@ -350,6 +350,8 @@ internal sealed class SourceSession
             main.Writer.WriteStreamHeader();
             main.Writer.Write(SectionType.VmDescription, hello.ToUtf8());
             main.Writer.Flush();
+            // Off the critical path, while the target sets up: the timings parsed between Commit and TargetResult.
+            SectionIo.WarmUpTimings();
             _targetMinor = main.Reader.ReadStreamHeader().Minor;
             main.Reader.Expect(SectionType.HandshakeReply);
             Step("handshake.target-setup", t);

@@ -432,6 +432,7 @@ internal sealed class TargetSession
             main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
             main.Writer.Flush();
             t = Step("setup.reply", t);
+            SectionIo.WarmUpTimings();
 
             loader = new StateLoader(vm, hello.Vm, hello.DeviceChannel) { DeviceRoundTimeout = _o.ReceiveTimeout };
             var receivers = AcceptChannels(main, hello, vm, loader);
