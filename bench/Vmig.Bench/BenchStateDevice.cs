@@ -12,8 +12,12 @@ namespace Vmig.Bench;
 /// REGION_WRITE target). The save stream is the state bytes in order: pre-copy streams them all as initial data
 /// (PRE_COPY flag), STOP_COPY continues where pre-copy stopped or, from STOP, streams everything. The resume stream
 /// must be exactly <see cref="StateBytes"/> bytes (EFBIG above, EINVAL short at RESUMING→STOP).
+/// Zero-copy both ways (as a device whose state is a memfd can be): the save stream hands out slices of the state
+/// mapping as gather segments (<see cref="IMigrationDataSource"/>), the resume stream is received straight into the
+/// state (<see cref="IMigrationDataSink"/>). The state never changes while the device runs (nothing runs), so handing
+/// out live state in PRE_COPY is as safe as in STOP_COPY here.
 /// </summary>
-public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDisposable
+public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IMigrationDataSink, IMigrationDataSource, IDisposable
 {
     /// <summary>BAR0 size in bytes.</summary>
     public const int BarSize = 4096;
@@ -145,6 +149,29 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDispos
         data.CopyTo(_state.GetSpan(_writePos, data.Length));
         _writePos += data.Length;
     }
+
+    public int ReadDataGather(int maxBytes, MigrationGatherList segments)
+    {
+        if (!_saving)
+        {
+            return 0;
+        }
+        int n = (int)Math.Min(maxBytes, StateBytes - _readPos);
+        segments.Add(_state.GetMemory(_readPos, n));
+        _readPos += n;
+        return n;
+    }
+
+    public Span<byte> GetWriteSpan(int sizeHint)
+    {
+        if (!_resuming || _writePos == StateBytes)
+        {
+            throw new MigrationException(27, $"resume stream over {StateBytes} bytes");
+        }
+        return _state.GetSpan(_writePos, (int)Math.Min(sizeHint, StateBytes - _writePos));
+    }
+
+    public void AdvanceWrite(int count) => _writePos += count;
 
     public PrecopyInfo GetPrecopyInfo() => new((ulong)(StateBytes - _readPos), 0);
 
