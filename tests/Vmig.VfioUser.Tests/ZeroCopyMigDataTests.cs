@@ -34,9 +34,9 @@ public sealed class ZeroCopyMigDataTests : IDisposable
         return d;
     }
 
-    private (ScatterStateDevice Device, VfioUserServer Server) Serve(string name, int seed)
+    private (ScatterStateDevice Device, VfioUserServer Server) Serve(string name, int seed, MigrationFlags flags = MigrationFlags.StopCopy)
     {
-        var dev = Own(new ScatterStateDevice(StateBytes, seed));
+        var dev = Own(new ScatterStateDevice(StateBytes, seed, flags));
         var server = Own(new VfioUserServer(dev, Path.Combine(_dir, name + ".sock")));
         server.Start();
         return (dev, server);
@@ -163,6 +163,23 @@ public sealed class ZeroCopyMigDataTests : IDisposable
         Assert.Equal(300_000, dst.WritePosition);
     }
 
+    [Fact]
+    public void DeviceMigrator_AsksPrecopyInfoOncePerRound_AndMovesTheStateZeroCopy()
+    {
+        var (src, srcServer) = Serve("src", 1, MigrationFlags.StopCopy | MigrationFlags.PreCopy);
+        var (dst, dstServer) = Serve("dst", 2, MigrationFlags.StopCopy | MigrationFlags.PreCopy);
+        using var s = VfioUserClient.Connect(srcServer.SocketPath);
+        using var d = VfioUserClient.Connect(dstServer.SocketPath);
+        Assert.True(s.SupportsPrecopyInfo);
+        // Round 1 ends with 2 MiB "dirty" (over the 1 MiB threshold), round 2 with nothing: two rounds.
+        src.ScriptedPrecopyInfo = [new((ulong)StateBytes, 0), new(0, 2 << 20), new(0, 0)];
+        var report = DeviceMigrator.Migrate(s, d);
+        Assert.Equal(2, report.PreCopyRounds);
+        Assert.Equal(report.PreCopyRounds + 1, src.PrecopyInfoCalls);
+        Assert.True(src.StateCopy().AsSpan().SequenceEqual(dst.StateCopy()));
+        Assert.Equal(0, dst.CopiedWrites);
+    }
+
     public static TheoryData<string> Lies => new() { "argsz-below-8+size", "size-over-payload", "size-under-payload", "size-over-max-xfer", "payload-under-head", "not-resuming" };
 
     [Theory]
@@ -227,8 +244,9 @@ public sealed class ZeroCopyMigDataTests : IDisposable
         private bool _failed;
         private int _given;
 
-        public ScatterStateDevice(long size, int seed)
+        public ScatterStateDevice(long size, int seed, MigrationFlags flags)
         {
+            MigrationFlags = flags;
             _size = size;
             _fd = MemFd.Create("scatter", size);
             _state = Mapping.Map(_fd, 0, size);
@@ -249,7 +267,9 @@ public sealed class ZeroCopyMigDataTests : IDisposable
         ];
         public override IReadOnlyList<IrqDescriptor> Irqs { get; } = [IrqDescriptor.Absent];
         public override IMigrationDevice? Migration => this;
-        public MigrationFlags MigrationFlags => MigrationFlags.StopCopy;
+        public MigrationFlags MigrationFlags { get; }
+        public int PrecopyInfoCalls { get; private set; }
+        public PrecopyInfo[] ScriptedPrecopyInfo { get; set; } = [];
 
         public byte[] StateCopy() => _state.GetSpan(0, (int)_size).ToArray();
 
@@ -263,12 +283,12 @@ public sealed class ZeroCopyMigDataTests : IDisposable
 
         public void Step(DeviceState from, DeviceState to)
         {
-            if (to == DeviceState.StopCopy)
+            if (MigrationStateMachine.OpensSaveSession(from, to))
             {
                 _saving = true;
                 _readPos = 0;
             }
-            else if (from == DeviceState.StopCopy)
+            else if (MigrationStateMachine.IsSavingState(from) && !MigrationStateMachine.IsSavingState(to))
             {
                 _saving = false;
             }
@@ -366,7 +386,8 @@ public sealed class ZeroCopyMigDataTests : IDisposable
             WritePosition += count;
         }
 
-        public PrecopyInfo GetPrecopyInfo() => default;
+        public PrecopyInfo GetPrecopyInfo() =>
+            PrecopyInfoCalls++ < ScriptedPrecopyInfo.Length ? ScriptedPrecopyInfo[PrecopyInfoCalls - 1] : default;
 
         public ulong GetStopCopySize() => (ulong)_size;
 
