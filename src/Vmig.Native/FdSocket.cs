@@ -116,20 +116,10 @@ public sealed unsafe class FdSocket : IDisposable
                         msg.Control = ctl;
                         msg.ControlLen = (nuint)ctlLen;
                     }
-                    nint w = Libc.sendmsg(fd, &msg, Libc.MSG_NOSIGNAL);
+                    nint w = SendOnce(fd, &msg);
                     if (w < 0)
                     {
-                        int e = Marshal.GetLastPInvokeError();
-                        if (e == Libc.EINTR)
-                        {
-                            continue;
-                        }
-                        if (e == Libc.EAGAIN)
-                        {
-                            WaitWritable(fd);
-                            continue;
-                        }
-                        throw new NativeException("sendmsg", e);
+                        continue;
                     }
                     fdsSent = true;
                     long left = w;
@@ -206,20 +196,10 @@ public sealed unsafe class FdSocket : IDisposable
                         }
                     }
                     var msg = new Libc.MsgHdr { Iov = iov, IovLen = (nuint)n };
-                    nint w = Libc.sendmsg(fd, &msg, Libc.MSG_NOSIGNAL);
+                    nint w = SendOnce(fd, &msg);
                     if (w < 0)
                     {
-                        int e = Marshal.GetLastPInvokeError();
-                        if (e == Libc.EINTR)
-                        {
-                            continue;
-                        }
-                        if (e == Libc.EAGAIN)
-                        {
-                            WaitWritable(fd);
-                            continue;
-                        }
-                        throw new NativeException("sendmsg", e);
+                        continue;
                     }
                     // Advance the cursor by w bytes.
                     long left = w;
@@ -510,6 +490,27 @@ public sealed unsafe class FdSocket : IDisposable
             }
             c += CmsgAlign((int)h->Len);
         }
+    }
+
+    /// <summary>One sendmsg (MSG_NOSIGNAL): the bytes written, or -1 after EINTR or EAGAIN (having waited for room),
+    /// when the caller retries with the same message.</summary>
+    private static nint SendOnce(int fd, Libc.MsgHdr* msg)
+    {
+        nint w = Libc.sendmsg(fd, msg, Libc.MSG_NOSIGNAL);
+        if (w >= 0)
+        {
+            return w;
+        }
+        int e = Marshal.GetLastPInvokeError();
+        if (e == Libc.EAGAIN)
+        {
+            WaitWritable(fd);
+        }
+        else if (e != Libc.EINTR)
+        {
+            throw new NativeException("sendmsg", e);
+        }
+        return -1;
     }
 
     private static void WaitReadable(int fd) => PollRaw(fd, Libc.POLLIN);

@@ -124,7 +124,7 @@ public sealed class AcceleratorSaveStream
             {
                 break;
             }
-            n += EmitFromRecord(buffer[n..]);
+            n += EmitFromRecord(buffer.Length - n, buffer[n..], null);
         }
         return n;
     }
@@ -154,7 +154,7 @@ public sealed class AcceleratorSaveStream
             {
                 break;
             }
-            n += GatherFromRecord(maxBytes - n, segments);
+            n += EmitFromRecord(maxBytes - n, default, segments);
         }
         return n;
     }
@@ -283,49 +283,6 @@ public sealed class AcceleratorSaveStream
         _crc = Crc32C.Start;
     }
 
-    /// <summary><see cref="EmitFromRecord"/> for <see cref="ReadGather"/>: the same record walk, emitting segments.</summary>
-    private int GatherFromRecord(int max, MigrationGatherList segments)
-    {
-        int written = 0;
-        if (_pos < AcceleratorRecordHeader.Size)
-        {
-            int k = (int)Math.Min(AcceleratorRecordHeader.Size - _pos, max);
-            segments.Add(Small(segments, _header.AsSpan((int)_pos, k)));
-            _pos += k;
-            written += k;
-        }
-        long payloadEnd = AcceleratorRecordHeader.Size + _payloadLength;
-        if (written < max && _pos < payloadEnd)
-        {
-            int k = (int)Math.Min(payloadEnd - _pos, max - written);
-            long at = _pos - AcceleratorRecordHeader.Size;
-            ReadOnlyMemory<byte> from = _recordBytes is not null
-                ? _recordBytes.AsMemory((int)at, k)
-                : _mem.Mapping.GetMemory(_recordDeviceOffset + at, k);
-            _crc = Crc32C.Append(_crc, from.Span);
-            segments.Add(from);
-            _pos += k;
-            written += k;
-        }
-        if (_pos == payloadEnd)
-        {
-            BinaryPrimitives.WriteUInt32LittleEndian(_trailer, Crc32C.Finish(_crc));
-        }
-        if (written < max && _pos >= payloadEnd)
-        {
-            int k = (int)Math.Min(payloadEnd + AcceleratorRecordHeader.TrailerSize - _pos, max - written);
-            segments.Add(Small(segments, _trailer.AsSpan((int)(_pos - payloadEnd), k)));
-            _pos += k;
-            written += k;
-        }
-        if (_pos == payloadEnd + AcceleratorRecordHeader.TrailerSize)
-        {
-            _hasRecord = false;
-            _recordBytes = null;
-        }
-        return written;
-    }
-
     // Headers and trailers are rewritten per record, so a gathered one is copied (a few bytes) into staging that lives
     // until the reply is sent.
     private ReadOnlyMemory<byte> Small(MigrationGatherList segments, ReadOnlySpan<byte> bytes)
@@ -341,24 +298,40 @@ public sealed class AcceleratorSaveStream
         return m;
     }
 
-    private int EmitFromRecord(Span<byte> dst)
+    /// <summary>
+    /// Emits the current record's next bytes (at most <paramref name="max"/>): copied into <paramref name="dst"/>
+    /// (payloads copied and checksummed in one pass), or, with <paramref name="segments"/>, appended as segments
+    /// (payloads handed out in place and checksummed there; header and trailer pieces copied into small staging).
+    /// </summary>
+    private int EmitFromRecord(int max, Span<byte> dst, MigrationGatherList? segments)
     {
         int written = 0;
         if (_pos < AcceleratorRecordHeader.Size)
         {
-            int k = (int)Math.Min(AcceleratorRecordHeader.Size - _pos, dst.Length);
-            _header.AsSpan((int)_pos, k).CopyTo(dst);
+            int k = (int)Math.Min(AcceleratorRecordHeader.Size - _pos, max);
+            Put(_header.AsSpan((int)_pos, k), dst, segments, written);
             _pos += k;
             written += k;
         }
         long payloadEnd = AcceleratorRecordHeader.Size + _payloadLength;
-        if (written < dst.Length && _pos < payloadEnd)
+        if (written < max && _pos < payloadEnd)
         {
-            int k = (int)Math.Min(payloadEnd - _pos, dst.Length - written);
+            int k = (int)Math.Min(payloadEnd - _pos, max - written);
             long at = _pos - AcceleratorRecordHeader.Size;
-            ReadOnlySpan<byte> from = _recordBytes is not null ? _recordBytes.AsSpan((int)at, k) : _mem.GetSpan(_recordDeviceOffset + at, k);
-            // One pass: each word of device memory is loaded once, stored into the reply buffer and fed to the CRC.
-            _crc = Crc32C.AppendCopy(_crc, from, dst.Slice(written, k));
+            if (segments is not null)
+            {
+                ReadOnlyMemory<byte> from = _recordBytes is not null
+                    ? _recordBytes.AsMemory((int)at, k)
+                    : _mem.Mapping.GetMemory(_recordDeviceOffset + at, k);
+                _crc = Crc32C.Append(_crc, from.Span);
+                segments.Add(from);
+            }
+            else
+            {
+                ReadOnlySpan<byte> from = _recordBytes is not null ? _recordBytes.AsSpan((int)at, k) : _mem.GetSpan(_recordDeviceOffset + at, k);
+                // One pass: each word of device memory is loaded once, stored into the reply buffer and fed to the CRC.
+                _crc = Crc32C.AppendCopy(_crc, from, dst.Slice(written, k));
+            }
             _pos += k;
             written += k;
         }
@@ -367,10 +340,10 @@ public sealed class AcceleratorSaveStream
             // The payload is all out (or empty): its CRC is final. Rewritten unchanged if the trailer waits for the next read.
             BinaryPrimitives.WriteUInt32LittleEndian(_trailer, Crc32C.Finish(_crc));
         }
-        if (written < dst.Length && _pos >= payloadEnd)
+        if (written < max && _pos >= payloadEnd)
         {
-            int k = (int)Math.Min(payloadEnd + AcceleratorRecordHeader.TrailerSize - _pos, dst.Length - written);
-            _trailer.AsSpan((int)(_pos - payloadEnd), k).CopyTo(dst[written..]);
+            int k = (int)Math.Min(payloadEnd + AcceleratorRecordHeader.TrailerSize - _pos, max - written);
+            Put(_trailer.AsSpan((int)(_pos - payloadEnd), k), dst, segments, written);
             _pos += k;
             written += k;
         }
@@ -380,6 +353,18 @@ public sealed class AcceleratorSaveStream
             _recordBytes = null;
         }
         return written;
+    }
+
+    private void Put(ReadOnlySpan<byte> bytes, Span<byte> dst, MigrationGatherList? segments, int at)
+    {
+        if (segments is not null)
+        {
+            segments.Add(Small(segments, bytes));
+        }
+        else
+        {
+            bytes.CopyTo(dst[at..]);
+        }
     }
 }
 
