@@ -121,7 +121,7 @@ public sealed class MigrationStateDriver
     /// <paramref name="segments"/> — the device's own segments when it implements <see cref="IMigrationDataSource"/>,
     /// otherwise one pooled buffer filled by <see cref="IMigrationDevice.ReadData"/>. Send them before the next call
     /// into this driver, then <see cref="MigrationGatherList.Clear"/>. Same count, end-of-stream and errno rules as
-    /// <see cref="ReadData(Span{byte}, out int)"/>; on an error the list holds nothing of this call.
+    /// <see cref="ReadData(Span{byte}, out int)"/>; on an error, discard whatever the device appended (Clear).
     /// </summary>
     public int ReadDataGather(int maxBytes, MigrationGatherList segments, out int count)
     {
