@@ -30,6 +30,7 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IMigrat
     private long _writePos;
     private bool _saving;
     private bool _resuming;
+    private bool _overflowed;
 
     /// <summary>Creates the device with <paramref name="stateBytes"/> of state, filled with a position-dependent pattern
     /// from <paramref name="seed"/> (give source and target different seeds so a checksum match proves a transfer).</summary>
@@ -116,12 +117,13 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IMigrat
         if (to == DeviceState.Resuming)
         {
             _resuming = true;
+            _overflowed = false;
             _writePos = 0;
         }
         else if (from == DeviceState.Resuming)
         {
             _resuming = false;
-            if (_writePos != StateBytes)
+            if (_writePos != StateBytes || _overflowed)
             {
                 throw new MigrationException(22, $"resume stream has {_writePos} of {StateBytes} bytes", DeviceState.Resuming);
             }
@@ -166,6 +168,8 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IMigrat
     {
         if (!_resuming || _writePos == StateBytes)
         {
+            // The bytes that fitted have landed: the load is spoiled, RESUMING→STOP must fail.
+            _overflowed = true;
             throw new MigrationException(27, $"resume stream over {StateBytes} bytes");
         }
         return _state.GetSpan(_writePos, (int)Math.Min(sizeHint, StateBytes - _writePos));
