@@ -147,7 +147,8 @@ internal static class AccelScenario
         pf.Extra["stop-copy tail after pre-copy, ms (max)"] = ts.Max;
         ctx.Report.Figures.Add(pf);
         ctx.Report.Figures.Add(Measure.Figure("accel", $"device memory stop-copy throughput (no pre-copy), {label}", "MiB/s", raws, stop, rawName, 0.8, GoalDirection.AtLeast));
-        Breakdown(ctx, label, bytes, ra, rb, new StopCopySession(src.Client, dst, buf), new StopCopySession(bareSrc, bareDst, buf), buf);
+        Breakdown(ctx, label, bytes, ra, rb, new StopCopySession(src.Client, dst, buf), new StopCopySession(bareSrc, bareDst, buf), buf,
+            [srcPeer.Pid, dstPeer.Pid], [bareSrcPeer.Pid, bareDstPeer.Pid], [rawA.Pid, rawB.Pid]);
 
         TrackingOverhead(ctx, src, drv, ram);
         src.DmaUnmap(0, ram.Size);
@@ -160,7 +161,8 @@ internal static class AccelScenario
     /// (the vfio-user transport's share), and the accelerator vs the bare-copy device (the accelerator stream's share:
     /// CRC32C on both sides, framing).
     /// </summary>
-    private static void Breakdown(BenchContext ctx, string label, long bytes, RawClient ra, RawClient rb, StopCopySession accel, StopCopySession bare, byte[] buf)
+    private static void Breakdown(BenchContext ctx, string label, long bytes, RawClient ra, RawClient rb, StopCopySession accel, StopCopySession bare, byte[] buf,
+        int[] accelPids, int[] barePids, int[] rawPids)
     {
         const int SliceChunks = MigDataScenario.SliceChunks;
         (double, double) Raw() => (SliceChunks * (double)Chunk, Measure.Seconds(() =>
@@ -185,6 +187,10 @@ internal static class AccelScenario
         ctx.Report.Figures.Add(Measure.Figure("accel", $"breakdown: accelerator vs bare-copy device stop-copy (the stream's share), {label}", "MiB/s", b, v,
             "bare-copy device (BenchStateDevice), same path and chunking", null, GoalDirection.None,
             "what CRC32C on both sides (the source copies and checksums in PRE_COPY, checksums in place in STOP_COPY; the target checksums in place) and record framing cost over a device that only moves bytes"));
+        ctx.Report.Figures.Add(MigDataScenario.ServerCpuFigure("accel", $"source+target server CPU per MiB, stop-copy, accelerator vs raw, {label}", runs,
+            accel.Slice, accelPids, Raw, rawPids, "the two raw server processes, same bytes"));
+        ctx.Report.Figures.Add(MigDataScenario.ServerCpuFigure("accel", $"source+target server CPU per MiB, stop-copy, bare zero-copy device vs raw, {label}", runs,
+            bare.Slice, barePids, Raw, rawPids, "the two raw server processes, same bytes"));
         accel.Finish();
         bare.Finish();
     }
