@@ -1,10 +1,7 @@
-using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Globalization;
 using Vmig.Guest;
-using Vmig.Guest.Accelerator;
 using Vmig.Guest.Workloads;
-using Vmig.Spec.Accelerator;
 using Vmig.Vmm;
 using Vmig.Vmm.Migration;
 
@@ -99,8 +96,8 @@ internal static class DowntimeScenario
         {
             Name = "dt-accel",
             MemorySize = (ulong)ram,
-            Vcpus = boot ? [new VcpuConfig(AccelDirtier.Kind, $"device=accel0,size={devMem},rate=100,chunk=1M")] : [],
-            Programs = new GuestProgramRegistry().Add(AccelDirtier.Factory),
+            Vcpus = boot ? [new VcpuConfig(AcceleratorDirtier.Kind, $"device=accel0,size={devMem},rate=100,chunk=1M")] : [],
+            Programs = new GuestProgramRegistry().Add(AcceleratorDirtier.Factory),
             SetupGuest = GuestSetup.Accelerator("accel0", "accel0", 0x100000),
         };
         var vm = Vm.Create(Config(true), [VfioUserVmDevice.Connect(a.SocketPath, "accel0", "accel", profile)]);
@@ -108,13 +105,13 @@ internal static class DowntimeScenario
         {
             vm.Start();
             // One full sweep first, so every device page has been written (device pre-copy carries all of it).
-            var (sweep, _, _) = AccelDirtier.Counters(vm.Vcpus[0].Registers);
-            WaitFor(() => AccelDirtier.Counters(vm.Vcpus[0].Registers).Bytes >= (ulong)Math.Min(devMem, 64 * MiB) + sweep, "the device dirtier did not get going", 60_000);
+            var (sweep, _, _) = AcceleratorDirtier.Counters(vm.Vcpus[0].Registers);
+            WaitFor(() => AcceleratorDirtier.Counters(vm.Vcpus[0].Registers).Bytes >= (ulong)Math.Min(devMem, 64 * MiB) + sweep, "the device dirtier did not get going", 60_000);
             var result = PingPong(ctx, ref vm, [a.SocketPath, b.SocketPath], Config(false),
                 d => VfioUserVmDevice.Connect(d, "accel0", "accel", profile), new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(25) },
-                v => (long)AccelDirtier.Counters(v.Vcpus[0].Registers).Bytes);
+                v => (long)AcceleratorDirtier.Counters(v.Vcpus[0].Registers).Bytes);
             vm.Pause();
-            var (bytes, ok, bad) = AccelDirtier.Counters(vm.Vcpus[0].Registers);
+            var (bytes, ok, bad) = AcceleratorDirtier.Counters(vm.Vcpus[0].Registers);
             if (vm.Vcpus[0].Fault is { } fault || bad != 0)
             {
                 throw new InvalidOperationException($"device dirtier after migration: {bad} failed jobs, fault {vm.Vcpus[0].Fault?.Message}");
@@ -221,116 +218,4 @@ internal static class DowntimeScenario
 
     /// <summary>The namespace file both "nvme-shared" peers serve (created by the scenario next to their sockets).</summary>
     public const string NvmeSharedImage = "dt-shared-ns.img";
-}
-
-/// <summary>
-/// Guest job "accel-dirtier": sweeps the accelerator's device memory with Fill jobs of CHUNK bytes at RATE MiB/s, one
-/// job in flight, so device memory is dirtied at a set rate (what device pre-copy must keep up with). All state is
-/// in the registers; a migrated copy waits for its in-flight job on the target device.
-/// </summary>
-/// <remarks>
-/// Arguments: <c>device=SERVICE,size=BYTES,rate=MiB/s,chunk=BYTES</c>. Registers: 0 u32 magic "ADRT", 4 u32 phase
-/// (0 idle, 1 job in flight), 8 u32 slot, 16 u64 size, 24 u64 rate bytes/s, 32 u64 chunk, 40 u64 cursor (chunk index),
-/// 48 u64 bytes filled, 56 u64 jobs ok, 64 u64 jobs failed, 72..136 service name (UTF-8, zero padded).
-/// </remarks>
-internal sealed class AccelDirtier : IGuestProgram
-{
-    public const string Kind = "accel-dirtier";
-    private const uint Magic = 0x54524441; // "ADRT"
-    private const int NameOffset = 72, NameMax = 64;
-
-    private readonly AcceleratorDriver _driver;
-    // Not durable: after a migration the rate restarts rather than catching up in a burst.
-    private readonly Stopwatch _clock = Stopwatch.StartNew();
-    private ulong _sinceClock;
-
-    private AccelDirtier(AcceleratorDriver driver) => _driver = driver;
-
-    public static IGuestProgramFactory Factory { get; } = new DirtierFactory();
-
-    /// <summary>(bytes filled, jobs ok, jobs failed).</summary>
-    public static (ulong Bytes, ulong Ok, ulong Bad) Counters(ReadOnlySpan<byte> r) =>
-        (BinaryPrimitives.ReadUInt64LittleEndian(r[48..]), BinaryPrimitives.ReadUInt64LittleEndian(r[56..]), BinaryPrimitives.ReadUInt64LittleEndian(r[64..]));
-
-    public bool RunSlice(Span<byte> r)
-    {
-        uint phase = BinaryPrimitives.ReadUInt32LittleEndian(r[4..]);
-        ulong size = BinaryPrimitives.ReadUInt64LittleEndian(r[16..]);
-        ulong rate = BinaryPrimitives.ReadUInt64LittleEndian(r[24..]);
-        ulong chunk = BinaryPrimitives.ReadUInt64LittleEndian(r[32..]);
-        ulong cursor = BinaryPrimitives.ReadUInt64LittleEndian(r[40..]);
-        if (phase == 1)
-        {
-            uint slot = BinaryPrimitives.ReadUInt32LittleEndian(r[8..]);
-            if (!_driver.TryGetCompletion(slot, out var c))
-            {
-                Thread.Sleep(0);
-                return true;
-            }
-            bool ok = c.Status == AcceleratorJobStatus.Success;
-            int off = ok ? 56 : 64;
-            BinaryPrimitives.WriteUInt64LittleEndian(r[off..], BinaryPrimitives.ReadUInt64LittleEndian(r[off..]) + 1);
-            if (ok)
-            {
-                BinaryPrimitives.WriteUInt64LittleEndian(r[48..], BinaryPrimitives.ReadUInt64LittleEndian(r[48..]) + chunk);
-            }
-            BinaryPrimitives.WriteUInt64LittleEndian(r[40..], (cursor + 1) % (size / chunk));
-            BinaryPrimitives.WriteUInt32LittleEndian(r[4..], 0);
-            return true;
-        }
-        ulong allowed = (ulong)(_clock.Elapsed.TotalSeconds * rate);
-        if (allowed > _sinceClock + chunk)
-        {
-            _sinceClock = allowed - chunk;
-        }
-        if (allowed < _sinceClock + chunk)
-        {
-            Thread.Sleep(1);
-            return true;
-        }
-        _sinceClock += chunk;
-        ulong pattern = (BinaryPrimitives.ReadUInt64LittleEndian(r[48..]) / chunk + 1) * 0x9E3779B97F4A7C15UL;
-        uint s = _driver.Submit(new AcceleratorJob(AcceleratorOpcode.Fill, AcceleratorJobFlags.None, 0, 0, cursor * chunk, chunk, pattern));
-        BinaryPrimitives.WriteUInt32LittleEndian(r[8..], s);
-        BinaryPrimitives.WriteUInt32LittleEndian(r[4..], 1);
-        return true;
-    }
-
-    private sealed class DirtierFactory : IGuestProgramFactory
-    {
-        public string Kind => AccelDirtier.Kind;
-
-        public IGuestProgram Start(GuestEnvironment environment, string arguments, Span<byte> registers)
-        {
-            ArgumentNullException.ThrowIfNull(environment);
-            var kv = SizeParser.ParseKeyValues(arguments);
-            string name = kv.GetValueOrDefault("device") ?? throw new FormatException("accel-dirtier: device= is required");
-            var driver = environment.GetService<AcceleratorDriver>(name);
-            ulong size = SizeParser.Parse(kv.GetValueOrDefault("size"), "size");
-            ulong rate = SizeParser.Parse(kv.GetValueOrDefault("rate"), "rate") * (1UL << 20);
-            ulong chunk = kv.TryGetValue("chunk", out string? c) ? SizeParser.Parse(c, "chunk") : 1UL << 20;
-            byte[] n = System.Text.Encoding.UTF8.GetBytes(name);
-            if (n.Length > NameMax || chunk == 0 || chunk % 8 != 0 || size < chunk || size % chunk != 0 || size > driver.DeviceMemorySize || rate == 0)
-            {
-                throw new FormatException($"accel-dirtier: bad arguments '{arguments}' (size a multiple of chunk within {driver.DeviceMemorySize} bytes, rate > 0)");
-            }
-            BinaryPrimitives.WriteUInt32LittleEndian(registers, Magic);
-            BinaryPrimitives.WriteUInt64LittleEndian(registers[16..], size);
-            BinaryPrimitives.WriteUInt64LittleEndian(registers[24..], rate);
-            BinaryPrimitives.WriteUInt64LittleEndian(registers[32..], chunk);
-            n.CopyTo(registers[NameOffset..]);
-            return new AccelDirtier(driver);
-        }
-
-        public IGuestProgram Resume(GuestEnvironment environment, ReadOnlySpan<byte> registers)
-        {
-            ArgumentNullException.ThrowIfNull(environment);
-            if (registers.Length < NameOffset + NameMax || BinaryPrimitives.ReadUInt32LittleEndian(registers) != Magic)
-            {
-                throw new InvalidDataException("registers are not an accel-dirtier job's");
-            }
-            string name = System.Text.Encoding.UTF8.GetString(registers.Slice(NameOffset, NameMax)).TrimEnd('\0');
-            return new AccelDirtier(environment.GetService<AcceleratorDriver>(name));
-        }
-    }
 }

@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using System.Diagnostics;
 using Microsoft.Win32.SafeHandles;
 using Vmig.Devices.Nvme;
@@ -12,11 +13,15 @@ namespace Vmig.Bench;
 
 /// <summary>
 /// Scenario "nvme": 4 KiB random reads and writes through the guest NVMe driver (Vmig.Guest.Nvme) against the
-/// emulated controller (Vmig.Devices.Nvme) in this process — guest RAM is a memfd (the VMM's GuestRam) mapped as the
-/// device's DMA window, MSI-X vectors are eventfds — at QD 1 and QD 32, shadow doorbells on and off, next to raw
-/// pread/pwrite of the same pattern (4 KiB at random 4 KiB-aligned offsets, into the same guest-RAM buffers) on a
-/// file of the same size. The NVMe VF is not yet served over vfio-user on main, so BAR0 accesses are direct calls
-/// (this measures driver + controller, not the socket). Goal ≥ 0.5× IOPS with shadow doorbells.
+/// emulated controller (Vmig.Devices.Nvme) — a VF served over vfio-user by a peer process, and the primary controller
+/// in this process — at QD 1 and QD 32, shadow doorbells on and off, next to raw pread/pwrite of the same pattern
+/// (4 KiB at random 4 KiB-aligned offsets, into the same guest-RAM buffers) on a file of the same size, measured in
+/// the same run. Guest RAM is a memfd (the VMM's GuestRam) mapped as the device's DMA window. With shadow doorbells
+/// each figure runs two ways: "MSI-X" (the I/O CQ has IEN = 1; the guest sleeps on the vector's eventfd) and "poll
+/// queue" (the I/O CQ is created with IEN = 0 and the guest reaps by watching the phase tag: Linux nvme
+/// <c>poll_queues</c> + io_uring IOPOLL, fio <c>hipri</c>). Goal ≥ 0.5× IOPS with shadow doorbells. In-process QD1
+/// figures with shadow doorbells also report where a command's time goes (submit → SQE fetch → CQE → back in the
+/// caller), from timestamps taken at the device's guest-memory accesses.
 /// </summary>
 internal static class NvmeScenario
 {
@@ -24,8 +29,6 @@ internal static class NvmeScenario
     private const ulong DriverRegion = 0x100000;
     private const ulong DriverRegionSize = 16 << 20;
     private const ulong Buffers = 0x2000000;
-    private static readonly int DefaultPoll = new NvmeDriverOptions().CompletionPollMicroseconds;
-    private const int PolledMicroseconds = 20;
 
     public static void Run(BenchContext ctx)
     {
@@ -57,12 +60,10 @@ internal static class NvmeScenario
                     {
                         foreach (bool write in new[] { false, true })
                         {
-                            RunOne(ctx, viaSocket ? peer!.SocketPath : null, path, rawPath, fileBytes, shadow, qd, write, DefaultPoll);
-                            // Reads over the socket with shadow doorbells also run with the driver's hybrid CQ polling
-                            // on, so with and without come from the same run.
-                            if (viaSocket && shadow && !write)
+                            // With shadow doorbells both completion modes run back to back, so they share the run's load.
+                            foreach (var mode in shadow ? [CompletionMode.Msix, CompletionMode.PollQueue] : new[] { CompletionMode.Msix })
                             {
-                                RunOne(ctx, peer!.SocketPath, path, rawPath, fileBytes, shadow, qd, write, PolledMicroseconds);
+                                RunOne(ctx, viaSocket ? peer!.SocketPath : null, path, rawPath, fileBytes, shadow, qd, write, mode);
                             }
                         }
                     }
@@ -82,17 +83,29 @@ internal static class NvmeScenario
         }
     }
 
+    /// <summary>
+    /// How the guest learns of completions: MSI-X (sleep on the vector's eventfd) or a poll queue (IEN = 0, spin on the
+    /// phase tag). A third way, MSI-X after a 20 µs spin on the phase tag at QD1 too, lost to both on this host
+    /// (QD1 read p50 34 µs vs 13 µs; bench/results/s3-nvme/experiment-msix-spin20-quick.txt) and is not run.
+    /// </summary>
+    private enum CompletionMode
+    {
+        Msix,
+        PollQueue,
+    }
+
     /// <summary>One figure. <paramref name="vfSocket"/> non-null: the driver reaches an NVMe VF in the peer process over
     /// vfio-user (REGION_WRITE doorbells, memfd DMA, eventfd MSI-X); null: the primary controller in this process.</summary>
-    private static void RunOne(BenchContext ctx, string? vfSocket, string path, string rawPath, long fileBytes, bool shadow, int qd, bool write, int pollMicroseconds)
+    private static void RunOne(BenchContext ctx, string? vfSocket, string path, string rawPath, long fileBytes, bool shadow, int qd, bool write, CompletionMode mode)
     {
-        string name = $"{(vfSocket is null ? "in-process" : "VF over vfio-user")}: 4 KiB rand {(write ? "write" : "read")} QD{qd}, shadow {(shadow ? "on" : "off")}"
-            + (pollMicroseconds == DefaultPoll ? "" : $", CQ poll {pollMicroseconds} µs");
+        string name = $"{(vfSocket is null ? "in-process" : "VF over vfio-user")}: 4 KiB rand {(write ? "write" : "read")} QD{qd}, shadow {(shadow ? "on" : "off")}, "
+            + (mode == CompletionMode.PollQueue ? "poll queue (IEN=0)" : "MSI-X");
         ctx.Progress("nvme: " + name);
         using var ram = GuestRam.Create(64UL << 20, "bench-nvme-ram");
         var owned = new Stack<IDisposable>();
         IGuestPciFunction gfn;
-        DirectFunction? direct = null;
+        NvmeDirectFunction? direct = null;
+        StageClock? clock = null;
         CountingFunction? counting = null;
         uint nsid = 1;
         if (vfSocket is not null)
@@ -122,19 +135,27 @@ internal static class NvmeScenario
             {
                 throw new InvalidOperationException($"DMA map: errno {rc}");
             }
-            direct = new DirectFunction(subsystem.Primary, dma, 2);
+            clock = qd == 1 && shadow ? new StageClock(dma) : null;
+            direct = new NvmeDirectFunction(subsystem.Primary, clock ?? (IDmaSpace)dma, 2);
             owned.Push(direct);
             gfn = direct;
         }
         try
         {
-            RunWorkload(ctx, name, ram, gfn, direct, counting, nsid, rawPath, fileBytes, shadow, qd, write, pollMicroseconds);
+            RunWorkload(ctx, name, ram, gfn, direct, counting, clock, nsid, rawPath, fileBytes, shadow, qd, write, mode);
         }
         finally
         {
             while (owned.Count > 0)
             {
                 owned.Pop().Dispose();
+            }
+            if (vfSocket is not null)
+            {
+                // VfioUserServer.OnSessionEnded frees the client slot before it detaches the device (stopping the
+                // controller's poller); a client accepted in between can have its attach undone by that detach and
+                // then sees admin commands time out. Give the detach time to finish before the next figure connects.
+                Thread.Sleep(100);
             }
         }
     }
@@ -156,11 +177,18 @@ internal static class NvmeScenario
         }
     }
 
-    private static void RunWorkload(BenchContext ctx, string name, GuestRam ram, IGuestPciFunction fn, DirectFunction? direct, CountingFunction? counting, uint nsid,
-        string rawPath, long fileBytes, bool shadow, int qd, bool write, int pollMicroseconds)
+    private static void RunWorkload(BenchContext ctx, string name, GuestRam ram, IGuestPciFunction fn, NvmeDirectFunction? direct, CountingFunction? counting,
+        StageClock? clock, uint nsid, string rawPath, long fileBytes, bool shadow, int qd, bool write, CompletionMode mode)
     {
+        bool polled = mode == CompletionMode.PollQueue;
         var drv = NvmeDriver.Initialize(ram, fn, DriverRegion, DriverRegionSize,
-            new NvmeDriverOptions { IoQueues = 1, IoQueueEntries = 64, ShadowDoorbells = shadow, Interrupts = true, CompletionPollMicroseconds = pollMicroseconds });
+            new NvmeDriverOptions { IoQueues = 1, IoQueueEntries = 64, ShadowDoorbells = shadow, Interrupts = true, PollQueues = polled ? 1 : 0 });
+        if (drv.IsPolled(1) != polled)
+        {
+            throw new InvalidOperationException($"queue 1 polled = {drv.IsPolled(1)}, wanted {polled}");
+        }
+        clock?.Watch(ram.ReadUInt64(DriverRegion + NvmeDriverState.OffQueues + NvmeDriverState.QueueDescSize + NvmeDriverState.QSqBase),
+            ram.ReadUInt64(DriverRegion + NvmeDriverState.OffQueues + NvmeDriverState.QueueDescSize + NvmeDriverState.QCqBase), drv.IoQueueEntries);
         using var raw = File.OpenHandle(rawPath, FileMode.Open, FileAccess.ReadWrite);
         long blocks = fileBytes / Block;
         var rngV = new Random(1);
@@ -169,6 +197,9 @@ internal static class NvmeScenario
         // Over the socket an I/O costs far more: smaller slices keep each figure to seconds.
         int opsPerSlice = direct is null ? (qd == 1 ? 100 : 400) : (qd == 1 ? 500 : 2000);
         var lat = new List<double>();
+        var toFetch = new List<double>();
+        var toCqe = new List<double>();
+        var toCaller = new List<double>();
         long ios = 0;
         direct?.ResetCounters();
         counting?.ResetCounters();
@@ -183,9 +214,15 @@ internal static class NvmeScenario
                     for (int i = 0; i < opsPerSlice; i++)
                     {
                         long t0 = Stopwatch.GetTimestamp();
-                        var c = drv.Execute(1, NvmeDriver.ReadWrite(op, nsid, (ulong)rngV.NextInt64(blocks), 1), Buffers, Block);
-                        lat.Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
-                        _ = c;
+                        drv.Execute(1, NvmeDriver.ReadWrite(op, nsid, (ulong)rngV.NextInt64(blocks), 1), Buffers, Block);
+                        long t3 = Stopwatch.GetTimestamp();
+                        lat.Add(Stopwatch.GetElapsedTime(t0, t3).TotalMicroseconds);
+                        if (clock is not null && clock.Take(out long fetched, out long posted) && fetched >= t0 && posted >= fetched && t3 >= posted)
+                        {
+                            toFetch.Add(Stopwatch.GetElapsedTime(t0, fetched).TotalMicroseconds);
+                            toCqe.Add(Stopwatch.GetElapsedTime(fetched, posted).TotalMicroseconds);
+                            toCaller.Add(Stopwatch.GetElapsedTime(posted, t3).TotalMicroseconds);
+                        }
                     }
                 }));
             }
@@ -224,6 +261,13 @@ internal static class NvmeScenario
         {
             f.Extra["vmig mean latency µs (QD ÷ IOPS)"] = qd / f.Value.Median * 1e6;
         }
+        if (toFetch.Count > 0)
+        {
+            // Medians of each stage (they need not add up to the p50 of the whole).
+            f.Extra["p50 µs: Execute call → device fetched the SQE (driver submit + doorbell noticed)"] = Median(toFetch);
+            f.Extra["p50 µs: SQE fetch → CQE written (the command: file I/O, DMA copy)"] = Median(toCqe);
+            f.Extra["p50 µs: CQE written → Execute returned (interrupt or poll, reap)"] = Median(toCaller);
+        }
         if (counting is not null)
         {
             f.Extra["MMIO doorbell REGION_WRITEs per I/O"] = Interlocked.Read(ref counting.DoorbellWrites) / (double)Math.Max(1, ios);
@@ -232,8 +276,8 @@ internal static class NvmeScenario
         }
         if (direct is not null)
         {
-            f.Extra["MMIO doorbell writes per I/O"] = Interlocked.Read(ref direct.DoorbellWrites) / (double)Math.Max(1, ios);
-            f.Extra["interrupts per I/O"] = Interlocked.Read(ref direct.Interrupts) / (double)Math.Max(1, ios);
+            f.Extra["MMIO doorbell writes per I/O"] = direct.DoorbellWrites / (double)Math.Max(1, ios);
+            f.Extra["interrupts per I/O"] = direct.Interrupts / (double)Math.Max(1, ios);
         }
         ctx.Report.Figures.Add(f);
         drv.Shutdown();
@@ -310,71 +354,57 @@ internal static class NvmeScenario
         }
     }
 
-    /// <summary>The guest's view of one controller with no PCI layer: BAR0 calls the controller, MSI-X vectors are eventfds.</summary>
-    private sealed class DirectFunction : IGuestPciFunction, IDisposable
+    private static double Median(List<double> xs)
     {
-        private readonly NvmeController _ctrl;
-        private readonly EventFd[] _vectors;
-        private readonly byte[] _config = new byte[256];
+        xs.Sort();
+        return xs[xs.Count / 2];
+    }
 
-        public DirectFunction(NvmeController ctrl, IDmaSpace dma, int vectors)
+    /// <summary>
+    /// Guest memory as the in-process controller sees it, timestamping the device's fetch of an SQE of one I/O queue and
+    /// its store of a CQE's last dword (the phase tag) on that queue's CQ. At QD1 one command is in flight, so the last
+    /// stamps belong to it. Stopwatch timestamps, comparable with the caller's.
+    /// </summary>
+    private sealed class StageClock(IDmaSpace inner) : IDmaSpace
+    {
+        private ulong _sq, _sqEnd, _cq, _cqEnd;
+        private long _fetched, _posted;
+
+        public void Watch(ulong sq, ulong cq, int entries)
         {
-            _ctrl = ctrl;
-            _vectors = Enumerable.Range(0, vectors).Select(_ => EventFd.Create()).ToArray();
-            ctrl.Attach(dma, v =>
-            {
-                Interlocked.Increment(ref Interrupts);
-                if (v < _vectors.Length)
-                {
-                    _vectors[v].Signal();
-                }
-            });
+            (_sq, _sqEnd) = (sq, sq + (ulong)entries * SubmissionQueueEntry.Size);
+            (_cq, _cqEnd) = (cq, cq + (ulong)entries * CompletionQueueEntry.Size);
         }
 
-        public long DoorbellWrites;
-        public long Interrupts;
-
-        /// <summary>Zeroes the counters (after bring-up, so they count I/O only).</summary>
-        public void ResetCounters()
+        /// <summary>The stamps of the last command, once (cleared after reading).</summary>
+        public bool Take(out long fetched, out long posted)
         {
-            Interlocked.Exchange(ref DoorbellWrites, 0);
-            Interlocked.Exchange(ref Interrupts, 0);
+            fetched = Interlocked.Exchange(ref _fetched, 0);
+            posted = Interlocked.Exchange(ref _posted, 0);
+            return fetched != 0 && posted != 0;
         }
 
-        public int MsixVectorCount => _vectors.Length;
-
-        public void ReadConfig(int offset, Span<byte> data) => _config.AsSpan(offset, data.Length).CopyTo(data);
-
-        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => data.CopyTo(_config.AsSpan(offset));
-
-        public void MmioRead(int bar, ulong offset, Span<byte> data) => Check(_ctrl.ReadBar0((long)offset, data));
-
-        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+        public bool TryRead(ulong iova, Span<byte> destination)
         {
-            if (offset >= 0x1000)
+            if (iova >= _sq && iova < _sqEnd && destination.Length == SubmissionQueueEntry.Size)
             {
-                Interlocked.Increment(ref DoorbellWrites);
+                Volatile.Write(ref _fetched, Stopwatch.GetTimestamp());
             }
-            Check(_ctrl.WriteBar0((long)offset, data));
+            return inner.TryRead(iova, destination);
         }
 
-        public bool WaitInterrupt(int vector, int timeoutMs) => _vectors[vector].Wait(timeoutMs) > 0;
+        public bool TryWrite(ulong iova, ReadOnlySpan<byte> source) => inner.TryWrite(iova, source);
 
-        private static void Check(int errno)
-        {
-            if (errno != 0)
-            {
-                throw new IOException($"BAR0 access failed: errno {errno}");
-            }
-        }
+        public bool TryReadUInt32(ulong iova, out uint value) => inner.TryReadUInt32(iova, out value);
 
-        public void Dispose()
+        public bool TryWriteUInt32(ulong iova, uint value)
         {
-            _ctrl.Detach();
-            foreach (var v in _vectors)
+            if (iova >= _cq && iova < _cqEnd)
             {
-                v.Dispose();
+                // Stamped just before the store, so the stamp is never later than the guest's sight of the entry.
+                Volatile.Write(ref _posted, Stopwatch.GetTimestamp());
             }
+            return inner.TryWriteUInt32(iova, value);
         }
     }
 }

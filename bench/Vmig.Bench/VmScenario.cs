@@ -36,11 +36,26 @@ internal static class VmScenario
             long bytes = 0;
             MigrationReport? last = null;
             var targetDown = new List<double>();
+            var cpu = new List<double>();
+            var rawCpuPerMiB = new List<double>();
+            var serialTimes = new List<double>();
+            var serialCpu = new List<double>();
+            (double Src, double Dst) lastHosts = default;
             Migrate(ctx, ram, 1, dev, busy); // warm-up
             for (int i = 0; i < ctx.Options.RunCount; i++)
             {
-                double rate = RawTcpMiBps(quick ? 256 * MiB : 512 * MiB);
-                var r = Migrate(ctx, ram, 1, dev, busy);
+                long rawBytes = quick ? 256 * MiB : 512 * MiB;
+                double rawCpu0 = ProcessCpuMs(Environment.ProcessId);
+                double rate = RawTcpMiBps(rawBytes);
+                rawCpuPerMiB.Add((ProcessCpuMs(Environment.ProcessId) - rawCpu0) / (rawBytes / (double)MiB));
+                // Interleaved A/B in the same run: device data after RAM on the main connection (the 2.1 way).
+                var serial = Migrate(ctx, ram, 1, dev, busy, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50), DeviceDataConnection = false });
+                serialTimes.Add(serial.Report.TotalMilliseconds);
+                serialCpu.Add(serial.CpuMs);
+                var run = Migrate(ctx, ram, 1, dev, busy);
+                var r = run.Report;
+                cpu.Add(run.CpuMs);
+                lastHosts = (run.SrcHostCpuMs, run.DstHostCpuMs);
                 times.Add(r.TotalMilliseconds);
                 ideal.Add(r.TotalBytes / MiB / rate * 1e3);
                 downtimes.Add(r.DowntimeMilliseconds);
@@ -58,6 +73,14 @@ internal static class VmScenario
             f.Extra["bytes sent (last run), MiB"] = bytes / (double)MiB;
             f.Extra["raw TCP loopback MiB/s (median)"] = Summary.Of(rates).Median;
             f.Extra["target-measured downtime ms (median)"] = Summary.Of(targetDown).Median;
+            // CPU budget (docs: bench figure notes): CPU time is what two cores can overlap at best, so total ≥ CPU ÷ 2.
+            double cpuMed = Summary.Of(cpu).Median, rawPerMiB = Summary.Of(rawCpuPerMiB).Median;
+            f.Extra["CPU ms per migration, VMMs + device hosts (median)"] = cpuMed;
+            f.Extra["CPU-bound floor on 2 cores: CPU ÷ 2, ms"] = cpuMed / 2;
+            f.Extra["raw TCP CPU ms per MiB (send + receive, median)"] = rawPerMiB;
+            f.Extra["raw TCP CPU ms for the bytes sent"] = rawPerMiB * bytes / MiB;
+            f.Extra["A/B same run: device data after RAM on one connection, total ms (median)"] = Summary.Of(serialTimes).Median;
+            f.Extra["A/B same run: device data after RAM on one connection, CPU ms (median)"] = Summary.Of(serialCpu).Median;
             foreach (var (phase, ms) in last!.PhaseMilliseconds)
             {
                 f.Extra[$"last run: phase {phase} ms"] = ms;
@@ -69,6 +92,12 @@ internal static class VmScenario
             foreach (var (step, ms) in last.TargetStepMilliseconds)
             {
                 f.Extra[$"last run: target step {step} ms"] = ms;
+            }
+            f.Extra["last run: source device host process CPU ms"] = lastHosts.Src;
+            f.Extra["last run: target device host process CPU ms"] = lastHosts.Dst;
+            foreach (var (role, ms) in last.CpuMilliseconds)
+            {
+                f.Extra[$"last run: source CPU {role} ms"] = ms;
             }
             foreach (var (section, b) in last.BytesBySection)
             {
@@ -83,6 +112,18 @@ internal static class VmScenario
                 f.Extra["last run: final round ms"] = fin.Milliseconds;
             }
             ctx.Report.Figures.Add(f);
+            double idealMed = Summary.Of(ideal).Median;
+            double tgt = last.TargetStepMilliseconds.GetValueOrDefault("cpu.main");
+            double devPath = last.CpuMilliseconds.GetValueOrDefault("device-read") + last.CpuMilliseconds.GetValueOrDefault("device-send")
+                + last.TargetStepMilliseconds.GetValueOrDefault("cpu.device-receive") + last.TargetStepMilliseconds.GetValueOrDefault("cpu.device-write");
+            ctx.Report.Notes.Add(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                $"vm CPU budget ({name}): a migration costs {cpuMed:F0} ms of CPU (median; last run: source main thread {last.CpuMilliseconds.GetValueOrDefault("main"):F0}, target main thread {tgt:F0}, VMM device-data threads {devPath:F0}, device hosts {lastHosts.Src + lastHosts.Dst:F0}), so on 2 cores it cannot take less than {cpuMed / 2:F0} ms = {cpuMed / 2 / idealMed:F2}× the raw baseline ({idealMed:F0} ms). Raw TCP spends {rawPerMiB:F2} ms CPU per MiB ({rawPerMiB * bytes / MiB:F0} ms for these bytes: about one core busy), so ≤ 1.3× ({1.3 * idealMed:F0} ms) would need ≤ {2.6 * idealMed:F0} ms of CPU in all."));
+        }
+        // VMIG_BENCH_VM_GROWTH=0 skips the growth tables (a quicker run while iterating on the two goal rows).
+        if (Environment.GetEnvironmentVariable("VMIG_BENCH_VM_GROWTH") == "0")
+        {
+            ctx.Report.Notes.Add("vm: growth tables skipped (VMIG_BENCH_VM_GROWTH=0)");
+            return;
         }
         Growth(ctx);
     }
@@ -102,7 +143,7 @@ internal static class VmScenario
             var dn = new List<double>();
             for (int i = 0; i < reps; i++)
             {
-                var r = Migrate(ctx, ramBytes, n, devBytes, busy: false);
+                var r = Migrate(ctx, ramBytes, n, devBytes, busy: false).Report;
                 t.Add(r.TotalMilliseconds);
                 dn.Add(r.DowntimeMilliseconds);
                 ctx.Report.Notes.Add(string.Create(System.Globalization.CultureInfo.InvariantCulture,
@@ -139,8 +180,12 @@ internal static class VmScenario
         }
     }
 
-    /// <summary>One live migration of a fresh VM; device peers (one process per side) live for this migration only.</summary>
-    private static MigrationReport Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy)
+    /// <summary>
+    /// One live migration of a fresh VM; device peers (one process per side) live for this migration only. Returns the
+    /// report and the CPU time (user + system, ms) this process and both device hosts spent during the migration.
+    /// </summary>
+    private static (MigrationReport Report, double CpuMs, double SrcHostCpuMs, double DstHostCpuMs) Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy,
+        MigrationOptions? options = null)
     {
         PeerProcess? srcPeer = null, dstPeer = null;
         string[] srcSocks = [], dstSocks = [];
@@ -169,9 +214,14 @@ internal static class VmScenario
             Populate(vm.Memory, busy ? ramBytes / 2 : 0, ramBytes);
             vm.Start();
             var dst = dstSocks;
+            double SrcHost() => srcPeer is null ? 0 : ProcessCpuMs(srcPeer.Pid);
+            double DstHost() => dstPeer is null ? 0 : ProcessCpuMs(dstPeer.Pid);
+            double Cpu() => ProcessCpuMs(Environment.ProcessId) + SrcHost() + DstHost();
+            double cpu0 = Cpu(), src0 = SrcHost(), dst0 = DstHost();
             (var report, target) = MigrateOverLoopback(vm, new VmConfig { Name = "bench", Programs = programs },
                 d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile),
-                new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) });
+                options ?? new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) });
+            double cpuMs = Cpu() - cpu0, srcHostMs = SrcHost() - src0, dstHostMs = DstHost() - dst0;
             if (busy)
             {
                 target.Pause();
@@ -184,7 +234,7 @@ internal static class VmScenario
             {
                 throw new InvalidOperationException("device state differs after migration");
             }
-            return report;
+            return (report, cpuMs, srcHostMs, dstHostMs);
         }
         finally
         {
@@ -244,6 +294,16 @@ internal static class VmScenario
                 Thread.Sleep(10);
             }
         }
+    }
+
+    /// <summary>User + system CPU time of process <paramref name="pid"/> in ms, from /proc/PID/stat (clock ticks of 10 ms).</summary>
+    internal static double ProcessCpuMs(int pid)
+    {
+        string stat = File.ReadAllText($"/proc/{pid}/stat");
+        // Fields after the ")" closing the command name: state is field 3, utime 14, stime 15.
+        string[] f = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+        long ticks = long.Parse(f[11], System.Globalization.CultureInfo.InvariantCulture) + long.Parse(f[12], System.Globalization.CultureInfo.InvariantCulture);
+        return ticks * 10.0;
     }
 
     /// <summary>Raw TCP loopback throughput: one connection, blocking 1 MiB sends, a receiving thread; MiB/s.</summary>

@@ -55,6 +55,15 @@ internal sealed class FakeDevice : IVmDevice
     public ulong DmaGpa { get; }
     public ulong CounterAtCommit { get; private set; }
     public bool FailCommit { get; set; }
+
+    /// <summary>STOP_COPY → STOP throws InvalidOperationException (an adapter failing in the source's cleanup).</summary>
+    public bool FailStopAfterStopCopy { get; set; }
+
+    /// <summary>MIG_DATA_READ fails with EIO (a source device failing mid pre-copy).</summary>
+    public bool FailSaveRead { get; set; }
+
+    /// <summary>MIG_DATA_WRITE fails with EIO (a target device rejecting its incoming stream).</summary>
+    public bool FailLoadWrite { get; set; }
     public bool SupportsPrecopyInfo => true;
     public bool SupportsStopCopySize => true;
     public bool SupportsDirtyLogging { get; init; } = true;
@@ -119,6 +128,10 @@ internal sealed class FakeDevice : IVmDevice
             {
                 throw new IOException($"EINVAL: {target} not supported");
             }
+            if (FailStopAfterStopCopy && _state == DeviceState.StopCopy && target == DeviceState.Stop)
+            {
+                throw new InvalidOperationException("injected: adapter refuses STOP after STOP_COPY");
+            }
             while (_state != target)
             {
                 var n = (DeviceState)Next[(int)_state, (int)target];
@@ -146,6 +159,10 @@ internal sealed class FakeDevice : IVmDevice
             {
                 throw new IOException("EINVAL: not saving");
             }
+            if (FailSaveRead)
+            {
+                throw new IOException("EIO: injected save read failure");
+            }
             int n = Math.Min(buffer.Length, _saveLen - _savePos);
             _save.AsSpan(_savePos, n).CopyTo(buffer);
             _savePos += n;
@@ -160,6 +177,10 @@ internal sealed class FakeDevice : IVmDevice
             if (_state != DeviceState.Resuming)
             {
                 throw new IOException("EINVAL: not resuming");
+            }
+            if (FailLoadWrite)
+            {
+                throw new IOException("EIO: injected load write failure");
             }
             _incoming.Write(data);
         }

@@ -67,7 +67,7 @@ public sealed class MigrationTests : IDisposable
     }
 
     [Fact]
-    public async Task Migration_OverTlsWithThreeConnections_ByteIdentical()
+    public async Task Migration_OverTlsWithThreeRamConnectionsAndADeviceConnection_ByteIdentical()
     {
         string cert = Path.Combine(_dir, "cert.pem"), key = Path.Combine(_dir, "key.pem");
         using (var ec = ECDsa.Create(ECCurve.NamedCurves.nistP256))
@@ -80,10 +80,14 @@ public sealed class MigrationTests : IDisposable
             File.WriteAllText(cert, c.ExportCertificatePem());
             File.WriteAllText(key, ec.ExportPkcs8PrivateKeyPem());
         }
-        using var src = TestVms.Dirtier(32, "gpa=0,size=16M,rate=60");
+        // A pre-copy device DMAing at 20 MiB (outside the dirtier's range); the target's runs once loaded and DMAs at 30 MiB.
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, [], dmaGpa: 20 * TestVms.MiB);
+        Random.Shared.NextBytes(dev.Bar0);
+        using var src = TestVms.Dirtier(32, "gpa=0,size=16M,rate=60", [dev]);
         src.Start();
         TestVms.WaitUntil(() => src.Vcpus[0].Slices > 20);
-        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices,
+        FakeDevice? t = null;
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), d => t = new FakeDevice(d.Name, d.MigrationFlags, [], dmaGpa: 30 * TestVms.MiB),
             new MigrationTargetOptions { StartVcpus = false, Tls = new MigrationTlsOptions { CertificatePath = cert, KeyPath = key } });
         var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions
         {
@@ -95,7 +99,11 @@ public sealed class MigrationTests : IDisposable
         Assert.Equal("completed", report.Outcome);
         Assert.True(report.Tls);
         Assert.Equal(3, report.Connections);
-        Assert.True(src.Memory.GetHostSpan(0, (int)(32 * TestVms.MiB)).SequenceEqual(dst.Memory.GetHostSpan(0, (int)(32 * TestVms.MiB))), "RAM differs");
+        Assert.True(report.DeviceDataConnection);
+        int below = (int)(30 * TestVms.MiB), above = (int)(2 * TestVms.MiB) - 4096;
+        Assert.True(src.Memory.GetHostSpan(0, below).SequenceEqual(dst.Memory.GetHostSpan(0, below)), "RAM differs below 30 MiB");
+        Assert.True(src.Memory.GetHostSpan(30 * TestVms.MiB + 4096, above).SequenceEqual(dst.Memory.GetHostSpan(30 * TestVms.MiB + 4096, above)), "RAM differs above 30 MiB");
+        Assert.Equal(dev.Bar0, t!.Bar0);
         TestVms.PauseAndVerify(dst);
     }
 

@@ -66,6 +66,7 @@ public sealed class RealDeviceTests : IDisposable
                 var report = await MigrationSource.RunAsync(vm, listeners[hop].LocalEndpoint, new MigrationOptions { MaxRounds = 4 });
                 Assert.Equal("completed", report.Outcome);
                 Assert.True(report.BytesBySection.ContainsKey("DeviceData"), report.ToJson());
+                Assert.True(report.DeviceDataConnection, "device data should have gone on its own connection (2.2 target)");
                 var next = await target;
                 var before = AcceleratorJobMix.Counters(vm.Vcpus[0].Registers);
                 vm.Dispose(); // the source releases its VF; that host's server takes the next client

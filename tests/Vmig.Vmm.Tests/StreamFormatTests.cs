@@ -12,6 +12,7 @@ public class StreamFormatTests
     // 16-byte section headers (type, flags, length, header CRC, section CRC).
     private const string StreamHeaderGolden = "564d49475354524d02000000e421aacf";
     private const string StreamHeader21Golden = "564d49475354524d0200010093b908dc";
+    private const string StreamHeader22Golden = "564d49475354524d020002000a11efe8";
     private const string OptionalRoundInfoGolden = "0d0000000300000023c010c42f32d0ee010203";
     private const string EndOfStateGolden = "09000100000000006ea01f686ea01f68";
     private const string CommitGolden = "100001000000000027d06ee727d06ee7";
@@ -25,7 +26,10 @@ public class StreamFormatTests
     {
         var ms = new MemoryStream();
         new SectionWriter(ms).WriteStreamHeader();
-        Assert.Equal(StreamHeader21Golden, Convert.ToHexStringLower(ms.ToArray())); // this writer: 2.1
+        Assert.Equal(StreamHeader22Golden, Convert.ToHexStringLower(ms.ToArray())); // this writer: 2.2
+        ms = new MemoryStream();
+        new SectionWriter(ms).WriteStreamHeader(minor: 1);
+        Assert.Equal(StreamHeader21Golden, Convert.ToHexStringLower(ms.ToArray()));
         ms = new MemoryStream();
         new SectionWriter(ms).WriteStreamHeader(minor: 0);
         Assert.Equal(StreamHeaderGolden, Convert.ToHexStringLower(ms.ToArray()));

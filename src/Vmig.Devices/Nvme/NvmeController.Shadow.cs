@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using Vmig.Spec.Nvme;
 
 namespace Vmig.Devices.Nvme;
@@ -8,10 +9,37 @@ namespace Vmig.Devices.Nvme;
 /// asked for it. A poller thread per controller reads the shadow page while there is work, then "arms" the EventIdx
 /// entries (asks for a ring) and sleeps until an MMIO doorbell or a timeout wakes it.
 /// </summary>
+/// <remarks>
+/// The poller is adaptive, in the manner of SPDK's vfio-user target (which polls shadow doorbells in a busy loop) but
+/// backing off when idle: for <see cref="PollerSpinMicroseconds"/> after the last command it spins on the shadow page
+/// (a short pause loop, with a sched_yield every other poll so a guest thread that shares the core still runs); then, until
+/// <see cref="PollerIdleMicroseconds"/> of idleness, it polls between sched_yields; then it arms EventIdx and blocks
+/// on a semaphore the next MMIO doorbell releases. An idle controller therefore costs no CPU, and a host that takes
+/// interrupts (IEN = 1, e.g. Linux's nvme driver) gets its next command noticed within a pause loop while it is busy.
+/// </remarks>
 public sealed partial class NvmeController
 {
-    /// <summary>Idle polling rounds (with yields) before the poller arms EventIdx and sleeps.</summary>
-    private const int IdleRoundsBeforeSleep = 64;
+    /// <summary>After the last command, how long the poller busy-spins on the shadow page (µs).</summary>
+    public const int PollerSpinMicroseconds = 50;
+
+    /// <summary>After the last command, how long the poller keeps polling (spin, then yield) before it arms EventIdx and blocks (µs).</summary>
+    public const int PollerIdleMicroseconds = 500;
+
+    /// <summary>
+    /// Polls per sched_yield in the spin phase. Small on purpose: when the guest's thread shares the poller's core (a
+    /// 2-core host with other work), each hand-over waits for the spinner's turn to end; every 16 polls made that
+    /// ~5 µs per stage, every 2 polls ~2 µs (bench/results/s3-nvme/experiment-yield-*). With a core to itself the
+    /// poller's yield is a cheap syscall.
+    /// </summary>
+    private const int PollsPerYield = 2;
+
+    private static int s_pollerSerial;
+
+    /// <summary>
+    /// The shadow-doorbell poller thread's name (unique in the process, at most 15 characters, so it is the thread's
+    /// <c>comm</c> in /proc/self/task/*/), or null while no poller runs. For per-thread CPU accounting.
+    /// </summary>
+    public string? ShadowPollerThreadName => Volatile.Read(ref _poller)?.Name;
 
     private void ReadShadow(SubmissionQueueState sq)
     {
@@ -129,7 +157,8 @@ public sealed partial class NvmeController
     {
         if (_poller is null)
         {
-            _poller = new ShadowDoorbellPoller(this, $"nvme-ctrl{Cntlid}-shadow");
+            // Linux keeps 15 characters of a thread name; a process-wide serial keeps it unique.
+            _poller = new ShadowDoorbellPoller(this, $"nvme-shdw-{Interlocked.Increment(ref s_pollerSerial) % 100000}");
         }
     }
 
@@ -166,6 +195,8 @@ public sealed partial class NvmeController
             _thread = new Thread(Run) { IsBackground = true, Name = name };
             _thread.Start();
         }
+
+        public string Name => _thread.Name!;
 
         public void Wake()
         {
@@ -205,27 +236,42 @@ public sealed partial class NvmeController
 
         private void Loop()
         {
-            int idle = 0;
+            long spinTicks = PollerSpinMicroseconds * Stopwatch.Frequency / 1_000_000;
+            long idleTicks = PollerIdleMicroseconds * Stopwatch.Frequency / 1_000_000;
+            long lastWork = Stopwatch.GetTimestamp();
+            int polls = 0;
             while (!_stop)
             {
                 if (_owner.PollShadow())
                 {
-                    idle = 0;
+                    lastWork = Stopwatch.GetTimestamp();
                     continue;
                 }
-                if (++idle < IdleRoundsBeforeSleep)
+                long idle = Stopwatch.GetTimestamp() - lastWork;
+                if (idle < spinTicks)
+                {
+                    // Busy phase: a new tail is noticed within one pause loop, not one scheduler round trip.
+                    if (++polls % PollsPerYield == 0)
+                    {
+                        Thread.Yield();
+                    }
+                    else
+                    {
+                        Thread.SpinWait(8);
+                    }
+                    continue;
+                }
+                if (idle < idleTicks)
                 {
                     Thread.Yield();
                     continue;
                 }
-                if (_owner.ArmAndRecheck())
+                // Armed: the host rings an MMIO doorbell on its next update, which wakes us. The timeout is a safety
+                // net; it costs one poll, and the poller goes back to sleep without spinning again.
+                while (!_stop && !_owner.ArmAndRecheck() && !_wake.Wait(50))
                 {
-                    idle = 0;
-                    continue;
                 }
-                // Armed: the host rings an MMIO doorbell on its next update, which wakes us. The timeout is a safety net.
-                _wake.Wait(50);
-                idle = 0;
+                lastWork = Stopwatch.GetTimestamp();
             }
         }
     }

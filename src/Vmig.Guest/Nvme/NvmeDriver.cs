@@ -19,8 +19,22 @@ public sealed record NvmeDriverOptions
     /// <summary>Use Doorbell Buffer Config if the controller supports it (OACS bit 8).</summary>
     public bool ShadowDoorbells { get; init; } = true;
 
-    /// <summary>Use MSI-X interrupts for completions; false = poll completion queues.</summary>
+    /// <summary>Use MSI-X interrupts for completions; false = poll every completion queue (admin included).</summary>
     public bool Interrupts { get; init; } = true;
+
+    /// <summary>
+    /// How many of the I/O queues (the highest-numbered ones) are poll queues, as Linux nvme's <c>poll_queues</c>
+    /// parameter makes them: their completion queue is created with interrupts disabled (Create I/O Completion Queue
+    /// CDW11.IEN = 0, no vector; NVMe Base 2.x §5.2.2) and waiters reap it by watching the phase tag of the entry at
+    /// the CQ head — what io_uring IOPOLL / fio's <c>hipri</c> do. The device then never signals an interrupt for
+    /// them. A poll-queue waiter spins (a pause loop, a sched_yield every other check) for up to
+    /// <see cref="PollSpinMicroseconds"/> and then checks once a millisecond, so a slow command does not hold a
+    /// core. 0 (the default) = every I/O queue uses MSI-X when <see cref="Interrupts"/> is on.
+    /// </summary>
+    public int PollQueues { get; init; }
+
+    /// <summary>On a poll queue: how long a waiter spins on the phase tag before it falls back to 1 ms sleeps (µs).</summary>
+    public int PollSpinMicroseconds { get; init; } = 1000;
 
     /// <summary>How long to wait for CSTS.RDY changes and for commands, in ms.</summary>
     public int TimeoutMs { get; init; } = 5000;
@@ -66,10 +80,12 @@ public sealed partial class NvmeDriver
     private readonly object _allocLock = new();
     private readonly int _timeoutMs;
 
-    private NvmeDriver(IGuestMemory mem, IGuestPciFunction fn, ulong stateGpa, int timeoutMs, int pollMicroseconds = 0)
+    private NvmeDriver(IGuestMemory mem, IGuestPciFunction fn, ulong stateGpa, int timeoutMs, int pollMicroseconds = 0, int pollSpinMicroseconds = 1000)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(pollMicroseconds);
+        ArgumentOutOfRangeException.ThrowIfNegative(pollSpinMicroseconds);
         _pollTicks = pollMicroseconds * Stopwatch.Frequency / 1_000_000;
+        _pollSpinTicks = pollSpinMicroseconds * Stopwatch.Frequency / 1_000_000;
         _mem = mem;
         _fn = fn;
         _state = stateGpa;
@@ -96,6 +112,12 @@ public sealed partial class NvmeDriver
     /// <summary>True if completions are signalled with MSI-X.</summary>
     public bool UsesInterrupts => (_mem.ReadUInt32(_state + OffFlags) & FlagMsix) != 0;
 
+    /// <summary>
+    /// True if queue <paramref name="qid"/> is polled: its CQ was created with IEN = 0 (a poll queue, see
+    /// <see cref="NvmeDriverOptions.PollQueues"/>) or the driver runs without interrupts.
+    /// </summary>
+    public bool IsPolled(int qid) => !Ien(ValidQueue(qid));
+
     /// <summary>Largest transfer in bytes (from MDTS, and the one PRP list page per command).</summary>
     public int MaxTransferBytes => (int)_mem.ReadUInt32(_state + OffMaxTransfer);
 
@@ -115,11 +137,12 @@ public sealed partial class NvmeDriver
         {
             throw new ArgumentException("driver region must be page aligned, at least 64 KiB and inside guest RAM");
         }
-        if (o.IoQueues < 1 || o.IoQueues > MaxQueues - 1 || o.IoQueueEntries < 2 || o.AdminQueueEntries < 2 || o.AdminQueueEntries > 4096)
+        if (o.IoQueues < 1 || o.IoQueues > MaxQueues - 1 || o.IoQueueEntries < 2 || o.AdminQueueEntries < 2 || o.AdminQueueEntries > 4096
+            || o.PollQueues < 0 || o.PollQueues > o.IoQueues)
         {
             throw new ArgumentException("queue counts or sizes out of range", nameof(options));
         }
-        var d = new NvmeDriver(memory, function, regionGpa, o.TimeoutMs, o.CompletionPollMicroseconds);
+        var d = new NvmeDriver(memory, function, regionGpa, o.TimeoutMs, o.CompletionPollMicroseconds, o.PollSpinMicroseconds);
         d.Zero(regionGpa, BlockSize);
         memory.WriteUInt64(regionGpa + OffRegionBase, regionGpa);
         memory.WriteUInt64(regionGpa + OffRegionSize, regionSize);
@@ -136,7 +159,7 @@ public sealed partial class NvmeDriver
     /// host). Touches neither the controller nor guest memory: commands in flight complete and are reaped as usual.
     /// </summary>
     /// <exception cref="NvmeDriverException">No valid state block there.</exception>
-    public static NvmeDriver Attach(IGuestMemory memory, IGuestPciFunction function, ulong stateGpa, int timeoutMs = 5000)
+    public static NvmeDriver Attach(IGuestMemory memory, IGuestPciFunction function, ulong stateGpa, int timeoutMs = 5000, int pollSpinMicroseconds = 1000)
     {
         ArgumentNullException.ThrowIfNull(memory);
         ArgumentNullException.ThrowIfNull(function);
@@ -144,7 +167,7 @@ public sealed partial class NvmeDriver
         {
             throw new NvmeDriverException($"no NVMe driver state block at 0x{stateGpa:X}");
         }
-        return new NvmeDriver(memory, function, stateGpa, timeoutMs);
+        return new NvmeDriver(memory, function, stateGpa, timeoutMs, 0, pollSpinMicroseconds);
     }
 
     // ---- guest memory allocation (bump allocator persisted in the state block) ----
@@ -311,10 +334,13 @@ public sealed partial class NvmeDriver
 
         int entries = Math.Min(o.IoQueueEntries, maxEntries);
         int vectors = Math.Max(1, _fn.MsixVectorCount);
+        // Poll queues are the last ones, as Linux maps HCTX_TYPE_POLL after the default queues.
+        int firstPolled = queues - Math.Min(o.PollQueues, queues) + 1;
         for (int q = 1; q <= queues; q++)
         {
-            int vector = msix ? q % vectors : 0;
-            SetupQueue(q, entries, vector, msix);
+            bool ien = msix && q < firstPolled;
+            int vector = ien ? q % vectors : 0;
+            SetupQueue(q, entries, vector, ien);
             ulong qd = QueueDesc(q);
             while (true)
             {
@@ -323,7 +349,7 @@ public sealed partial class NvmeDriver
                     Opcode = (byte)NvmeAdminOpcode.CreateIoCompletionQueue,
                     Prp1 = _mem.ReadUInt64(qd + QCqBase),
                     Cdw10 = (uint)q | ((uint)(entries - 1) << 16),
-                    Cdw11 = 1u | (msix ? 2u : 0u) | ((uint)vector << 16),
+                    Cdw11 = 1u | (ien ? 2u : 0u) | ((uint)vector << 16),
                 });
                 if (cq.Status.IsSuccess)
                 {
@@ -653,7 +679,6 @@ public sealed partial class NvmeDriver
         int limit = timeoutMs < 0 ? _timeoutMs : timeoutMs;
         var sw = Stopwatch.StartNew();
         bool irq = Ien(d);
-        int spins = 0;
         while (true)
         {
             ProcessCompletions(qid);
@@ -675,19 +700,66 @@ public sealed partial class NvmeDriver
                 // Short slices so a completion whose interrupt was consumed by another waiter is still seen.
                 _fn.WaitInterrupt(Vector(d), 10);
             }
-            else if (++spins > 64)
+            else
             {
-                Thread.Yield();
+                PollPhaseTag(d, Math.Max(1, limit - sw.ElapsedMilliseconds + 1));
             }
         }
     }
 
     private readonly long _pollTicks;
+    private readonly long _pollSpinTicks;
+
+    /// <summary>
+    /// Phase-tag checks per sched_yield while a poll-queue waiter spins. Small on purpose: on a 2-core host shared with
+    /// other work the guest's thread and the device's poller often share one core, and then every I/O waits for a
+    /// turn to pass; yielding every 16 checks made a turn ~5 µs (QD1 read stages 5.4 / 1.6 / 8.5 µs p50), every 2
+    /// checks ~2 µs (2.2 / 1.6 / 2.9; bench/results/s3-nvme/experiment-yield-*). On separate cores a yield with
+    /// nothing else to run is a cheap syscall.
+    /// </summary>
+    private const int PollsPerYield = 2;
+
+    /// <summary>
+    /// Waits on a polled CQ (IEN = 0) for the phase tag of the entry at its head to flip: spins for the spin budget
+    /// (a short pause loop between checks, a sched_yield every <see cref="PollsPerYield"/> checks so a device thread
+    /// sharing this core runs), then checks once per 1 ms sleep. At most <paramref name="timeoutMs"/>. True if an
+    /// entry is there.
+    /// </summary>
+    private bool PollPhaseTag(ulong d, long timeoutMs)
+    {
+        long start = Stopwatch.GetTimestamp();
+        long spinEnd = start + _pollSpinTicks;
+        long end = start + (timeoutMs * Stopwatch.Frequency / 1000);
+        for (int polls = 1; ; polls++)
+        {
+            if (HasNewCompletion(d))
+            {
+                return true;
+            }
+            long now = Stopwatch.GetTimestamp();
+            if (now >= end)
+            {
+                return false;
+            }
+            if (now >= spinEnd)
+            {
+                Thread.Sleep(1);
+            }
+            else if (polls % PollsPerYield == 0)
+            {
+                Thread.Yield();
+            }
+            else
+            {
+                Thread.SpinWait(8);
+            }
+        }
+    }
 
     /// <summary>
     /// Waits until queue <paramref name="qid"/>'s CQ may hold a new entry: polls its phase bit for
-    /// <see cref="NvmeDriverOptions.CompletionPollMicroseconds"/>, then sleeps on its MSI-X vector (or, without
-    /// interrupts, yields) for at most <paramref name="timeoutMs"/>. True if an entry or an interrupt arrived.
+    /// <see cref="NvmeDriverOptions.CompletionPollMicroseconds"/>, then sleeps on its MSI-X vector (a poll queue:
+    /// spins on the phase tag) for at most <paramref name="timeoutMs"/>. True if an entry or an interrupt arrived.
     /// </summary>
     public bool WaitForCompletions(int qid, int timeoutMs)
     {
@@ -700,8 +772,7 @@ public sealed partial class NvmeDriver
         {
             return _fn.WaitInterrupt(Vector(d), timeoutMs);
         }
-        Thread.Yield();
-        return HasNewCompletion(d);
+        return PollPhaseTag(d, timeoutMs);
     }
 
     /// <summary>

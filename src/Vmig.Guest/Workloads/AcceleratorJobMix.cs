@@ -20,7 +20,7 @@ namespace Vmig.Guest.Workloads;
 public sealed class AcceleratorJobMix : IGuestProgram
 {
     public const uint Magic = 0x58494D41; // "AMIX"
-    private const int NameOffset = 56, NameMax = 64;
+    private const int NameOffset = 56, NameMax = AcceleratorRegisters.NameMax;
 
     private readonly AcceleratorDriver _driver;
 
@@ -133,15 +133,7 @@ public sealed class AcceleratorJobMix : IGuestProgram
             return new AcceleratorJobMix(driver);
         }
 
-        public IGuestProgram Resume(GuestEnvironment environment, ReadOnlySpan<byte> registers)
-        {
-            ArgumentNullException.ThrowIfNull(environment);
-            if (registers.Length < NameOffset + NameMax || BinaryPrimitives.ReadUInt32LittleEndian(registers) != Magic)
-            {
-                throw new InvalidDataException("registers are not an accel-mix job's");
-            }
-            string name = System.Text.Encoding.UTF8.GetString(registers.Slice(NameOffset, NameMax)).TrimEnd('\0');
-            return new AcceleratorJobMix(environment.GetService<AcceleratorDriver>(name));
-        }
+        public IGuestProgram Resume(GuestEnvironment environment, ReadOnlySpan<byte> registers) =>
+            new AcceleratorJobMix(AcceleratorRegisters.ResumeDriver(environment, registers, Magic, NameOffset, "accel-mix"));
     }
 }

@@ -7,7 +7,14 @@ using Vmig.Vmm.Stream;
 namespace Vmig.Vmm.Migration;
 
 /// <summary>The VmDescription section's JSON: session id (binds extra connections), connection count, the VM.</summary>
-internal sealed record MigrationHello(Guid SessionId, int Connections, VmDescription Vm)
+/// <param name="SessionId">Ties the extra connections (ChannelHello) to this migration.</param>
+/// <param name="Connections">RAM connections, the main one included (1-16).</param>
+/// <param name="Vm">The VM: RAM size, vCPU programs, devices.</param>
+/// <param name="DeviceChannel">
+/// (2.2) The source asks for a device-data connection next to the RAM ones (docs/stream-format.md §4.2). A 2.0/2.1
+/// target ignores the unknown JSON member; the source uses the connection only if the target's header says 2.2+.
+/// </param>
+internal sealed record MigrationHello(Guid SessionId, int Connections, VmDescription Vm, bool DeviceChannel = false)
 {
     public const int MaxVcpus = 1024;
     public const int MaxDevices = 256;

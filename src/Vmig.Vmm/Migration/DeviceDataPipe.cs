@@ -28,6 +28,9 @@ internal sealed class DeviceDataPump
 
     private int Chunk => _frames[0].Length - DeviceControl.DeviceFrameOverhead;
 
+    /// <summary>Told the CPU ms of each read helper thread when it ends (the report's per-stage CPU figures).</summary>
+    public Action<double>? OnReaderCpu { get; set; }
+
     /// <summary>
     /// Sends device <paramref name="index"/>'s data until a short read, or once <paramref name="cap"/> bytes went
     /// (checked per read). Returns device bytes sent. A read or write
@@ -53,6 +56,7 @@ internal sealed class DeviceDataPump
         long readSoFar = total;
         var reader = new Thread(() =>
         {
+            double cpu0 = ThreadCpu.Milliseconds();
             try
             {
                 while (true)
@@ -77,6 +81,7 @@ internal sealed class DeviceDataPump
             }
             finally
             {
+                OnReaderCpu?.Invoke(ThreadCpu.Milliseconds() - cpu0);
                 full.CompleteAdding();
             }
         })
@@ -205,7 +210,17 @@ internal sealed class DeviceDataLoader : IDisposable
         _queue.Dispose();
     }
 
+    /// <summary>CPU ms the helper thread spent (MIG_DATA_WRITE), valid once it ended (after <see cref="Dispose"/>).</summary>
+    public double HelperCpuMilliseconds { get; private set; }
+
     private void Run()
+    {
+        double cpu0 = ThreadCpu.Milliseconds();
+        Write();
+        HelperCpuMilliseconds = ThreadCpu.Milliseconds() - cpu0;
+    }
+
+    private void Write()
     {
         foreach (var (d, buffer, length) in _queue.GetConsumingEnumerable())
         {

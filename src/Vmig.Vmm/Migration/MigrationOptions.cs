@@ -37,6 +37,13 @@ public sealed class MigrationOptions
     /// <summary>TLS, or null for plain TCP.</summary>
     public MigrationTlsOptions? Tls { get; init; }
 
+    /// <summary>
+    /// Device data (pre-copy and stop-copy) on a connection of its own, sent concurrently with RAM, when the VM has
+    /// devices and the target speaks stream 2.2 (docs/stream-format.md §4.2); otherwise it follows RAM on the main
+    /// connection. Default true.
+    /// </summary>
+    public bool DeviceDataConnection { get; init; } = true;
+
     /// <summary>How long to wait for any reply of the target (handshake, switchover-acks, final result). Default 60 s.</summary>
     public TimeSpan ReplyTimeout { get; init; } = TimeSpan.FromSeconds(60);
 

@@ -105,6 +105,22 @@ public sealed class MigrationReport
 
     public bool Tls { get; set; }
 
+    /// <summary>
+    /// CPU time (user + system, ms; 10 ms resolution) per source thread role: "main" (handshake, RAM read, zero check,
+    /// CRC, RAM sends), "device-send" (device sections to the socket), "device-read" (MIG_DATA_READ). The target's
+    /// roles are in <see cref="TargetStepMilliseconds"/> as "cpu.*".
+    /// </summary>
+    public Dictionary<string, double> CpuMilliseconds { get; } = [];
+
+    /// <summary>
+    /// After a completed migration: the first source device that failed to reach STOP in the cleanup (the VM runs on
+    /// the target regardless), or null.
+    /// </summary>
+    public string? CleanupError { get; set; }
+
+    /// <summary>Device data went on a connection of its own, concurrently with RAM (stream 2.2, §4.2).</summary>
+    public bool DeviceDataConnection { get; set; }
+
     /// <summary>Devices that went through pre-copy.</summary>
     public int PrecopyDevices { get; set; }
 

@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Net;
+using System.Runtime.ExceptionServices;
 using Vmig.Migration;
 using Vmig.Vmm.Stream;
 
@@ -104,11 +105,18 @@ internal sealed class StateSender
     private readonly long[] _channelPages;
     private readonly DeviceDataPump _devicePump;
     private readonly byte[]?[] _frames;
+    private readonly SectionWriter? _deviceChannel;
 
-    public StateSender(Vm vm, IReadOnlyList<SectionWriter> channels, Throttle? throttle, int deviceChunk)
+    /// <param name="vm">The VM whose state is sent.</param>
+    /// <param name="channels">RAM connections' writers; the first is the main connection.</param>
+    /// <param name="throttle">Bandwidth cap shared by every connection, or null.</param>
+    /// <param name="deviceChunk">Bytes per MIG_DATA_READ.</param>
+    /// <param name="deviceChannel">The device-data connection (stream 2.2, §4.2), or null: device sections go on the main one.</param>
+    public StateSender(Vm vm, IReadOnlyList<SectionWriter> channels, Throttle? throttle, int deviceChunk, SectionWriter? deviceChannel = null)
     {
         _vm = vm;
         _channels = channels;
+        _deviceChannel = deviceChannel;
         _throttle = throttle;
         _channelPages = new long[channels.Count];
         _devicePump = new DeviceDataPump(deviceChunk);
@@ -117,9 +125,23 @@ internal sealed class StateSender
 
     public SectionWriter Main => _channels[0];
 
+    /// <summary>Told the CPU ms of each device-read helper thread when it ends (report figures).</summary>
+    public Action<double>? OnDeviceReadCpu
+    {
+        get => _devicePump.OnReaderCpu;
+        init => _devicePump.OnReaderCpu = value;
+    }
+
+    /// <summary>Where device sections (DeviceData, DeviceInitialDataSent, DeviceEnd) go: the device connection or the main one.</summary>
+    public SectionWriter DeviceWriter => _deviceChannel ?? Main;
+
+    /// <summary>True when device data has its own connection (and may be sent concurrently with RAM).</summary>
+    public bool HasDeviceChannel => _deviceChannel is not null;
+
     public long PagesOnChannel(int i) => _channelPages[i];
 
-    public long BytesWritten => _channels.Sum(c => c.BytesWritten);
+    /// <summary>Bytes written on every connection. Not exact while a device thread writes (a racy read of its counter).</summary>
+    public long BytesWritten => _channels.Sum(c => c.BytesWritten) + (_deviceChannel?.BytesWritten ?? 0);
 
     /// <summary>
     /// Sends the pages set in <paramref name="dirty"/>, spread over the channels. <paramref name="firstPass"/> means the
@@ -179,9 +201,9 @@ internal sealed class StateSender
         }
     }
 
-    /// <summary>Device pre-copy data of device <paramref name="index"/> on the main channel.</summary>
+    /// <summary>Device pre-copy data of device <paramref name="index"/> on <see cref="DeviceWriter"/>.</summary>
     public long SendDevicePrecopy(int index, long cap) =>
-        _devicePump.Send(_vm.Devices[index], index, 0, Main, cap, _throttle);
+        _devicePump.Send(_vm.Devices[index], index, 0, DeviceWriter, cap, _throttle);
 
     /// <summary>Device stop-copy data until the end of its stream, then DeviceEnd, for every device.</summary>
     public long SendDeviceStopCopy()
@@ -189,15 +211,35 @@ internal sealed class StateSender
         long total = 0;
         for (int i = 0; i < _vm.Devices.Count; i++)
         {
-            total += _devicePump.Send(_vm.Devices[i], i, 1, Main, long.MaxValue, _throttle);
-            Main.Write(SectionType.DeviceEnd, SectionIo.DeviceIndexPayload(i));
+            total += _devicePump.Send(_vm.Devices[i], i, 1, DeviceWriter, long.MaxValue, _throttle);
+            DeviceWriter.Write(SectionType.DeviceEnd, SectionIo.DeviceIndexPayload(i));
         }
+        DeviceWriter.Flush();
         return total;
     }
 
-    /// <summary>ChannelEnd on every extra channel, then EndOfState on the main one; flushes all.</summary>
+    /// <summary>
+    /// On the device connection only: marks the end of round <paramref name="round"/>'s device sections (a RoundInfo
+    /// carrying just the round, §4.2) and flushes; the target answers the main connection's RoundInfo only after it.
+    /// </summary>
+    public void SendDeviceRoundEnd(uint round)
+    {
+        if (_deviceChannel is null)
+        {
+            return;
+        }
+        _deviceChannel.Write(SectionType.RoundInfo, SectionIo.RoundPayload(round));
+        _deviceChannel.Flush();
+    }
+
+    /// <summary>ChannelEnd on every extra channel (the device one included), then EndOfState on the main one; flushes all.</summary>
     public void SendEnd()
     {
+        if (_deviceChannel is not null)
+        {
+            _deviceChannel.Write(SectionType.ChannelEnd, new byte[8]);
+            _deviceChannel.Flush();
+        }
         for (int i = 1; i < _channels.Count; i++)
         {
             var p = new byte[8];
@@ -276,6 +318,7 @@ internal sealed class SourceSession
     public MigrationReport Run(EndPoint target)
     {
         _report.StartedAt = DateTimeOffset.UtcNow;
+        double cpu0 = ThreadCpu.Milliseconds();
         _report.Connections = _o.ParallelConnections;
         _report.Tls = _o.Tls is not null;
         _total.Start();
@@ -302,10 +345,13 @@ internal sealed class SourceSession
             var main = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
             _connections.Add(main);
             t = Step("handshake.connect", t);
-            var hello = new MigrationHello(Guid.NewGuid(), _o.ParallelConnections, _vm.Description);
+            var hello = new MigrationHello(Guid.NewGuid(), _o.ParallelConnections, _vm.Description,
+                DeviceChannel: _o.DeviceDataConnection && _vm.Devices.Count > 0);
             main.Writer.WriteStreamHeader();
             main.Writer.Write(SectionType.VmDescription, hello.ToUtf8());
             main.Writer.Flush();
+            // Off the critical path, while the target sets up: the timings parsed between Commit and TargetResult.
+            SectionIo.WarmUpTimings();
             _targetMinor = main.Reader.ReadStreamHeader().Minor;
             main.Reader.Expect(SectionType.HandshakeReply);
             Step("handshake.target-setup", t);
@@ -316,23 +362,23 @@ internal sealed class SourceSession
                 _report.Error = reason;
                 throw new VmMigrationException($"target refused the migration: {reason}", _report);
             }
+            var ram = new List<MigrationConnection> { main };
             for (int i = 1; i < _o.ParallelConnections; i++)
             {
-                var c = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
-                _connections.Add(c);
-                c.Writer.WriteStreamHeader();
-                var p = new byte[24];
-                hello.SessionId.TryWriteBytes(p);
-                BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(16), (uint)i);
-                BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(20), (uint)_o.ParallelConnections);
-                c.Writer.Write(SectionType.ChannelHello, p);
-                c.Writer.Flush();
+                ram.Add(OpenChannel(target, hello, i));
             }
+            // A 2.1 target ignored the request (unknown JSON member) and expects device data on the main connection.
+            bool deviceChannel = hello.DeviceChannel && _targetMinor >= 2;
+            var device = deviceChannel ? OpenChannel(target, hello, _o.ParallelConnections) : null;
+            _report.DeviceDataConnection = deviceChannel;
             EndPhase("handshake");
 
             touched = true;
             var throttle = _o.MaxBandwidth > 0 ? new Throttle(_o.MaxBandwidth) : null;
-            var sender = new StateSender(_vm, _connections.Select(c => c.Writer).ToArray(), throttle, _o.DeviceReadChunk);
+            var sender = new StateSender(_vm, ram.Select(c => c.Writer).ToArray(), throttle, _o.DeviceReadChunk, device?.Writer)
+            {
+                OnDeviceReadCpu = ms => AddCpu("device-read", ms),
+            };
             var dirty = new PageBitmap(_vm.Memory.PageCount);
             var (round, precopy) = PreCopy(sender, dirty);
 
@@ -356,13 +402,24 @@ internal sealed class SourceSession
             t = Stopwatch.GetTimestamp();
             CollectDirty(dirty);
             t = Step("downtime.dirty-collect", t);
-            var (pages, zeros, _) = sender.SendRam(dirty, (uint)(round + 1));
-            dirty.Clear();
-            t = Step("downtime.ram", t);
-            sender.SendVcpus();
-            t = Step("downtime.vcpus", t);
-            long devBytes = sender.SendDeviceStopCopy();
-            t = Step("downtime.device-data", t);
+            long pages = 0, zeros = 0, devBytes = 0;
+            // With a device connection the stop-copy data goes out while the final RAM does (the dirty reports were
+            // taken above: nothing on this thread touches a device meanwhile).
+            Overlap(sender.HasDeviceChannel, () =>
+            {
+                long t1 = Stopwatch.GetTimestamp();
+                (pages, zeros, _) = sender.SendRam(dirty, (uint)(round + 1));
+                dirty.Clear();
+                t1 = Step("downtime.ram", t1);
+                sender.SendVcpus();
+                Step("downtime.vcpus", t1);
+            }, () =>
+            {
+                long t1 = Stopwatch.GetTimestamp();
+                devBytes = sender.SendDeviceStopCopy();
+                Step("downtime.device-data", t1);
+            });
+            t = Stopwatch.GetTimestamp();
             sender.SendEnd();
             long endSent = Step("downtime.flush", t);
             AddRound(round + 1, pages, zeros, sender.BytesWritten - before, devBytes, sw.Elapsed);
@@ -402,16 +459,20 @@ internal sealed class SourceSession
 
             _vm.MarkMigratedAway();
             t = Stopwatch.GetTimestamp();
-            // Outside the downtime (as QEMU's save_cleanup): STOP_COPY → STOP ends the device sessions.
+            // Outside the downtime (as QEMU's save_cleanup): STOP_COPY → STOP ends the device sessions. The VM runs on the
+            // target now, so nothing here may turn the outcome into a failure: an escaping exception would reach the
+            // catch below with committed set and report "in doubt" for a migration that completed. Any error of a
+            // device adapter (I/O, a refused arc, one already disposed: InvalidOperationException/ObjectDisposedException)
+            // is recorded; the device is released by the owner anyway.
             foreach (var d in _vm.Devices)
             {
                 try
                 {
                     d.SetState(DeviceState.Stop);
                 }
-                catch (Exception e) when (e is IOException or MigrationException)
+                catch (Exception e) when (e is not OutOfMemoryException)
                 {
-                    // The VM lives on the target now; a source device that fails to stop is released anyway.
+                    _report.CleanupError ??= $"device {d.Description.Name}: STOP after the migration failed ({e.GetType().Name}: {e.Message})";
                 }
             }
             Step("cleanup.devices-stop", t);
@@ -451,6 +512,7 @@ internal sealed class SourceSession
         {
             _total.Stop();
             _report.TotalMilliseconds = _total.Elapsed.TotalMilliseconds;
+            AddCpu("main", ThreadCpu.Milliseconds() - cpu0);
             foreach (var c in _connections)
             {
                 _report.TotalBytes += c.Writer.BytesWritten;
@@ -507,20 +569,31 @@ internal sealed class SourceSession
                 CollectDirty(dirty);
                 t = Step("precopy.dirty-collect", t);
             }
-            var (pages, zeros, holes) = sender.SendRam(dirty, (uint)round, firstPass: round == 1);
-            dirty.Clear();
-            t = Step("precopy.ram", t);
-            long devBytes = 0;
-            foreach (int i in precopy)
+            long pages = 0, zeros = 0, holes = 0, devBytes = 0;
+            // RAM on this thread, device data on a helper thread when it has its own connection (§4.2): the device round
+            // trips (MIG_DATA_READ over the device's socket) wait while RAM computes, and the other way round.
+            Overlap(sender.HasDeviceChannel, () =>
             {
-                devBytes += sender.SendDevicePrecopy(i, _o.MaxDevicePrecopyBytesPerRound);
-                if (!initialSent[i] && (!_vm.Devices[i].SupportsPrecopyInfo || _vm.Devices[i].GetPrecopyInfo().InitialBytes == 0))
+                long t1 = Stopwatch.GetTimestamp();
+                (pages, zeros, holes) = sender.SendRam(dirty, (uint)round, firstPass: round == 1);
+                dirty.Clear();
+                Step("precopy.ram", t1);
+            }, () =>
+            {
+                long t1 = Stopwatch.GetTimestamp();
+                foreach (int i in precopy)
                 {
-                    sender.Main.Write(SectionType.DeviceInitialDataSent, SectionIo.DeviceIndexPayload(i));
-                    initialSent[i] = true;
+                    devBytes += sender.SendDevicePrecopy(i, _o.MaxDevicePrecopyBytesPerRound);
+                    if (!initialSent[i] && (!_vm.Devices[i].SupportsPrecopyInfo || _vm.Devices[i].GetPrecopyInfo().InitialBytes == 0))
+                    {
+                        sender.DeviceWriter.Write(SectionType.DeviceInitialDataSent, SectionIo.DeviceIndexPayload(i));
+                        initialSent[i] = true;
+                    }
                 }
-            }
-            t = Step("precopy.device-data", t);
+                sender.SendDeviceRoundEnd((uint)round);
+                Step("precopy.device-data", t1);
+            });
+            t = Stopwatch.GetTimestamp();
             long bytes = sender.BytesWritten - before;
             double secs = Math.Max(sw.Elapsed.TotalSeconds, 1e-6);
             // Rounds with little data measure latency, not bandwidth: keep the best rate seen on a large round.
@@ -557,6 +630,78 @@ internal sealed class SourceSession
                 return (round, precopy);
             }
         }
+    }
+
+    /// <summary>
+    /// Runs <paramref name="ram"/> here and, when <paramref name="concurrent"/>, <paramref name="device"/> on a helper
+    /// thread at the same time (else after <paramref name="ram"/>). A failure of either closes every connection (the
+    /// other then fails fast, and the target sees the cut) and the first failure is rethrown only after both ended:
+    /// nothing touches a device once this returns, so a rollback can follow.
+    /// </summary>
+    private void Overlap(bool concurrent, Action ram, Action device)
+    {
+        if (!concurrent)
+        {
+            ram();
+            device();
+            return;
+        }
+        Exception? first = null;
+        var helper = new Thread(() =>
+        {
+            double cpu0 = ThreadCpu.Milliseconds();
+            try
+            {
+                device();
+            }
+            catch (Exception e)
+            {
+                Interlocked.CompareExchange(ref first, e, null);
+                CloseAll();
+            }
+            AddCpu("device-send", ThreadCpu.Milliseconds() - cpu0);
+        })
+        { IsBackground = true, Name = "vmig device data send" };
+        helper.Start();
+        try
+        {
+            ram();
+        }
+        catch (Exception e)
+        {
+            Interlocked.CompareExchange(ref first, e, null);
+            CloseAll();
+        }
+        helper.Join();
+        if (first is not null)
+        {
+            ExceptionDispatchInfo.Capture(first).Throw();
+        }
+    }
+
+    private void AddCpu(string role, double ms)
+    {
+        lock (_report.CpuMilliseconds)
+        {
+            _report.CpuMilliseconds[role] = _report.CpuMilliseconds.GetValueOrDefault(role) + ms;
+        }
+    }
+
+    private MigrationConnection OpenChannel(EndPoint target, MigrationHello hello, int index)
+    {
+        var c = MigrationConnection.Connect(target, _o.Tls, _o.ReplyTimeout, _ct);
+        lock (_connections)
+        {
+            _connections.Add(c);
+        }
+        c.Writer.WriteStreamHeader();
+        var p = new byte[24];
+        hello.SessionId.TryWriteBytes(p);
+        BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(16), (uint)index);
+        BinaryPrimitives.WriteUInt32LittleEndian(p.AsSpan(20), (uint)hello.Connections);
+        c.Writer.Write(SectionType.ChannelHello, p);
+        c.Writer.Flush();
+        return c;
     }
 
     private long DevicePending(List<int> precopy)

@@ -55,11 +55,22 @@ internal sealed class StateLoader : IDisposable
     private readonly byte[]?[] _vcpus;
     private readonly bool[] _deviceEnded;
     private readonly DeviceDataLoader _deviceData;
+    private readonly bool _deviceChannel;
+    private readonly object _roundGate = new();
+    private uint _deviceRound;
+    private Exception? _deviceChannelFailure;
 
-    public StateLoader(Vm vm, VmDescription description)
+    /// <param name="vm">The incoming VM.</param>
+    /// <param name="description">Its description.</param>
+    /// <param name="deviceChannel">
+    /// Device sections arrive on a connection of their own (docs/stream-format.md §4.2), handled by
+    /// <see cref="HandleDeviceChannel"/> on that connection's thread; the main connection must then carry none.
+    /// </param>
+    public StateLoader(Vm vm, VmDescription description, bool deviceChannel = false)
     {
         _vm = vm;
         _description = description;
+        _deviceChannel = deviceChannel;
         _vcpus = new byte[description.Vcpus.Count][];
         _deviceEnded = new bool[description.Devices.Count];
         PageRounds = new PageRounds(vm.Memory.PageCount);
@@ -73,10 +84,14 @@ internal sealed class StateLoader : IDisposable
     /// <summary>Timestamp of SwitchoverStart (0 if none came).</summary>
     public long SwitchoverTicks { get; private set; }
 
+    /// <summary>How long a main-connection RoundInfo waits for the device connection to reach its round. Default 60 s.</summary>
+    public TimeSpan DeviceRoundTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
     /// <summary>
-    /// Handles the current section of <paramref name="r"/>. Returns true on EndOfState. Calls
+    /// Handles the current section of <paramref name="r"/> (the main connection). Returns true on EndOfState. Calls
     /// <paramref name="onInitialDataSent"/> for DeviceInitialDataSent (the target acks) and <paramref name="onRoundInfo"/>
-    /// with the round of a RoundInfo (the target answers RoundApplied).
+    /// with the round of a RoundInfo (the target answers RoundApplied) once that round is loaded, device data included
+    /// (with a device connection: once it passed the same round).
     /// </summary>
     public bool Handle(SectionReader r, Action<int>? onInitialDataSent, Action<uint>? onRoundInfo = null)
     {
@@ -86,30 +101,12 @@ internal sealed class StateLoader : IDisposable
             case SectionType.RamPages:
                 Pages += RamPages.Apply(_vm.Memory, p, PageRounds);
                 return false;
-            case SectionType.DeviceData:
+            case SectionType.DeviceData or SectionType.DeviceInitialDataSent or SectionType.DeviceEnd:
+                if (_deviceChannel)
                 {
-                    int d = SectionIo.ReadDeviceIndex(p, _deviceEnded.Length);
-                    if (_deviceEnded[d])
-                    {
-                        throw new StreamFormatException($"device {d}: data after its end");
-                    }
-                    _deviceData.Enqueue(d, r);
-                    return false;
+                    throw new StreamFormatException($"{r.Type} on the main connection while a device connection is in use");
                 }
-            case SectionType.DeviceInitialDataSent:
-                {
-                    int d = SectionIo.ReadDeviceIndex(p, _deviceEnded.Length);
-                    if ((_description.Devices[d].MigrationFlags & MigrationFlags.PreCopy) == 0)
-                    {
-                        throw new StreamFormatException($"device {d}: initial-data marker for a device without PRE_COPY");
-                    }
-                    // The ack promises the bytes are loaded into the device.
-                    _deviceData.Drain();
-                    onInitialDataSent?.Invoke(d);
-                    return false;
-                }
-            case SectionType.DeviceEnd:
-                _deviceEnded[SectionIo.ReadDeviceIndex(p, _deviceEnded.Length)] = true;
+                HandleDevice(r, onInitialDataSent);
                 return false;
             case SectionType.VcpuState:
                 {
@@ -132,14 +129,129 @@ internal sealed class StateLoader : IDisposable
                 if (p.Length >= 4 && onRoundInfo is not null)
                 {
                     // RoundApplied promises the round is loaded, device data included.
-                    _deviceData.Drain();
-                    onRoundInfo(SectionIo.ReadRound(p));
+                    uint round = SectionIo.ReadRound(p);
+                    if (_deviceChannel)
+                    {
+                        WaitForDeviceRound(round);
+                    }
+                    else
+                    {
+                        _deviceData.Drain();
+                    }
+                    onRoundInfo(round);
                 }
                 return false;
             case SectionType.EndOfState:
                 return true;
             default:
                 throw new StreamFormatException($"unexpected section {r.Type} in the state stream");
+        }
+    }
+
+    /// <summary>
+    /// Handles the current section of the device connection (§4.2), on its receive thread: DeviceData,
+    /// DeviceInitialDataSent (<paramref name="onInitialDataSent"/> acks on the main connection), DeviceEnd, and RoundInfo
+    /// (everything before it is then written to the devices, and a main-connection RoundInfo of that round may be
+    /// answered). Returns true on ChannelEnd.
+    /// </summary>
+    /// <exception cref="StreamFormatException">Any other section, or a malformed one.</exception>
+    public bool HandleDeviceChannel(SectionReader r, Action<int>? onInitialDataSent)
+    {
+        switch (r.Type)
+        {
+            case SectionType.DeviceData or SectionType.DeviceInitialDataSent or SectionType.DeviceEnd:
+                HandleDevice(r, onInitialDataSent);
+                return false;
+            case SectionType.RoundInfo:
+                {
+                    uint round = SectionIo.ReadRound(r.Payload);
+                    _deviceData.Drain();
+                    lock (_roundGate)
+                    {
+                        _deviceRound = Math.Max(_deviceRound, round);
+                        Monitor.PulseAll(_roundGate);
+                    }
+                    return false;
+                }
+            case SectionType.ChannelEnd:
+                return true;
+            default:
+                throw new StreamFormatException($"unexpected {r.Type} on the device connection");
+        }
+    }
+
+    /// <summary>Why the device connection failed, or null.</summary>
+    public Exception? DeviceChannelFailure
+    {
+        get
+        {
+            lock (_roundGate)
+            {
+                return _deviceChannelFailure;
+            }
+        }
+    }
+
+    /// <summary>The device connection failed: a main-connection RoundInfo waiting for it fails at once.</summary>
+    public void DeviceChannelFailed(Exception e)
+    {
+        lock (_roundGate)
+        {
+            _deviceChannelFailure ??= e;
+            Monitor.PulseAll(_roundGate);
+        }
+    }
+
+    private void WaitForDeviceRound(uint round)
+    {
+        var waited = Stopwatch.StartNew();
+        lock (_roundGate)
+        {
+            while (_deviceRound < round && _deviceChannelFailure is null)
+            {
+                var left = DeviceRoundTimeout - waited.Elapsed;
+                if (left <= TimeSpan.Zero || !Monitor.Wait(_roundGate, left))
+                {
+                    throw new TimeoutException($"the device connection did not reach round {round} within {DeviceRoundTimeout}");
+                }
+            }
+            if (_deviceChannelFailure is not null)
+            {
+                throw new IOException($"the device connection failed: {_deviceChannelFailure.Message}", _deviceChannelFailure);
+            }
+        }
+    }
+
+    private void HandleDevice(SectionReader r, Action<int>? onInitialDataSent)
+    {
+        var p = r.Payload;
+        switch (r.Type)
+        {
+            case SectionType.DeviceData:
+                {
+                    int d = SectionIo.ReadDeviceIndex(p, _deviceEnded.Length);
+                    if (_deviceEnded[d])
+                    {
+                        throw new StreamFormatException($"device {d}: data after its end");
+                    }
+                    _deviceData.Enqueue(d, r);
+                    break;
+                }
+            case SectionType.DeviceInitialDataSent:
+                {
+                    int d = SectionIo.ReadDeviceIndex(p, _deviceEnded.Length);
+                    if ((_description.Devices[d].MigrationFlags & MigrationFlags.PreCopy) == 0)
+                    {
+                        throw new StreamFormatException($"device {d}: initial-data marker for a device without PRE_COPY");
+                    }
+                    // The ack promises the bytes are loaded into the device.
+                    _deviceData.Drain();
+                    onInitialDataSent?.Invoke(d);
+                    break;
+                }
+            default:
+                _deviceEnded[SectionIo.ReadDeviceIndex(p, _deviceEnded.Length)] = true;
+                break;
         }
     }
 
@@ -190,6 +302,9 @@ internal sealed class StateLoader : IDisposable
         _vm.ResumeGuest(_vcpus.Select((r, i) => (_description.Vcpus[i], r!)).ToArray());
         step?.Invoke("guest-resume");
     }
+
+    /// <summary>CPU ms of the MIG_DATA_WRITE helper thread (valid after <see cref="Prepare"/>).</summary>
+    public double DeviceWriteCpuMilliseconds => _deviceData.HelperCpuMilliseconds;
 
     /// <summary>Stops the device-data helper thread (a discarded incoming VM).</summary>
     public void Dispose() => _deviceData.Dispose();
@@ -272,6 +387,9 @@ internal sealed class TargetSession
     private readonly List<MigrationConnection> _connections = [];
     private readonly MigrationReport _report = new();
     private readonly Dictionary<string, long> _steps = [];
+    private readonly List<Task> _receivers = [];
+    private bool _resultSent;
+    private double _deviceReceiveCpu;
 
     public TargetSession(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> factory, MigrationTargetOptions o, CancellationToken ct)
     {
@@ -289,6 +407,7 @@ internal sealed class TargetSession
         List<IVmDevice>? devices = null;
         StateLoader? loader = null;
         using var reg = _ct.Register(CloseAll);
+        double cpu0 = ThreadCpu.Milliseconds();
         try
         {
             long t0 = Stopwatch.GetTimestamp();
@@ -313,9 +432,10 @@ internal sealed class TargetSession
             main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
             main.Writer.Flush();
             t = Step("setup.reply", t);
+            SectionIo.WarmUpTimings();
 
-            loader = new StateLoader(vm, hello.Vm);
-            var receivers = AcceptChannels(hello, vm, loader);
+            loader = new StateLoader(vm, hello.Vm, hello.DeviceChannel) { DeviceRoundTimeout = _o.ReceiveTimeout };
+            var receivers = AcceptChannels(main, hello, vm, loader);
 
             bool ended = false;
             while (!ended)
@@ -324,15 +444,8 @@ internal sealed class TargetSession
                 {
                     throw new EndOfStreamException("source closed the stream before the end of state");
                 }
-                ended = loader.Handle(main.Reader, d =>
-                {
-                    main.Writer.Write(SectionType.SwitchoverAck, SectionIo.DeviceIndexPayload(d));
-                    main.Writer.Flush();
-                }, round =>
-                {
-                    main.Writer.Write(SectionType.RoundApplied, SectionIo.RoundPayload(round));
-                    main.Writer.Flush();
-                });
+                ended = loader.Handle(main.Reader, d => Reply(main, SectionType.SwitchoverAck, SectionIo.DeviceIndexPayload(d)),
+                    round => Reply(main, SectionType.RoundApplied, SectionIo.RoundPayload(round)));
             }
             t = Step("receive", t);
             if (loader.SwitchoverTicks != 0)
@@ -363,6 +476,10 @@ internal sealed class TargetSession
             }
             Step("vcpu-start", t);
             Step("total", t0);
+            // CPU per thread role (µs, 10 ms resolution): what two cores can overlap at best.
+            _steps["cpu.main"] = (long)((ThreadCpu.Milliseconds() - cpu0) * 1000);
+            _steps["cpu.device-receive"] = (long)(_deviceReceiveCpu * 1000);
+            _steps["cpu.device-write"] = (long)(loader.DeviceWriteCpuMilliseconds * 1000);
             ulong downUs = loader.SwitchoverTicks == 0 ? 0 : (ulong)(Stopwatch.GetElapsedTime(loader.SwitchoverTicks).TotalMilliseconds * 1000);
             try
             {
@@ -380,6 +497,7 @@ internal sealed class TargetSession
         }
         catch (VmMigrationException)
         {
+            StopReceivers();
             loader?.Dispose();
             Discard(vm, devices);
             throw;
@@ -387,6 +505,8 @@ internal sealed class TargetSession
         // Any failure discards the incoming VM and releases its devices.
         catch (Exception e) when (e is not OutOfMemoryException)
         {
+            // A failed device connection closes the main one: the main loop's error is then only the consequence.
+            e = loader?.DeviceChannelFailure ?? e;
             _report.Outcome = "failed";
             _report.Error = e.Message;
             try
@@ -397,16 +517,24 @@ internal sealed class TargetSession
             {
                 // The source is gone; it rolls back on its own when the connection drops.
             }
+            StopReceivers();
             loader?.Dispose();
             Discard(vm, devices);
             throw new VmMigrationException($"incoming migration failed: {e.Message}", _report, e);
         }
     }
 
-    private List<Task> AcceptChannels(MigrationHello hello, Vm vm, StateLoader loader)
+    /// <summary>
+    /// Accepts the extra connections: Connections − 1 RAM ones (ChannelHello index 1…Connections − 1) and, when the
+    /// VmDescription asked for it (2.2, §4.2), the device connection (index = Connections). Each gets a receive thread.
+    /// </summary>
+    private List<Task> AcceptChannels(MigrationConnection main, MigrationHello hello, Vm vm, StateLoader loader)
     {
-        var tasks = new List<Task>();
-        for (int i = 1; i < hello.Connections; i++)
+        var tasks = _receivers;
+        bool deviceSeen = false;
+        var ramSeen = new HashSet<uint>();
+        int extra = hello.Connections - 1 + (hello.DeviceChannel ? 1 : 0);
+        for (int i = 0; i < extra; i++)
         {
             using var cts = CancellationTokenSource.CreateLinkedTokenSource(_ct);
             cts.CancelAfter(_o.ReceiveTimeout);
@@ -422,10 +550,88 @@ internal sealed class TargetSession
             {
                 throw new StreamFormatException("an extra connection belongs to another migration session");
             }
+            uint index = BinaryPrimitives.ReadUInt32LittleEndian(p[16..]);
+            if (hello.DeviceChannel && index == (uint)hello.Connections && !deviceSeen)
+            {
+                deviceSeen = true;
+                tasks.Add(Task.Factory.StartNew(() => ReceiveDeviceChannel(c, main, loader), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
+                continue;
+            }
+            if (index < 1 || index >= (uint)hello.Connections || !ramSeen.Add(index))
+            {
+                throw new StreamFormatException($"extra connection index {index} is invalid or repeated (RAM connections 1-{hello.Connections - 1}{(hello.DeviceChannel ? $", device connection {hello.Connections}" : "")})");
+            }
             loader.PageRounds.Concurrent = true;
             tasks.Add(Task.Factory.StartNew(() => ReceiveChannel(c, vm, loader), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default));
         }
         return tasks;
+    }
+
+    /// <summary>The device connection's receive loop (§4.2): device sections until ChannelEnd.</summary>
+    private void ReceiveDeviceChannel(MigrationConnection c, MigrationConnection main, StateLoader loader)
+    {
+        double cpu0 = ThreadCpu.Milliseconds();
+        try
+        {
+            while (true)
+            {
+                if (!c.Reader.ReadNext())
+                {
+                    throw new EndOfStreamException("the device connection closed before its end");
+                }
+                if (loader.HandleDeviceChannel(c.Reader, d => Reply(main, SectionType.SwitchoverAck, SectionIo.DeviceIndexPayload(d))))
+                {
+                    _deviceReceiveCpu = ThreadCpu.Milliseconds() - cpu0;
+                    return;
+                }
+            }
+        }
+        catch (Exception e)
+        {
+            // Tell the source why (best effort: it may be what failed), then unblock the main loop (a RoundInfo waiting
+            // for this connection, or a socket read) and the source's writers: the migration is failing.
+            loader.DeviceChannelFailed(e);
+            try
+            {
+                SendResult(main, 1, 0, 0, $"device connection: {e.Message}");
+            }
+            catch (Exception e2) when (e2 is IOException or ObjectDisposedException or SocketException or NotSupportedException)
+            {
+                // The main connection is gone too.
+            }
+            CloseAll();
+            throw;
+        }
+    }
+
+    /// <summary>A T→S section on the main connection; the main loop and the device connection's thread both reply.</summary>
+    private static void Reply(MigrationConnection main, SectionType type, byte[] payload)
+    {
+        lock (main.Writer)
+        {
+            main.Writer.Write(type, payload);
+            main.Writer.Flush();
+        }
+    }
+
+    /// <summary>
+    /// On failure: the connections are closed (so every receive thread ends soon); waits for the threads, so none
+    /// writes to a device while it is reset and released. Their errors are the failure already being handled.
+    /// </summary>
+    private void StopReceivers()
+    {
+        CloseAll();
+        foreach (var r in _receivers)
+        {
+            try
+            {
+                r.Wait(_o.ReceiveTimeout);
+            }
+            catch (AggregateException)
+            {
+                // Already reported through the main loop's failure.
+            }
+        }
     }
 
     private void ReceiveChannel(MigrationConnection c, Vm vm, StateLoader loader)
@@ -457,10 +663,19 @@ internal sealed class TargetSession
         }
     }
 
-    private static void SendResult(MigrationConnection main, uint status, ulong downtimeUs, ulong commitWaitUs, string? reason)
+    /// <summary>TargetResult on the main connection, at most once (the device connection's thread may fail first and tell why).</summary>
+    private void SendResult(MigrationConnection main, uint status, ulong downtimeUs, ulong commitWaitUs, string? reason)
     {
-        main.Writer.Write(SectionType.TargetResult, new TargetResult(status, downtimeUs, commitWaitUs, reason ?? "").ToPayload());
-        main.Writer.Flush();
+        lock (main.Writer)
+        {
+            if (_resultSent)
+            {
+                return;
+            }
+            _resultSent = true;
+            main.Writer.Write(SectionType.TargetResult, new TargetResult(status, downtimeUs, commitWaitUs, reason ?? "").ToPayload());
+            main.Writer.Flush();
+        }
     }
 
     private void Discard(Vm? vm, List<IVmDevice>? devices)

@@ -293,6 +293,14 @@ public static class SectionIo
     public static byte[] TimingsPayload(IReadOnlyDictionary<string, long> microseconds) =>
         System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(microseconds);
 
+    /// <summary>
+    /// Runs <see cref="TimingsPayload"/> and <see cref="ReadTimings"/> once on a thread-pool thread, so System.Text.Json's
+    /// first use in this process (reflection, converters, JIT: tens of ms in a fresh process) is not paid inside the
+    /// downtime, where the target serializes and the source parses the timings between Commit and TargetResult.
+    /// </summary>
+    public static void WarmUpTimings() => ThreadPool.UnsafeQueueUserWorkItem<object?>(
+        static _ => ReadTimings(TimingsPayload(new Dictionary<string, long> { ["warm-up"] = 0 })), null, preferLocal: false);
+
     /// <summary>Parses a TargetTimings payload; informational only, so anything malformed yields an empty result.</summary>
     public static IReadOnlyDictionary<string, long> ReadTimings(ReadOnlySpan<byte> payload)
     {

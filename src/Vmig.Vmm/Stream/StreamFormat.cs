@@ -73,8 +73,11 @@ public readonly struct StreamHeader
     public const int Size = 16;
     /// <summary>2: 16-byte section headers with their own CRC, and the TargetReady/Commit end (docs/stream-format.md §4).</summary>
     public const ushort CurrentMajor = 2;
-    /// <summary>1: optional RoundApplied and TargetTimings; the first RAM pass may leave zero pages out.</summary>
-    public const ushort CurrentMinor = 1;
+    /// <summary>
+    /// 2: a device-data connection next to the RAM ones, when the VmDescription asks for it (docs/stream-format.md
+    /// §4.2). 1: optional RoundApplied and TargetTimings; the first RAM pass may leave zero pages out.
+    /// </summary>
+    public const ushort CurrentMinor = 2;
 
     private static ReadOnlySpan<byte> MagicBytes => "VMIGSTRM"u8;
 

@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using System.Buffers.Binary;
 using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
@@ -14,7 +15,7 @@ public sealed class NvmeAdminAndErrorTests : IDisposable
 
     private readonly NvmeRig _rig = new();
     private readonly TestGuestRam _ram;
-    private readonly DirectNvmeFunction _fn;
+    private readonly NvmeDirectFunction _fn;
     private readonly NvmeDriver _drv;
 
     public NvmeAdminAndErrorTests()

@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using Vmig.Devices.Nvme;
 using Vmig.Guest.Nvme;
 using Vmig.Spec.Nvme;
@@ -10,7 +11,7 @@ namespace Vmig.Devices.Tests.Nvme;
 public sealed class NvmeSubsystemTests
 {
 
-    private static NvmeDriver Init(TestGuestRam ram, DirectNvmeFunction fn, int queues = 2) =>
+    private static NvmeDriver Init(TestGuestRam ram, NvmeDirectFunction fn, int queues = 2) =>
         NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = queues, Interrupts = true });
 
     [Fact]

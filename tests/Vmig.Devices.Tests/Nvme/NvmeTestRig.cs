@@ -1,3 +1,4 @@
+using Vmig.InProcess;
 using System.Buffers.Binary;
 using Vmig.Devices.Nvme;
 using Vmig.Guest;
@@ -79,73 +80,6 @@ internal sealed class TestGuestRam : IGuestMemory, IDisposable
     }
 }
 
-/// <summary>
-/// A guest's view of one NVMe controller without the PCI layer: BAR0 accesses call the controller directly,
-/// MSI-X vectors are real eventfds the controller signals. Config space is a plain 256-byte array with no capabilities.
-/// </summary>
-internal sealed class DirectNvmeFunction : IGuestPciFunction, IDisposable
-{
-    private readonly NvmeController _ctrl;
-    private readonly EventFd[] _vectors;
-    private readonly byte[] _config = new byte[256];
-
-    public DirectNvmeFunction(NvmeController ctrl, IDmaSpace dma, int vectors)
-    {
-        _ctrl = ctrl;
-        _vectors = new EventFd[vectors];
-        for (int i = 0; i < vectors; i++)
-        {
-            _vectors[i] = EventFd.Create();
-        }
-        ctrl.Attach(dma, v =>
-        {
-            Interlocked.Increment(ref Interrupts);
-            if (v < _vectors.Length)
-            {
-                _vectors[v].Signal();
-            }
-        });
-    }
-
-    public long MmioWrites;
-    public long DoorbellWrites;
-    public long Interrupts;
-
-    public int MsixVectorCount => _vectors.Length;
-
-    public void ReadConfig(int offset, Span<byte> data) => _config.AsSpan(offset, data.Length).CopyTo(data);
-
-    public void WriteConfig(int offset, ReadOnlySpan<byte> data) => data.CopyTo(_config.AsSpan(offset));
-
-    public void MmioRead(int bar, ulong offset, Span<byte> data)
-    {
-        Assert.Equal(0, bar);
-        Assert.Equal(0, _ctrl.ReadBar0((long)offset, data));
-    }
-
-    public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
-    {
-        Assert.Equal(0, bar);
-        Interlocked.Increment(ref MmioWrites);
-        if (offset >= 0x1000)
-        {
-            Interlocked.Increment(ref DoorbellWrites);
-        }
-        Assert.Equal(0, _ctrl.WriteBar0((long)offset, data));
-    }
-
-    public bool WaitInterrupt(int vector, int timeoutMs) => _vectors[vector].Wait(timeoutMs) > 0;
-
-    public void Dispose()
-    {
-        _ctrl.Detach();
-        foreach (var v in _vectors)
-        {
-            v.Dispose();
-        }
-    }
-}
-
 /// <summary>A subsystem with one namespace file in a temp dir, and helpers to attach a guest to any controller.</summary>
 internal sealed class NvmeRig : IDisposable
 {
@@ -174,10 +108,10 @@ internal sealed class NvmeRig : IDisposable
     public int LbaSize { get; }
 
     /// <summary>Guest RAM + function for a controller (primary if cntlid 0).</summary>
-    public (TestGuestRam Ram, DirectNvmeFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9, Func<IDmaSpace, IDmaSpace>? wrapDma = null)
+    public (TestGuestRam Ram, NvmeDirectFunction Fn) Connect(ushort cntlid, long ramBytes = 16 << 20, int vectors = 9, Func<IDmaSpace, IDmaSpace>? wrapDma = null)
     {
         var ram = new TestGuestRam(ramBytes);
-        var fn = new DirectNvmeFunction(Subsystem.GetController(cntlid)!, wrapDma is null ? ram.Dma : wrapDma(ram.Dma), vectors);
+        var fn = new NvmeDirectFunction(Subsystem.GetController(cntlid)!, wrapDma is null ? ram.Dma : wrapDma(ram.Dma), vectors);
         _owned.Add(fn);
         _owned.Add(ram);
         return (ram, fn);
