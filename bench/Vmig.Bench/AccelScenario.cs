@@ -285,8 +285,7 @@ internal static class AccelScenario
 
         (double, double) Stream()
         {
-            Step(src.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
-            Step(dst.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+            OpenStreams(src, dst);
             long moved = 0;
             double s = 0, l = 0;
             int n;
@@ -301,8 +300,7 @@ internal static class AccelScenario
                 moved += n;
             }
             while (n == buf.Length);
-            Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
-            Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+            CloseStreams(src, dst);
             saves.Add(s / (moved / Measure.MiB) * 1e6);
             loads.Add(l / (moved / Measure.MiB) * 1e6);
             return (moved / Measure.MiB, s + l);
@@ -355,8 +353,7 @@ internal static class AccelScenario
         double bestSave = double.MaxValue, bestLoad = double.MaxValue;
         for (int r = 0; r <= runs; r++)
         {
-            Step(src.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
-            Step(dst.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+            OpenStreams(src, dst);
             long moved = 0;
             double s = 0, l = 0;
             int n;
@@ -381,8 +378,7 @@ internal static class AccelScenario
                 moved += n;
             }
             while (n == buf.Length);
-            Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
-            Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+            CloseStreams(src, dst);
             if (r > 0)
             {
                 bestSave = Math.Min(bestSave, s / (moved / Measure.MiB) * 1e6);
@@ -390,6 +386,20 @@ internal static class AccelScenario
             }
         }
         return (bestSave, bestLoad);
+    }
+
+    /// <summary>In-process: source RUNNING→STOP_COPY, target RUNNING→RESUMING (arc by arc).</summary>
+    private static void OpenStreams(AcceleratorVf src, AcceleratorVf dst)
+    {
+        Step(src.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
+        Step(dst.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+    }
+
+    /// <summary>In-process: target RESUMING→RUNNING (commits), source STOP_COPY→RUNNING.</summary>
+    private static void CloseStreams(AcceleratorVf src, AcceleratorVf dst)
+    {
+        Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+        Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
     }
 
     private static void Step(IMigrationDevice d, params DeviceState[] path)
