@@ -397,6 +397,12 @@ internal static class NvmeScenario
 
         public bool TryReadUInt32(ulong iova, out uint value) => inner.TryReadUInt32(iova, out value);
 
+        public bool TryLendWritable<TState>(ulong iova, int length, TState state, System.Buffers.SpanAction<byte, TState> action) =>
+            inner.TryLendWritable(iova, length, state, action);
+
+        public bool TryLendReadable<TState>(ulong iova, int length, TState state, System.Buffers.ReadOnlySpanAction<byte, TState> action) =>
+            inner.TryLendReadable(iova, length, state, action);
+
         public bool TryWriteUInt32(ulong iova, uint value)
         {
             if (iova >= _cq && iova < _cqEnd)

@@ -61,6 +61,10 @@ public sealed partial class NvmeController
         {
             return st;
         }
+        if (_segments.Count == 1 && op is (NvmeIoOpcode.Read or NvmeIoOpcode.Write) && TryTransferInPlace(op, ns, slba, _segments[0].Address, len))
+        {
+            return CompleteReadWrite(in c, op, ns, slba, nlb, len);
+        }
         byte[] buf = ArrayPool<byte>.Shared.Rent(len);
         try
         {
@@ -73,24 +77,14 @@ public sealed partial class NvmeController
                     {
                         return NvmeStatus.DataTransferError;
                     }
-                    s.HostReadCommands++;
-                    s.BlocksRead512 += (ulong)len / 512;
-                    return NvmeStatus.Success;
+                    return CompleteReadWrite(in c, op, ns, slba, nlb, len);
                 case NvmeIoOpcode.Write:
                     if (!PrpList.CopyFromHost(_dma!, _segments, data))
                     {
                         return NvmeStatus.DataTransferError;
                     }
                     ns.Write(slba, data);
-                    LogUserDataChange(ns.Nsid, slba, nlb);
-                    bool fua = (c.Cdw12 & (1u << 30)) != 0;
-                    if (fua || !s.VolatileWriteCacheEnabled)
-                    {
-                        ns.Flush();
-                    }
-                    s.HostWriteCommands++;
-                    s.BlocksWritten512 += (ulong)len / 512;
-                    return NvmeStatus.Success;
+                    return CompleteReadWrite(in c, op, ns, slba, nlb, len);
                 default: // Compare
                     if (!PrpList.CopyFromHost(_dma!, _segments, data))
                     {
@@ -113,6 +107,37 @@ public sealed partial class NvmeController
         {
             ArrayPool<byte>.Shared.Return(buf);
         }
+    }
+
+    /// <summary>
+    /// A one-segment Read or Write with the file I/O done straight on guest memory the DMA space lends (pread into it,
+    /// pwrite from it), saving a bounce buffer and a copy per command. False (nothing done) when the space does not
+    /// lend that range; the caller then copies.
+    /// </summary>
+    private bool TryTransferInPlace(NvmeIoOpcode op, NvmeNamespace ns, ulong slba, ulong address, int len) =>
+        op == NvmeIoOpcode.Read
+            ? _dma!.TryLendWritable(address, len, (ns, slba), static (span, a) => a.ns.Read(a.slba, span))
+            : _dma!.TryLendReadable(address, len, (ns, slba), static (span, a) => a.ns.Write(a.slba, span));
+
+    /// <summary>The accounting and write-back rules shared by both Read/Write data paths, after the data moved.</summary>
+    private NvmeStatus CompleteReadWrite(in SubmissionQueueEntry c, NvmeIoOpcode op, NvmeNamespace ns, ulong slba, ulong nlb, int len)
+    {
+        var s = State;
+        if (op == NvmeIoOpcode.Read)
+        {
+            s.HostReadCommands++;
+            s.BlocksRead512 += (ulong)len / 512;
+            return NvmeStatus.Success;
+        }
+        LogUserDataChange(ns.Nsid, slba, nlb);
+        bool fua = (c.Cdw12 & (1u << 30)) != 0;
+        if (fua || !s.VolatileWriteCacheEnabled)
+        {
+            ns.Flush();
+        }
+        s.HostWriteCommands++;
+        s.BlocksWritten512 += (ulong)len / 512;
+        return NvmeStatus.Success;
     }
 
     /// <summary>Storage pre-copy: tell the primary's Controller Data Queues (if logging for us) which blocks changed.</summary>

@@ -1,4 +1,5 @@
 using Vmig.Spec;
+using System.Buffers;
 using System.Buffers.Binary;
 using System.Numerics;
 using Vmig.Spec.Pci;
@@ -763,6 +764,13 @@ public abstract class PciFunction : VfioUserDevice
         }
 
         public bool TryWriteUInt32(ulong iova, uint value) => Check(Dma()?.TryWriteUInt32(iova, value));
+
+        // A refusal is not an error (the caller falls back to TryRead/TryWrite, which reports the abort): no Check.
+        public bool TryLendWritable<TState>(ulong iova, int length, TState state, SpanAction<byte, TState> action) =>
+            Dma()?.TryLendWritable(iova, length, state, action) == true;
+
+        public bool TryLendReadable<TState>(ulong iova, int length, TState state, ReadOnlySpanAction<byte, TState> action) =>
+            Dma()?.TryLendReadable(iova, length, state, action) == true;
 
         private IDmaSpace? Dma() => owner.IsBusMasterEnabled ? owner.Context?.Dma : null;
 

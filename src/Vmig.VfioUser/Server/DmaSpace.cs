@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Numerics;
 using Vmig.Native;
 using Vmig.VfioUser.Protocol;
@@ -342,6 +343,79 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
         }
         MarkDirty(w, iova, 4);
         return true;
+    }
+
+    public bool TryLendWritable<TState>(ulong iova, int length, TState state, SpanAction<byte, TState> action)
+    {
+        var w = Lendable(iova, length, DmaProt.Write);
+        if (w is null)
+        {
+            return false;
+        }
+        bool added = false;
+        try
+        {
+            try
+            {
+                w.Mapping!.DangerousAddRef(ref added);
+            }
+            catch (ObjectDisposedException)
+            {
+                return false;
+            }
+            action(w.Mapping.GetSpan(w.MappingOffset + (long)(iova - w.Iova), length), state);
+        }
+        finally
+        {
+            if (added)
+            {
+                w.Mapping!.DangerousRelease();
+                // After the stores, as TryWrite does: a report that clears the bit before them would lose them.
+                MarkDirty(w, iova, (ulong)length);
+            }
+        }
+        return true;
+    }
+
+    public bool TryLendReadable<TState>(ulong iova, int length, TState state, ReadOnlySpanAction<byte, TState> action)
+    {
+        var w = Lendable(iova, length, DmaProt.Read);
+        if (w is null)
+        {
+            return false;
+        }
+        bool added = false;
+        try
+        {
+            try
+            {
+                w.Mapping!.DangerousAddRef(ref added);
+            }
+            catch (ObjectDisposedException)
+            {
+                return false;
+            }
+            action(w.Mapping.GetSpan(w.MappingOffset + (long)(iova - w.Iova), length), state);
+        }
+        finally
+        {
+            if (added)
+            {
+                w.Mapping!.DangerousRelease();
+            }
+        }
+        return true;
+    }
+
+    /// <summary>The one fd-backed window holding [iova, +length) with <paramref name="prot"/>, or null.</summary>
+    private Window? Lendable(ulong iova, int length, DmaProt prot)
+    {
+        if (length <= 0)
+        {
+            return null;
+        }
+        var w = Find(iova, (ulong)length);
+        return w is not null && w.Mapping is not null && (w.Prot & prot) == prot ? w : null;
     }
 
     /// <summary>Records a write the device made some other way (e.g. its own copy into a window). No-op when not logging.</summary>

@@ -1,3 +1,4 @@
+using System.Buffers;
 using Microsoft.Extensions.Logging;
 using Vmig.Migration;
 using Vmig.Native;
@@ -122,6 +123,22 @@ public interface IDmaSpace
 
     /// <summary>Writes a u32 with release semantics (event index). False if unmapped, read-only or not 4-aligned.</summary>
     bool TryWriteUInt32(ulong iova, uint value);
+
+    /// <summary>
+    /// Lends guest memory [<paramref name="iova"/>, +<paramref name="length"/>) to <paramref name="action"/> as a writable
+    /// span for the duration of the call, so a device can fill it in place (a pread straight into guest RAM) instead of
+    /// copying through a buffer. Returns false without calling <paramref name="action"/> when the range is not one
+    /// contiguous, fd-backed, writable window (message windows, ranges across windows, a function whose DMA is
+    /// gated off); the caller then falls back to <see cref="TryWrite"/>. While dirty logging is on the range is logged
+    /// after the call, also when <paramref name="action"/> throws. The span must not escape the call. Default: refuses.
+    /// </summary>
+    bool TryLendWritable<TState>(ulong iova, int length, TState state, SpanAction<byte, TState> action) => false;
+
+    /// <summary>
+    /// As <see cref="TryLendWritable{TState}"/> for a readable window: <paramref name="action"/> reads guest memory in place
+    /// (a pwrite straight from guest RAM). False (fall back to <see cref="TryRead"/>) under the same conditions.
+    /// </summary>
+    bool TryLendReadable<TState>(ulong iova, int length, TState state, ReadOnlySpanAction<byte, TState> action) => false;
 }
 
 /// <summary>Raises interrupts on the eventfds the client registered.</summary>

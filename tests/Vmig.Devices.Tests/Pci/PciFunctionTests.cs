@@ -259,6 +259,27 @@ public sealed class PciFunctionTests : IDisposable
     }
 
     [Fact]
+    public void BusMasterEnable_GatesLentDma()
+    {
+        var f = Attached();
+        bool called = false;
+        SetCfg16(f, PciConfig.Command, PciConfig.CommandMemorySpace);
+        Assert.False(f.BusMasterDma.TryLendWritable(GuestRam.Iova + 0x100, 4, 0, (_, _) => called = true));
+        Assert.False(f.BusMasterDma.TryLendReadable(GuestRam.Iova + 0x100, 4, 0, (_, _) => called = true));
+        Assert.False(called);
+        Assert.Equal(0, Cfg16(f, PciConfig.Status) & PciConfig.StatusReceivedMasterAbort);
+        EnableMemoryAndBusMaster(f);
+        Assert.True(f.BusMasterDma.TryLendWritable(GuestRam.Iova + 0x100, 4, (byte)0x6D, static (span, b) => span.Fill(b)));
+        Assert.Equal(new byte[] { 0x6D, 0x6D, 0x6D, 0x6D }, _ram.At(GuestRam.Iova + 0x100, 4).ToArray());
+        byte[] seen = [];
+        Assert.True(f.BusMasterDma.TryLendReadable(GuestRam.Iova + 0x100, 4, 0, (span, _) => seen = span.ToArray()));
+        Assert.Equal(new byte[] { 0x6D, 0x6D, 0x6D, 0x6D }, seen);
+        f.OnDetached();
+        Assert.False(f.BusMasterDma.TryLendWritable(GuestRam.Iova + 0x100, 4, 0, (_, _) => called = true));
+        Assert.False(called);
+    }
+
+    [Fact]
     public void MemorySpaceEnable_GatesBarAccess()
     {
         var f = Attached();
