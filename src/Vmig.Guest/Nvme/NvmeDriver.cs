@@ -567,49 +567,55 @@ public sealed partial class NvmeDriver
         ulong d = ValidQueue(qid);
         lock (_queueLocks[qid])
         {
-            ulong cq = _mem.ReadUInt64(d + QCqBase);
-            ulong slots = _mem.ReadUInt64(d + QSlots);
-            int entries = Entries(d);
-            ushort head = CqHead(d);
-            ushort start = head;
-            bool phase = Phase(d);
-            int n = 0;
-            Span<byte> raw = stackalloc byte[CompletionQueueEntry.Size];
-            while (true)
-            {
-                ulong e = cq + (ulong)head * CompletionQueueEntry.Size;
-                uint dw3 = _mem.ReadUInt32(e + 12);
-                if ((((dw3 >> 16) & 1) != 0) != phase)
-                {
-                    break;
-                }
-                _mem.Read(e, raw);
-                CompletionQueueEntry.TryRead(raw, out var cqe);
-                if (cqe.Cid < entries - 1)
-                {
-                    ulong slot = slots + (ulong)(cqe.Cid * SlotSize);
-                    if ((byte)_mem.ReadUInt32(slot) == SlotInFlight)
-                    {
-                        _mem.WriteUInt32(slot + SDw0, cqe.Dw0);
-                        _mem.WriteUInt32(slot + SSqhd, cqe.Sqhd);
-                        uint w = _mem.ReadUInt32(slot);
-                        _mem.WriteUInt32(slot, (w & 0x0000FF00u) | SlotCompleted | ((uint)cqe.Status.Field << 16));
-                    }
-                }
-                head = (ushort)((head + 1) % entries);
-                if (head == 0)
-                {
-                    phase = !phase;
-                }
-                n++;
-            }
-            if (n > 0)
-            {
-                SetCqHeadPhase(d, head, phase);
-                RingCq(qid, start, head);
-            }
-            return n;
+            return ReapLocked(qid, d);
         }
+    }
+
+    /// <summary><see cref="ProcessCompletions"/> for a validated queue, its lock held.</summary>
+    private int ReapLocked(int qid, ulong d)
+    {
+        ulong cq = _mem.ReadUInt64(d + QCqBase);
+        ulong slots = _mem.ReadUInt64(d + QSlots);
+        int entries = Entries(d);
+        ushort head = CqHead(d);
+        ushort start = head;
+        bool phase = Phase(d);
+        int n = 0;
+        Span<byte> raw = stackalloc byte[CompletionQueueEntry.Size];
+        while (true)
+        {
+            ulong e = cq + (ulong)head * CompletionQueueEntry.Size;
+            uint dw3 = _mem.ReadUInt32(e + 12);
+            if ((((dw3 >> 16) & 1) != 0) != phase)
+            {
+                break;
+            }
+            _mem.Read(e, raw);
+            CompletionQueueEntry.TryRead(raw, out var cqe);
+            if (cqe.Cid < entries - 1)
+            {
+                ulong slot = slots + (ulong)(cqe.Cid * SlotSize);
+                if ((byte)_mem.ReadUInt32(slot) == SlotInFlight)
+                {
+                    _mem.WriteUInt32(slot + SDw0, cqe.Dw0);
+                    _mem.WriteUInt32(slot + SSqhd, cqe.Sqhd);
+                    uint w = _mem.ReadUInt32(slot);
+                    _mem.WriteUInt32(slot, (w & 0x0000FF00u) | SlotCompleted | ((uint)cqe.Status.Field << 16));
+                }
+            }
+            head = (ushort)((head + 1) % entries);
+            if (head == 0)
+            {
+                phase = !phase;
+            }
+            n++;
+        }
+        if (n > 0)
+        {
+            SetCqHeadPhase(d, head, phase);
+            RingCq(qid, start, head);
+        }
+        return n;
     }
 
     /// <summary>If command <paramref name="cid"/> of queue <paramref name="qid"/> has completed, returns it and frees its slot.</summary>
@@ -618,22 +624,28 @@ public sealed partial class NvmeDriver
         ulong d = ValidQueue(qid);
         lock (_queueLocks[qid])
         {
-            completion = default;
-            if (cid >= Entries(d) - 1)
-            {
-                return false;
-            }
-            ulong slot = _mem.ReadUInt64(d + QSlots) + (ulong)(cid * SlotSize);
-            uint w = _mem.ReadUInt32(slot);
-            if ((byte)w != SlotCompleted)
-            {
-                return false;
-            }
-            completion = new NvmeCompletion(qid, cid, NvmeStatus.FromField((ushort)(w >> 16)), _mem.ReadUInt32(slot + SDw0), _mem.ReadUInt64(slot + STag));
-            _mem.WriteUInt32(slot, SlotFree);
-            SetInFlight(d, (ushort)(InFlight(d) - 1));
-            return true;
+            return TakeLocked(qid, d, cid, out completion);
         }
+    }
+
+    /// <summary><see cref="TryTakeCompletion"/> for a validated queue, its lock held.</summary>
+    private bool TakeLocked(int qid, ulong d, ushort cid, out NvmeCompletion completion)
+    {
+        completion = default;
+        if (cid >= Entries(d) - 1)
+        {
+            return false;
+        }
+        ulong slot = _mem.ReadUInt64(d + QSlots) + (ulong)(cid * SlotSize);
+        uint w = _mem.ReadUInt32(slot);
+        if ((byte)w != SlotCompleted)
+        {
+            return false;
+        }
+        completion = new NvmeCompletion(qid, cid, NvmeStatus.FromField((ushort)(w >> 16)), _mem.ReadUInt32(slot + SDw0), _mem.ReadUInt64(slot + STag));
+        _mem.WriteUInt32(slot, SlotFree);
+        SetInFlight(d, (ushort)(InFlight(d) - 1));
+        return true;
     }
 
     /// <summary>Takes any one completed command of queue <paramref name="qid"/> (reaping the CQ first).</summary>
@@ -677,16 +689,23 @@ public sealed partial class NvmeDriver
     {
         ulong d = ValidQueue(qid);
         int limit = timeoutMs < 0 ? _timeoutMs : timeoutMs;
-        var sw = Stopwatch.StartNew();
+        // Timestamps, not a Stopwatch object: no allocation per command on the QD1 path.
+        long start = Stopwatch.GetTimestamp();
         bool irq = Ien(d);
+        var gate = _queueLocks[qid];
         while (true)
         {
-            ProcessCompletions(qid);
-            if (TryTakeCompletion(qid, cid, out var c))
+            // Reap and take under one lock acquisition, on the queue validated above.
+            lock (gate)
             {
-                return c;
+                ReapLocked(qid, d);
+                if (TakeLocked(qid, d, cid, out var c))
+                {
+                    return c;
+                }
             }
-            if (sw.ElapsedMilliseconds > limit)
+            long elapsedMs = (long)Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            if (elapsedMs > limit)
             {
                 var csts = (ControllerStatus)Reg32(NvmeRegisters.Csts);
                 throw new NvmeDriverException($"command {cid} on queue {qid} timed out after {limit} ms (CSTS 0x{(uint)csts:X})");
@@ -702,7 +721,7 @@ public sealed partial class NvmeDriver
             }
             else
             {
-                PollPhaseTag(d, Math.Max(1, limit - sw.ElapsedMilliseconds + 1));
+                PollPhaseTag(d, Math.Max(1, limit - elapsedMs + 1));
             }
         }
     }
