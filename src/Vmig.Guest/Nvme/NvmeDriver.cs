@@ -702,8 +702,8 @@ public sealed partial class NvmeDriver
             }
             else
             {
-                // Another waiter on this queue may reap our entry while we poll: watch our slot too.
-                PollPhaseTag(d, Math.Max(1, limit - sw.ElapsedMilliseconds + 1), cid);
+                // Another waiter on this queue may reap our entry while we poll: watch our slot too (if it is one).
+                PollPhaseTag(d, Math.Max(1, limit - sw.ElapsedMilliseconds + 1), cid < Entries(d) - 1 ? cid : -1);
             }
         }
     }
