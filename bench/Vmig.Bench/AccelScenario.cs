@@ -31,7 +31,7 @@ internal static class AccelScenario
         using var dstPeer = ctx.StartPeer("accel", "accel-dst", bytes);
         using var rawA = ctx.StartPeer("raw", "accel-rawa", bytes);
         using var rawB = ctx.StartPeer("raw", "accel-rawb", bytes);
-        // The same migration through the same vfio-user path with a device that only copies (no stream framing, no
+        // The same migration through the same vfio-user path with a device that only moves bytes (no stream framing, no
         // CRC32C): separates what the transport costs from what the accelerator's stream costs.
         using var bareSrcPeer = ctx.StartPeer("state", "accel-bare-src", bytes);
         using var bareDstPeer = ctx.StartPeer("state", "accel-bare-dst", bytes);
@@ -147,7 +147,8 @@ internal static class AccelScenario
         pf.Extra["stop-copy tail after pre-copy, ms (max)"] = ts.Max;
         ctx.Report.Figures.Add(pf);
         ctx.Report.Figures.Add(Measure.Figure("accel", $"device memory stop-copy throughput (no pre-copy), {label}", "MiB/s", raws, stop, rawName, 0.8, GoalDirection.AtLeast));
-        Breakdown(ctx, label, bytes, ra, rb, new StopCopySession(src.Client, dst, buf), new StopCopySession(bareSrc, bareDst, buf), buf);
+        Breakdown(ctx, label, bytes, ra, rb, new StopCopySession(src.Client, dst, buf), new StopCopySession(bareSrc, bareDst, buf), buf,
+            [srcPeer.Pid, dstPeer.Pid], [bareSrcPeer.Pid, bareDstPeer.Pid], [rawA.Pid, rawB.Pid]);
 
         TrackingOverhead(ctx, src, drv, ram);
         src.DmaUnmap(0, ram.Size);
@@ -158,9 +159,10 @@ internal static class AccelScenario
     /// Stop-copy throughput measured the way the "migdata" scenario measures (interleaved 64 MiB slices, so load from
     /// other processes falls on both sides of each ratio alike): the accelerator vs raw, the bare-copy device vs raw
     /// (the vfio-user transport's share), and the accelerator vs the bare-copy device (the accelerator stream's share:
-    /// CRC32C on both sides, framing, check-before-apply).
+    /// CRC32C on both sides, framing).
     /// </summary>
-    private static void Breakdown(BenchContext ctx, string label, long bytes, RawClient ra, RawClient rb, StopCopySession accel, StopCopySession bare, byte[] buf)
+    private static void Breakdown(BenchContext ctx, string label, long bytes, RawClient ra, RawClient rb, StopCopySession accel, StopCopySession bare, byte[] buf,
+        int[] accelPids, int[] barePids, int[] rawPids)
     {
         const int SliceChunks = MigDataScenario.SliceChunks;
         (double, double) Raw() => (SliceChunks * (double)Chunk, Measure.Seconds(() =>
@@ -180,11 +182,15 @@ internal static class AccelScenario
             "one STOP_COPY stream read in 64 MiB slices alternating with raw slices (restarted when it ends, commit included)"));
         (b, v) = Measure.Paired(runs, slices, Raw, bare.Slice, perOp: false, Measure.MiB);
         ctx.Report.Figures.Add(Measure.Figure("accel", $"breakdown: bare-copy device stop-copy vs raw (the transport's share), {label}", "MiB/s", b, v, rawName, null, GoalDirection.None,
-            "BenchStateDevice over the same vfio-user path: copies its state into the reply and out of the request, nothing else"));
+            "BenchStateDevice over the same vfio-user path, zero-copy both ways (state gathered into the reply, requests received into the state), nothing else"));
         (b, v) = Measure.Paired(runs, slices, bare.Slice, accel.Slice, perOp: false, Measure.MiB);
         ctx.Report.Figures.Add(Measure.Figure("accel", $"breakdown: accelerator vs bare-copy device stop-copy (the stream's share), {label}", "MiB/s", b, v,
             "bare-copy device (BenchStateDevice), same path and chunking", null, GoalDirection.None,
-            "what CRC32C on both sides, record framing and the load's check-before-apply cost over plain copies"));
+            "what CRC32C on both sides (the source copies and checksums in PRE_COPY, checksums in place in STOP_COPY; the target checksums in place) and record framing cost over a device that only moves bytes"));
+        ctx.Report.Figures.Add(MigDataScenario.ServerCpuFigure("accel", $"source+target server CPU per MiB, stop-copy, accelerator vs raw, {label}", runs,
+            accel.Slice, accelPids, Raw, rawPids, "the two raw server processes, same bytes"));
+        ctx.Report.Figures.Add(MigDataScenario.ServerCpuFigure("accel", $"source+target server CPU per MiB, stop-copy, bare zero-copy device vs raw, {label}", runs,
+            bare.Slice, barePids, Raw, rawPids, "the two raw server processes, same bytes"));
         accel.Finish();
         bare.Finish();
     }
@@ -279,8 +285,7 @@ internal static class AccelScenario
 
         (double, double) Stream()
         {
-            Step(src.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
-            Step(dst.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+            OpenStreams(src, dst);
             long moved = 0;
             double s = 0, l = 0;
             int n;
@@ -295,8 +300,7 @@ internal static class AccelScenario
                 moved += n;
             }
             while (n == buf.Length);
-            Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
-            Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+            CloseStreams(src, dst);
             saves.Add(s / (moved / Measure.MiB) * 1e6);
             loads.Add(l / (moved / Measure.MiB) * 1e6);
             return (moved / Measure.MiB, s + l);
@@ -321,6 +325,9 @@ internal static class AccelScenario
         f.Extra["save (copy from device memory + CRC32C in one pass), µs/MiB, best migration"] = saves.Skip(1).Min();
         f.Extra["load (CRC32C check, then copy into device memory), µs/MiB, best migration"] = loads.Skip(1).Min();
         f.Extra["bare copies, µs/MiB, best run"] = b.Min();
+        var (zs, zl) = ZeroCopyDeviceSide(src, dst, buf, ctx.Options.RunCount);
+        f.Extra["zero-copy save (STOP_COPY gather: CRC32C over device memory in place, no copy), µs/MiB, best migration"] = zs;
+        f.Extra["zero-copy load (a copy into the device's span standing for the socket receive, then CRC32C in place), µs/MiB, best migration"] = zl;
         double crc = double.MaxValue;
         for (int pass = 0; pass < 5; pass++)
         {
@@ -334,6 +341,65 @@ internal static class AccelScenario
         }
         f.Extra["CRC32C alone over device memory, µs/MiB, best of 5 passes"] = crc;
         ctx.Report.Figures.Add(f);
+    }
+
+    /// <summary>The device side of the zero-copy paths the server uses (<see cref="IMigrationDataSource"/>,
+    /// <see cref="IMigrationDataSink"/>), in 1 MiB messages: best µs/MiB of save and of load over the migrations.</summary>
+    private static (double Save, double Load) ZeroCopyDeviceSide(AcceleratorVf src, AcceleratorVf dst, byte[] buf, int runs)
+    {
+        var source = (IMigrationDataSource)src.Migration;
+        var sink = (IMigrationDataSink)dst.Migration;
+        var list = new MigrationGatherList();
+        double bestSave = double.MaxValue, bestLoad = double.MaxValue;
+        for (int r = 0; r <= runs; r++)
+        {
+            OpenStreams(src, dst);
+            long moved = 0;
+            double s = 0, l = 0;
+            int n;
+            do
+            {
+                long t0 = Stopwatch.GetTimestamp();
+                n = source.ReadDataGather(buf.Length, list);
+                long t1 = Stopwatch.GetTimestamp();
+                // The socket's copy (the kernel's, on the real path) stands in for the send + receive.
+                list.CopyTo(buf);
+                list.Clear();
+                long t2 = Stopwatch.GetTimestamp();
+                for (int at = 0; at < n;)
+                {
+                    var span = sink.GetWriteSpan(n - at);
+                    buf.AsSpan(at, span.Length).CopyTo(span);
+                    sink.AdvanceWrite(span.Length);
+                    at += span.Length;
+                }
+                s += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
+                l += Stopwatch.GetElapsedTime(t2).TotalSeconds;
+                moved += n;
+            }
+            while (n == buf.Length);
+            CloseStreams(src, dst);
+            if (r > 0)
+            {
+                bestSave = Math.Min(bestSave, s / (moved / Measure.MiB) * 1e6);
+                bestLoad = Math.Min(bestLoad, l / (moved / Measure.MiB) * 1e6);
+            }
+        }
+        return (bestSave, bestLoad);
+    }
+
+    /// <summary>In-process: source RUNNING→STOP_COPY, target RUNNING→RESUMING (arc by arc).</summary>
+    private static void OpenStreams(AcceleratorVf src, AcceleratorVf dst)
+    {
+        Step(src.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
+        Step(dst.Migration, DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.Resuming);
+    }
+
+    /// <summary>In-process: target RESUMING→RUNNING (commits), source STOP_COPY→RUNNING.</summary>
+    private static void CloseStreams(AcceleratorVf src, AcceleratorVf dst)
+    {
+        Step(dst.Migration, DeviceState.Resuming, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
+        Step(src.Migration, DeviceState.StopCopy, DeviceState.Stop, DeviceState.RunningP2P, DeviceState.Running);
     }
 
     private static void Step(IMigrationDevice d, params DeviceState[] path)

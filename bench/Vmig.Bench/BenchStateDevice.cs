@@ -12,8 +12,12 @@ namespace Vmig.Bench;
 /// REGION_WRITE target). The save stream is the state bytes in order: pre-copy streams them all as initial data
 /// (PRE_COPY flag), STOP_COPY continues where pre-copy stopped or, from STOP, streams everything. The resume stream
 /// must be exactly <see cref="StateBytes"/> bytes (EFBIG above, EINVAL short at RESUMING→STOP).
+/// Zero-copy both ways (as a device whose state is a memfd can be): the save stream hands out slices of the state
+/// mapping as gather segments (<see cref="IMigrationDataSource"/>), the resume stream is received straight into the
+/// state (<see cref="IMigrationDataSink"/>). The state never changes while the device runs (nothing runs), so handing
+/// out live state in PRE_COPY is as safe as in STOP_COPY here.
 /// </summary>
-public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDisposable
+public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IMigrationDataSink, IMigrationDataSource, IDisposable
 {
     /// <summary>BAR0 size in bytes.</summary>
     public const int BarSize = 4096;
@@ -26,6 +30,7 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDispos
     private long _writePos;
     private bool _saving;
     private bool _resuming;
+    private bool _overflowed;
 
     /// <summary>Creates the device with <paramref name="stateBytes"/> of state, filled with a position-dependent pattern
     /// from <paramref name="seed"/> (give source and target different seeds so a checksum match proves a transfer).</summary>
@@ -112,12 +117,13 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDispos
         if (to == DeviceState.Resuming)
         {
             _resuming = true;
+            _overflowed = false;
             _writePos = 0;
         }
         else if (from == DeviceState.Resuming)
         {
             _resuming = false;
-            if (_writePos != StateBytes)
+            if (_writePos != StateBytes || _overflowed)
             {
                 throw new MigrationException(22, $"resume stream has {_writePos} of {StateBytes} bytes", DeviceState.Resuming);
             }
@@ -145,6 +151,31 @@ public sealed class BenchStateDevice : VfioUserDevice, IMigrationDevice, IDispos
         data.CopyTo(_state.GetSpan(_writePos, data.Length));
         _writePos += data.Length;
     }
+
+    public int ReadDataGather(int maxBytes, MigrationGatherList segments)
+    {
+        if (!_saving)
+        {
+            return 0;
+        }
+        int n = (int)Math.Min(maxBytes, StateBytes - _readPos);
+        segments.Add(_state.GetMemory(_readPos, n));
+        _readPos += n;
+        return n;
+    }
+
+    public Span<byte> GetWriteSpan(int sizeHint)
+    {
+        if (!_resuming || _writePos == StateBytes)
+        {
+            // The bytes that fitted have landed: the load is spoiled, RESUMING→STOP must fail.
+            _overflowed = true;
+            throw new MigrationException(27, $"resume stream over {StateBytes} bytes");
+        }
+        return _state.GetSpan(_writePos, (int)Math.Min(sizeHint, StateBytes - _writePos));
+    }
+
+    public void AdvanceWrite(int count) => _writePos += count;
 
     public PrecopyInfo GetPrecopyInfo() => new((ulong)(StateBytes - _readPos), 0);
 

@@ -643,8 +643,9 @@ internal sealed partial class SuiteRun : IDisposable
         });
         Check("data.write-outside-resuming", "data", SpecMigData + ": WRITE only in RESUMING", () =>
         {
+            // argsz covers the data (libvfio-user refuses argsz < 8 + size), so only the state can make it fail.
             var p = new byte[MigDataHead.WireSize + 4];
-            new MigDataHead(MigDataHead.WireSize, 4).WriteTo(p);
+            new MigDataHead(MigDataHead.WireSize + 4, 4).WriteTo(p);
             int e = Send(VfioUserCommand.MigDataWrite, p, out _);
             return e == Errno.EINVAL ? Pass("EINVAL in RUNNING") : Fail(e == 0 ? "accepted in RUNNING" : $"errno {e}, expected EINVAL");
         });

@@ -669,7 +669,9 @@ internal sealed class FuzzRun : IDisposable
             {
                 int n = _rng.Next(0, 5000);
                 var b = new byte[MigDataHead.WireSize + n];
-                new MigDataHead(MigDataHead.WireSize, (uint)n).WriteTo(b);
+                // argsz = 8 + size as a real client sends it, so the bytes reach the device's load; header
+                // mutations elsewhere cover lying heads.
+                new MigDataHead((uint)(MigDataHead.WireSize + n), (uint)n).WriteTo(b);
                 _rng.NextBytes(b.AsSpan(MigDataHead.WireSize));
                 return (VfioUserCommand.MigDataWrite, b, []);
             }

@@ -1,3 +1,5 @@
+using System.Buffers;
+
 namespace Vmig.Migration;
 
 /// <summary>
@@ -12,6 +14,10 @@ public sealed class MigrationStateDriver
     private readonly IMigrationDevice _device;
     private DeviceState _state = DeviceState.Running;
     private bool _endOfStream;
+    // Zero-copy write: the length of the span GetWriteSpan last gave (0 = none outstanding), and the staging buffer
+    // that stands in for device memory when the device has no IMigrationDataSink.
+    private int _writeSpanLength;
+    private byte[]? _writeStaging;
 
     /// <exception cref="ArgumentException">The device advertises a flag set the UAPI does not define (reference §1.2).</exception>
     public MigrationStateDriver(IMigrationDevice device)
@@ -108,7 +114,23 @@ public sealed class MigrationStateDriver
     /// <returns>0; 22 (EINVAL) outside {PRE_COPY, PRE_COPY_P2P, STOP_COPY}; the device's errno on a stream failure
     /// (its ReachedState, if given, becomes the state); 5 (EIO) if the device returned a count outside
     /// 0..buffer.Length.</returns>
-    public int ReadData(Span<byte> buffer, out int count)
+    public int ReadData(Span<byte> buffer, out int count) => Read(buffer.Length, buffer, null, out count);
+
+    /// <summary>
+    /// Zero-copy MIG_DATA_READ: appends up to <paramref name="maxBytes"/> save-stream bytes to
+    /// <paramref name="segments"/> — the device's own segments when it implements <see cref="IMigrationDataSource"/>,
+    /// otherwise one pooled buffer filled by <see cref="IMigrationDevice.ReadData"/>. Send them before the next call
+    /// into this driver, then <see cref="MigrationGatherList.Clear"/>. Same count, end-of-stream and errno rules as
+    /// <see cref="ReadData(Span{byte}, out int)"/>; on an error, discard whatever the device appended (Clear).
+    /// </summary>
+    public int ReadDataGather(int maxBytes, MigrationGatherList segments, out int count)
+    {
+        ArgumentNullException.ThrowIfNull(segments);
+        ArgumentOutOfRangeException.ThrowIfNegative(maxBytes);
+        return Read(maxBytes, default, segments, out count);
+    }
+
+    private int Read(int max, Span<byte> buffer, MigrationGatherList? segments, out int count)
     {
         count = 0;
         lock (_lock)
@@ -117,25 +139,47 @@ public sealed class MigrationStateDriver
             {
                 return Errno.EINVAL;
             }
-            if (_endOfStream || buffer.IsEmpty)
+            if (_endOfStream || max == 0)
             {
                 return 0;
             }
             int n;
+            long before = segments?.TotalBytes ?? 0;
+            int segs = segments?.Count ?? 0;
             try
             {
-                n = _device.ReadData(buffer);
+                if (segments is null)
+                {
+                    n = _device.ReadData(buffer);
+                }
+                else if (_device is IMigrationDataSource source)
+                {
+                    n = source.ReadDataGather(max, segments);
+                    if (segments.TotalBytes - before != n)
+                    {
+                        n = -1;
+                    }
+                }
+                else
+                {
+                    var staging = segments.RentStaging(max);
+                    n = _device.ReadData(staging.Span[..max]);
+                    if (n >= 0 && n <= max)
+                    {
+                        segments.Add(staging[..n]);
+                    }
+                }
             }
             catch (MigrationException ex)
             {
                 MoveTo(ReachedAfter(ex, _state));
                 return Sanitize(ex.Errno);
             }
-            if (n < 0 || n > buffer.Length)
+            if (n < 0 || n > max)
             {
                 return Errno.EIO;
             }
-            if (n < buffer.Length && _state == DeviceState.StopCopy)
+            if (n < max && _state == DeviceState.StopCopy)
             {
                 _endOfStream = true;
             }
@@ -157,6 +201,101 @@ public sealed class MigrationStateDriver
             try
             {
                 _device.WriteData(data);
+            }
+            catch (MigrationException ex)
+            {
+                MoveTo(ReachedAfter(ex, _state));
+                return Sanitize(ex.Errno);
+            }
+            return 0;
+        }
+    }
+
+    /// <summary>
+    /// Zero-copy MIG_DATA_WRITE, step 1: where the next resume-stream bytes go — a span of the device's own memory when
+    /// it implements <see cref="IMigrationDataSink"/>, otherwise a staging buffer of this driver that
+    /// <see cref="AdvanceWrite"/> hands to <see cref="IMigrationDevice.WriteData"/>. Receive into it, then call
+    /// <see cref="AdvanceWrite"/> with the count, before any other call into this driver.
+    /// </summary>
+    /// <param name="sizeHint">Bytes still to come in the current message (1 … max_data_xfer_size).</param>
+    /// <param name="span">1 to <paramref name="sizeHint"/> bytes (never more), empty on an error.</param>
+    /// <returns>0; 22 (EINVAL) outside RESUMING; or the device's errno (EFBIG past the stream's end, EINVAL after a
+    /// failure…; its ReachedState, if given, becomes the state).</returns>
+    public int GetWriteSpan(int sizeHint, out Span<byte> span)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(sizeHint);
+        span = default;
+        lock (_lock)
+        {
+            _writeSpanLength = 0;
+            if (!MigrationGate.CanWriteData(_state))
+            {
+                return Errno.EINVAL;
+            }
+            if (_device is IMigrationDataSink sink)
+            {
+                try
+                {
+                    span = sink.GetWriteSpan(sizeHint);
+                }
+                catch (MigrationException ex)
+                {
+                    MoveTo(ReachedAfter(ex, _state));
+                    return Sanitize(ex.Errno);
+                }
+                if (span.IsEmpty)
+                {
+                    return Errno.EIO;
+                }
+                if (span.Length > sizeHint)
+                {
+                    span = span[..sizeHint];
+                }
+            }
+            else
+            {
+                if (_writeStaging is null || _writeStaging.Length < sizeHint)
+                {
+                    ReturnStaging();
+                    _writeStaging = ArrayPool<byte>.Shared.Rent(sizeHint);
+                }
+                span = _writeStaging.AsSpan(0, sizeHint);
+            }
+            _writeSpanLength = span.Length;
+            return 0;
+        }
+    }
+
+    /// <summary>
+    /// Zero-copy MIG_DATA_WRITE, step 2: <paramref name="count"/> bytes (1 … the span's length) arrived at the start of
+    /// the span <see cref="GetWriteSpan"/> gave; the device parses and checks them.
+    /// </summary>
+    /// <returns>0; 22 (EINVAL) outside RESUMING; 5 (EIO) for a count the last span cannot hold (or no span given); or
+    /// the device's errno (its ReachedState, if given, becomes the state).</returns>
+    public int AdvanceWrite(int count)
+    {
+        lock (_lock)
+        {
+            int given = _writeSpanLength;
+            _writeSpanLength = 0;
+            if (!MigrationGate.CanWriteData(_state))
+            {
+                return Errno.EINVAL;
+            }
+            if (count <= 0 || count > given)
+            {
+                return Errno.EIO;
+            }
+            try
+            {
+                if (_device is IMigrationDataSink sink)
+                {
+                    sink.AdvanceWrite(count);
+                }
+                else
+                {
+                    _device.WriteData(_writeStaging.AsSpan(0, count));
+                }
             }
             catch (MigrationException ex)
             {
@@ -192,8 +331,23 @@ public sealed class MigrationStateDriver
         }
     }
 
+    private void ReturnStaging()
+    {
+        if (_writeStaging is not null)
+        {
+            ArrayPool<byte>.Shared.Return(_writeStaging);
+            _writeStaging = null;
+        }
+    }
+
     private void MoveTo(DeviceState state)
     {
+        if (state != DeviceState.Resuming)
+        {
+            // The adapter's staging buffer belongs to one resume session.
+            ReturnStaging();
+            _writeSpanLength = 0;
+        }
         // End of stream belongs to one STOP_COPY visit; STOP_COPY can only be left, so any change resets it.
         if (state != _state)
         {

@@ -14,6 +14,9 @@ public sealed unsafe class FdSocket : IDisposable
     /// <summary>The most fds one message may carry in either direction (control buffer size).</summary>
     public const int MaxFdsPerMessage = 64;
 
+    /// <summary>Most iovecs one <see cref="SendGather"/> sendmsg carries (well under IOV_MAX = 1024); more are sent in turns.</summary>
+    public const int MaxGatherIov = 64;
+
     private readonly SafeHandle _handle;
     private readonly Socket? _socket;
     private int _shutdown;
@@ -113,20 +116,10 @@ public sealed unsafe class FdSocket : IDisposable
                         msg.Control = ctl;
                         msg.ControlLen = (nuint)ctlLen;
                     }
-                    nint w = Libc.sendmsg(fd, &msg, Libc.MSG_NOSIGNAL);
+                    nint w = SendOnce(fd, &msg);
                     if (w < 0)
                     {
-                        int e = Marshal.GetLastPInvokeError();
-                        if (e == Libc.EINTR)
-                        {
-                            continue;
-                        }
-                        if (e == Libc.EAGAIN)
-                        {
-                            WaitWritable(fd);
-                            continue;
-                        }
-                        throw new NativeException("sendmsg", e);
+                        continue;
                     }
                     fdsSent = true;
                     long left = w;
@@ -143,6 +136,99 @@ public sealed unsafe class FdSocket : IDisposable
             {
                 _handle.DangerousRelease();
             }
+        }
+    }
+
+    /// <summary>
+    /// Sends <paramref name="first"/> then every segment of <paramref name="segments"/> in order as one byte sequence,
+    /// with vectored sendmsg (up to <see cref="MaxGatherIov"/> iovecs per call): no segment is copied. Blocks until
+    /// everything is written. The segments must not change until this returns (they are read by the kernel in place).
+    /// </summary>
+    /// <exception cref="NativeException">The peer is gone (EPIPE, ECONNRESET) or another socket error.</exception>
+    public void SendGather(ReadOnlySpan<byte> first, ReadOnlySpan<ReadOnlyMemory<byte>> segments)
+    {
+        if (segments.IsEmpty)
+        {
+            Send(first, default, default);
+            return;
+        }
+        var pins = System.Buffers.ArrayPool<System.Buffers.MemoryHandle>.Shared.Rent(segments.Length);
+        int pinned = 0;
+        bool added = false;
+        try
+        {
+            for (; pinned < segments.Length; pinned++)
+            {
+                pins[pinned] = segments[pinned].Pin();
+            }
+            _handle.DangerousAddRef(ref added);
+            int fd = (int)_handle.DangerousGetHandle();
+            Libc.IoVec* iov = stackalloc Libc.IoVec[MaxGatherIov];
+            // Cursor: segment index (-1 = first) and bytes of it already sent.
+            int seg = first.IsEmpty ? 0 : -1;
+            long done = 0;
+            fixed (byte* p0 = first)
+            {
+                while (true)
+                {
+                    while (seg >= 0 && seg < segments.Length && done == segments[seg].Length)
+                    {
+                        seg++;
+                        done = 0;
+                    }
+                    if (seg >= segments.Length)
+                    {
+                        return;
+                    }
+                    // SAFETY: every iovec points into `first` (pinned by fixed) or into a segment pinned above, at an
+                    // offset below its length; at most MaxGatherIov entries are written to the stack array.
+                    int n = 0;
+                    for (int i = seg; i < segments.Length && n < MaxGatherIov; i++)
+                    {
+                        long skip = i == seg ? done : 0;
+                        if (i < 0)
+                        {
+                            iov[n++] = new Libc.IoVec { Base = p0 + skip, Len = (nuint)(first.Length - skip) };
+                        }
+                        else if (segments[i].Length > skip)
+                        {
+                            iov[n++] = new Libc.IoVec { Base = (byte*)pins[i].Pointer + skip, Len = (nuint)(segments[i].Length - skip) };
+                        }
+                    }
+                    var msg = new Libc.MsgHdr { Iov = iov, IovLen = (nuint)n };
+                    nint w = SendOnce(fd, &msg);
+                    if (w < 0)
+                    {
+                        continue;
+                    }
+                    // Advance the cursor by w bytes.
+                    long left = w;
+                    while (left > 0)
+                    {
+                        long len = seg < 0 ? first.Length : segments[seg].Length;
+                        long k = Math.Min(left, len - done);
+                        done += k;
+                        left -= k;
+                        if (done == len)
+                        {
+                            seg++;
+                            done = 0;
+                        }
+                    }
+                }
+            }
+        }
+        finally
+        {
+            if (added)
+            {
+                _handle.DangerousRelease();
+            }
+            for (int i = 0; i < pinned; i++)
+            {
+                pins[i].Dispose();
+            }
+            System.Buffers.ArrayPool<System.Buffers.MemoryHandle>.Shared.Return(pins, clearArray: true);
         }
     }
 
@@ -404,6 +490,27 @@ public sealed unsafe class FdSocket : IDisposable
             }
             c += CmsgAlign((int)h->Len);
         }
+    }
+
+    /// <summary>One sendmsg (MSG_NOSIGNAL): the bytes written, or -1 after EINTR or EAGAIN (having waited for room),
+    /// when the caller retries with the same message.</summary>
+    private static nint SendOnce(int fd, Libc.MsgHdr* msg)
+    {
+        nint w = Libc.sendmsg(fd, msg, Libc.MSG_NOSIGNAL);
+        if (w >= 0)
+        {
+            return w;
+        }
+        int e = Marshal.GetLastPInvokeError();
+        if (e == Libc.EAGAIN)
+        {
+            WaitWritable(fd);
+        }
+        else if (e != Libc.EINTR)
+        {
+            throw new NativeException("sendmsg", e);
+        }
+        return -1;
     }
 
     private static void WaitReadable(int fd) => PollRaw(fd, Libc.POLLIN);

@@ -65,6 +65,22 @@ public sealed unsafe class Mapping : SafeHandle
         return new Span<byte>((byte*)handle + offset, count);
     }
 
+    /// <summary>
+    /// A <see cref="Memory{T}"/> over [<paramref name="offset"/>, +<paramref name="count"/>): for gather lists
+    /// (<see cref="FdSocket.SendGather"/>) and other places a span cannot be kept. Pinning it keeps the mapping alive;
+    /// otherwise, as for <see cref="GetSpan"/>, it is valid only while this mapping is.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">The range is not inside the mapping.</exception>
+    public Memory<byte> GetMemory(long offset, int count)
+    {
+        if (offset < 0 || count < 0 || offset > _length - count)
+        {
+            throw new ArgumentOutOfRangeException(nameof(offset), $"[{offset}, +{count}) is outside a mapping of {_length} bytes");
+        }
+        ObjectDisposedException.ThrowIf(IsClosed, this);
+        return new MappingMemory(this, offset, count).Memory;
+    }
+
     /// <summary>True if [offset, offset+count) lies inside the mapping (no overflow).</summary>
     public bool Contains(long offset, long count) => offset >= 0 && count >= 0 && offset <= _length - count;
 

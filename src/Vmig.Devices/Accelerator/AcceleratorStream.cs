@@ -71,7 +71,8 @@ public readonly record struct AcceleratorRecordHeader(AcceleratorRecordType Type
 /// The save side of a VF's migration stream, produced by the PF. Order: Profile; all device memory (the initial
 /// image, 1 MiB records); device-memory pages dirtied since (runs of ≤ 256 dirty pages, each cleared just before it
 /// is copied); and, once in STOP_COPY, State then End. Payload bytes are copied straight from the device memory
-/// mapping into the reader's buffer (never staged), checksummed in the same pass (<see cref="Crc32C.AppendCopy"/>).
+/// mapping into the reader's buffer (never staged), checksummed in the same pass (<see cref="Crc32C.AppendCopy"/>);
+/// in STOP_COPY <see cref="ReadGather"/> hands them out as slices of the mapping instead (no copy at all).
 /// </summary>
 public sealed class AcceleratorSaveStream
 {
@@ -96,6 +97,11 @@ public sealed class AcceleratorSaveStream
     private long _pos;
     private uint _crc;
 
+    // ReadGather's staging for record headers and trailers (from the gather list's pool).
+    private const int SmallStaging = 1024;
+    private Memory<byte> _small;
+    private int _smallPos;
+
     internal AcceleratorSaveStream(AcceleratorVf vf)
     {
         _vf = vf;
@@ -118,7 +124,37 @@ public sealed class AcceleratorSaveStream
             {
                 break;
             }
-            n += EmitFromRecord(buffer[n..]);
+            n += EmitFromRecord(buffer.Length - n, buffer[n..], null);
+        }
+        return n;
+    }
+
+    /// <summary>
+    /// Zero-copy read (STOP_COPY: the VF is stopped, device memory is stable): appends up to <paramref name="maxBytes"/>
+    /// stream bytes to <paramref name="segments"/> — Pages payloads as slices of the device memory mapping (checksummed
+    /// in place, not copied), headers and trailers as small copies. Before STOP_COPY the VF runs and may write device
+    /// memory between now and the send, so a slice could go out torn against its CRC: then the bytes are copied and
+    /// checksummed in one pass (<see cref="Read"/>) into one staging buffer, once. Returns the count appended.
+    /// </summary>
+    public int ReadGather(int maxBytes, MigrationGatherList segments)
+    {
+        if (!_stopCopy)
+        {
+            var staging = segments.RentStaging(maxBytes);
+            int c = Read(staging.Span[..maxBytes]);
+            segments.Add(staging[..c]);
+            return c;
+        }
+        _small = default;
+        _smallPos = 0;
+        int n = 0;
+        while (n < maxBytes)
+        {
+            if (!_hasRecord && !StartNextRecord())
+            {
+                break;
+            }
+            n += EmitFromRecord(maxBytes - n, default, segments);
         }
         return n;
     }
@@ -247,24 +283,55 @@ public sealed class AcceleratorSaveStream
         _crc = Crc32C.Start;
     }
 
-    private int EmitFromRecord(Span<byte> dst)
+    // Headers and trailers are rewritten per record, so a gathered one is copied (a few bytes) into staging that lives
+    // until the reply is sent.
+    private ReadOnlyMemory<byte> Small(MigrationGatherList segments, ReadOnlySpan<byte> bytes)
+    {
+        if (_small.Length - _smallPos < bytes.Length)
+        {
+            _small = segments.RentStaging(SmallStaging);
+            _smallPos = 0;
+        }
+        var m = _small.Slice(_smallPos, bytes.Length);
+        bytes.CopyTo(m.Span);
+        _smallPos += bytes.Length;
+        return m;
+    }
+
+    /// <summary>
+    /// Emits the current record's next bytes (at most <paramref name="max"/>): copied into <paramref name="dst"/>
+    /// (payloads copied and checksummed in one pass), or, with <paramref name="segments"/>, appended as segments
+    /// (payloads handed out in place and checksummed there; header and trailer pieces copied into small staging).
+    /// </summary>
+    private int EmitFromRecord(int max, Span<byte> dst, MigrationGatherList? segments)
     {
         int written = 0;
         if (_pos < AcceleratorRecordHeader.Size)
         {
-            int k = (int)Math.Min(AcceleratorRecordHeader.Size - _pos, dst.Length);
-            _header.AsSpan((int)_pos, k).CopyTo(dst);
+            int k = (int)Math.Min(AcceleratorRecordHeader.Size - _pos, max);
+            Put(_header.AsSpan((int)_pos, k), dst, segments, written);
             _pos += k;
             written += k;
         }
         long payloadEnd = AcceleratorRecordHeader.Size + _payloadLength;
-        if (written < dst.Length && _pos < payloadEnd)
+        if (written < max && _pos < payloadEnd)
         {
-            int k = (int)Math.Min(payloadEnd - _pos, dst.Length - written);
+            int k = (int)Math.Min(payloadEnd - _pos, max - written);
             long at = _pos - AcceleratorRecordHeader.Size;
-            ReadOnlySpan<byte> from = _recordBytes is not null ? _recordBytes.AsSpan((int)at, k) : _mem.GetSpan(_recordDeviceOffset + at, k);
-            // One pass: each word of device memory is loaded once, stored into the reply buffer and fed to the CRC.
-            _crc = Crc32C.AppendCopy(_crc, from, dst.Slice(written, k));
+            if (segments is not null)
+            {
+                ReadOnlyMemory<byte> from = _recordBytes is not null
+                    ? _recordBytes.AsMemory((int)at, k)
+                    : _mem.Mapping.GetMemory(_recordDeviceOffset + at, k);
+                _crc = Crc32C.Append(_crc, from.Span);
+                segments.Add(from);
+            }
+            else
+            {
+                ReadOnlySpan<byte> from = _recordBytes is not null ? _recordBytes.AsSpan((int)at, k) : _mem.GetSpan(_recordDeviceOffset + at, k);
+                // One pass: each word of device memory is loaded once, stored into the reply buffer and fed to the CRC.
+                _crc = Crc32C.AppendCopy(_crc, from, dst.Slice(written, k));
+            }
             _pos += k;
             written += k;
         }
@@ -273,10 +340,10 @@ public sealed class AcceleratorSaveStream
             // The payload is all out (or empty): its CRC is final. Rewritten unchanged if the trailer waits for the next read.
             BinaryPrimitives.WriteUInt32LittleEndian(_trailer, Crc32C.Finish(_crc));
         }
-        if (written < dst.Length && _pos >= payloadEnd)
+        if (written < max && _pos >= payloadEnd)
         {
-            int k = (int)Math.Min(payloadEnd + AcceleratorRecordHeader.TrailerSize - _pos, dst.Length - written);
-            _trailer.AsSpan((int)(_pos - payloadEnd), k).CopyTo(dst[written..]);
+            int k = (int)Math.Min(payloadEnd + AcceleratorRecordHeader.TrailerSize - _pos, max - written);
+            Put(_trailer.AsSpan((int)(_pos - payloadEnd), k), dst, segments, written);
             _pos += k;
             written += k;
         }
@@ -287,16 +354,36 @@ public sealed class AcceleratorSaveStream
         }
         return written;
     }
+
+    private void Put(ReadOnlySpan<byte> bytes, Span<byte> dst, MigrationGatherList? segments, int at)
+    {
+        if (segments is not null)
+        {
+            segments.Add(Small(segments, bytes));
+        }
+        else
+        {
+            bytes.CopyTo(dst[at..]);
+        }
+    }
 }
 
 /// <summary>
 /// The resume side: parses records as they arrive in any segmentation, checks the profile as soon as the Profile
-/// record is complete (EINVAL before any device memory is written), and applies State at <see cref="Commit"/>. A
-/// record is applied only after its payload CRC has been checked: when the rest of a payload and its trailer are in one
-/// write, the CRC runs over the caller's bytes and the payload is then copied straight into device memory; a payload
-/// split across writes is held (checksummed as it is copied) in one reusable record-sized buffer until its trailer
-/// arrives. Every check failure is a <see cref="MigrationException"/> with EINVAL; device memory never holds part of a
-/// record that failed its check.
+/// record is complete (EINVAL before any device memory is written), and applies State at <see cref="Commit"/>. Two
+/// ways in, feeding one parser (a record's payload stays on the path its first byte took):
+/// <list type="bullet">
+/// <item><see cref="Write"/> (copying): a record is applied only after its payload CRC has been checked: when the rest of
+/// a payload and its trailer are in one write, the CRC runs over the caller's bytes and the payload is then copied
+/// straight into device memory; a payload split across writes is held (checksummed as it is copied) in one reusable
+/// record-sized buffer until its trailer arrives. Device memory never holds part of a record that failed its check.</item>
+/// <item><see cref="GetWriteSpan"/>/<see cref="AdvanceWrite"/> (zero-copy, the server receives from the socket into the
+/// span): headers and trailers go to small buffers of the parser, Profile/State payloads to the staging buffer, and a
+/// Pages payload straight into its place in device memory, checksummed as each piece arrives (while it is still in
+/// cache). A Pages record that fails its CRC has then already landed: the load is dead (every later write fails with
+/// EINVAL, RESUMING→STOP fails into ERROR), so the VF never runs with it; only a reset leaves.</item>
+/// </list>
+/// Every check failure is a <see cref="MigrationException"/> with EINVAL and ends the session.
 /// </summary>
 public sealed class AcceleratorLoadStream
 {
@@ -314,8 +401,131 @@ public sealed class AcceleratorLoadStream
     private bool _endSeen;
     private byte[]? _state;
     private bool _failed;
+    // The current Pages record's payload is being received in place (zero-copy path), not held in _stage.
+    private bool _inPlace;
+    // What the span GetWriteSpan last gave points at, and its length.
+    private SpanTarget _given;
+    private int _givenLength;
+
+    /// <summary>Largest piece of a Pages payload one <see cref="GetWriteSpan"/> gives: small enough that its CRC runs while
+    /// the bytes just received are still in cache.</summary>
+    public const int InPlaceSlice = 256 * 1024;
 
     internal AcceleratorLoadStream(AcceleratorVf vf) => _vf = vf;
+
+    private enum SpanTarget
+    {
+        None,
+        Header,
+        InPlace,
+        Stage,
+        Trailer,
+    }
+
+    /// <summary>
+    /// Zero-copy load, step 1 (<see cref="IMigrationDataSink.GetWriteSpan"/>): where the next stream bytes go — the
+    /// rest of a record header, a piece (≤ <see cref="InPlaceSlice"/>) of device memory for a Pages payload, the
+    /// staging buffer for a Profile/State payload, or the rest of a trailer. At most <paramref name="sizeHint"/> bytes.
+    /// </summary>
+    /// <exception cref="MigrationException">EINVAL: the session already failed, or the stream already ended.</exception>
+    public Span<byte> GetWriteSpan(int sizeHint)
+    {
+        _given = SpanTarget.None;
+        if (_failed)
+        {
+            throw new MigrationException(Errno.EINVAL, "the resume stream already failed");
+        }
+        if (_endSeen)
+        {
+            _failed = true;
+            throw Invalid("data after the End record");
+        }
+        Span<byte> span;
+        if (_record is not { } r)
+        {
+            span = _header.AsSpan(_headerFill);
+            _given = SpanTarget.Header;
+        }
+        else if (_payloadPos < r.PayloadLength)
+        {
+            int rest = (int)r.PayloadLength - _payloadPos;
+            if (r.Type == AcceleratorRecordType.Pages && (_payloadPos == 0 || _inPlace))
+            {
+                _inPlace = true;
+                span = _vf.Memory.GetSpan((long)r.DeviceOffset + _payloadPos, Math.Min(rest, InPlaceSlice));
+                _given = SpanTarget.InPlace;
+            }
+            else
+            {
+                span = Stage().AsSpan(_payloadPos, rest);
+                _given = SpanTarget.Stage;
+            }
+        }
+        else
+        {
+            span = _trailer.AsSpan(_trailerFill);
+            _given = SpanTarget.Trailer;
+        }
+        span = span[..Math.Min(span.Length, sizeHint)];
+        _givenLength = span.Length;
+        return span;
+    }
+
+    /// <summary>
+    /// Zero-copy load, step 2 (<see cref="IMigrationDataSink.AdvanceWrite"/>): <paramref name="count"/> bytes arrived
+    /// at the start of the last span; parses and checks them (a completed header is validated, a completed trailer
+    /// checks the payload's CRC and applies the record).
+    /// </summary>
+    /// <exception cref="MigrationException">EINVAL: invalid bytes (the session is then dead) or no span outstanding.</exception>
+    public void AdvanceWrite(int count)
+    {
+        var given = _given;
+        _given = SpanTarget.None;
+        if (_failed || given == SpanTarget.None || count <= 0 || count > _givenLength)
+        {
+            _failed = true;
+            throw new MigrationException(Errno.EINVAL, "accelerator resume stream: write without a matching span");
+        }
+        try
+        {
+            switch (given)
+            {
+                case SpanTarget.Header:
+                    _headerFill += count;
+                    if (_headerFill == AcceleratorRecordHeader.Size)
+                    {
+                        StartRecord();
+                    }
+                    break;
+                case SpanTarget.InPlace:
+                    var r = _record!.Value;
+                    _crc = Crc32C.Append(_crc, _vf.Memory.GetSpan((long)r.DeviceOffset + _payloadPos, count));
+                    _payloadPos += count;
+                    break;
+                case SpanTarget.Stage:
+                    _crc = Crc32C.Append(_crc, _stage.AsSpan(_payloadPos, count));
+                    _payloadPos += count;
+                    break;
+                default:
+                    _trailerFill += count;
+                    if (_trailerFill == AcceleratorRecordHeader.TrailerSize)
+                    {
+                        var t = _record!.Value;
+                        Check(t, _crc, _trailer);
+                        Apply(t, default);
+                    }
+                    break;
+            }
+        }
+        catch (MigrationException)
+        {
+            _failed = true;
+            throw;
+        }
+    }
+
+    // The record-sized holding buffer (1 MiB: the largest payload), allocated once per session when first needed.
+    private byte[] Stage() => _stage ??= GC.AllocateUninitializedArray<byte>(AcceleratorRecordHeader.MaxPagesPayload);
 
     /// <summary>Bytes of device memory written so far (for tests and progress).</summary>
     public long PageBytesLoaded { get; private set; }
@@ -380,7 +590,7 @@ public sealed class AcceleratorLoadStream
         }
         var r = _record.Value;
         int rest = (int)r.PayloadLength - _payloadPos;
-        if (_trailerFill == 0 && data.Length >= rest + AcceleratorRecordHeader.TrailerSize)
+        if (_trailerFill == 0 && !_inPlace && data.Length >= rest + AcceleratorRecordHeader.TrailerSize)
         {
             // The rest of the payload and the whole trailer are here: check in place, then apply without holding.
             var tail = data[..rest];
@@ -391,8 +601,9 @@ public sealed class AcceleratorLoadStream
         if (rest > 0)
         {
             int k = Math.Min(rest, data.Length);
-            _stage ??= GC.AllocateUninitializedArray<byte>(AcceleratorRecordHeader.MaxPagesPayload);
-            _crc = Crc32C.AppendCopy(_crc, data[..k], _stage.AsSpan(_payloadPos));
+            // A payload that began on the zero-copy path goes on in place (its first bytes are already there).
+            var dst = _inPlace ? _vf.Memory.GetSpan((long)r.DeviceOffset + _payloadPos, k) : Stage().AsSpan(_payloadPos);
+            _crc = Crc32C.AppendCopy(_crc, data[..k], dst);
             _payloadPos += k;
             return k;
         }
@@ -436,6 +647,7 @@ public sealed class AcceleratorLoadStream
         }
         // From here PayloadLength ≤ MaxPagesPayload (every accepted type is bounded above), so it fits _stage and an int.
         _record = h;
+        _inPlace = false;
         _payloadPos = 0;
         _crc = Crc32C.Start;
         _trailerFill = 0;
@@ -456,7 +668,12 @@ public sealed class AcceleratorLoadStream
     private void Apply(AcceleratorRecordHeader r, ReadOnlySpan<byte> tail)
     {
         int held = _payloadPos;
-        if (r.Type == AcceleratorRecordType.Pages)
+        if (r.Type == AcceleratorRecordType.Pages && _inPlace)
+        {
+            // Already in device memory (zero-copy path).
+            PageBytesLoaded += r.PayloadLength;
+        }
+        else if (r.Type == AcceleratorRecordType.Pages)
         {
             var dst = _vf.Memory.GetSpan((long)r.DeviceOffset, (int)r.PayloadLength);
             _stage.AsSpan(0, held).CopyTo(dst);
@@ -476,6 +693,7 @@ public sealed class AcceleratorLoadStream
         _record = null;
         _payloadPos = 0;
         _headerFill = 0;
+        _inPlace = false;
     }
 
     private void ApplySmall(AcceleratorRecordType type, ReadOnlySpan<byte> payload)

@@ -9,8 +9,10 @@ namespace Vmig.Devices.Accelerator;
 /// VF <c>index</c>, never by touching the VF directly. Mapping (after mlx5): RUNNING→RUNNING_P2P and
 /// PRE_COPY→PRE_COPY_P2P = Suspend(Initiator); →STOP = Suspend(Responder); the reverse arcs Resume; RUNNING→PRE_COPY
 /// = StartTracking + open save; PRE_COPY_P2P→STOP_COPY = Suspend(Responder) and the stream goes on to State and End.
+/// Zero-copy both ways: STOP_COPY reads hand out device memory as gather segments (<see cref="IMigrationDataSource"/>),
+/// resume writes land in device memory (<see cref="IMigrationDataSink"/>); see <see cref="AcceleratorLoadStream"/>.
 /// </summary>
-internal sealed class AcceleratorVfMigration(AcceleratorPf pf, int index) : IMigrationDevice
+internal sealed class AcceleratorVfMigration(AcceleratorPf pf, int index) : IMigrationDevice, IMigrationDataSource, IMigrationDataSink
 {
     private AcceleratorSaveStream? _save;
     private AcceleratorLoadStream? _load;
@@ -80,6 +82,15 @@ internal sealed class AcceleratorVfMigration(AcceleratorPf pf, int index) : IMig
 
     public void WriteData(ReadOnlySpan<byte> data) =>
         (_load ?? throw new MigrationException(Errno.EINVAL, "no resume session")).Write(data);
+
+    public int ReadDataGather(int maxBytes, MigrationGatherList segments) =>
+        (_save ?? throw new MigrationException(Errno.EINVAL, "no save session")).ReadGather(maxBytes, segments);
+
+    public Span<byte> GetWriteSpan(int sizeHint) =>
+        (_load ?? throw new MigrationException(Errno.EINVAL, "no resume session")).GetWriteSpan(sizeHint);
+
+    public void AdvanceWrite(int count) =>
+        (_load ?? throw new MigrationException(Errno.EINVAL, "no resume session")).AdvanceWrite(count);
 
     public PrecopyInfo GetPrecopyInfo() =>
         (_save ?? throw new MigrationException(Errno.EINVAL, "no pre-copy session")).GetPrecopyInfo();

@@ -74,17 +74,19 @@ public static class DeviceMigrator
             {
                 source.SetState(DeviceState.PreCopy);
                 ulong lastRound = ulong.MaxValue;
+                // One PRECOPY_INFO per round: the answer at the end of a round is also the next round's start.
+                PrecopyInfo? info = source.SupportsPrecopyInfo ? source.GetPrecopyInfo() : null;
                 while (rounds < options.MaxPreCopyRounds)
                 {
                     rounds++;
                     // A round reads at most what the device reported pending at its start (or the stop-copy estimate):
                     // a device that dirties faster than we read would otherwise never give the short read.
-                    long cap = source.SupportsPrecopyInfo && source.GetPrecopyInfo() is { } start
+                    long cap = info is { } start
                         ? (long)Math.Min(start.InitialBytes + start.DirtyBytes, long.MaxValue / 2) + buf.Length
                         : estimate > 0 ? estimate + buf.Length : long.MaxValue;
                     long moved = Pump(source, target, buf, cap);
                     pre += moved;
-                    PrecopyInfo? info = source.SupportsPrecopyInfo ? source.GetPrecopyInfo() : null;
+                    info = source.SupportsPrecopyInfo ? source.GetPrecopyInfo() : null;
                     progress?.Report(new(DeviceMigrationPhase.PreCopy, rounds, pre, info, estimate));
                     if (info is { } i)
                     {

@@ -585,7 +585,8 @@ public sealed class VfioUserClient : IDisposable
         for (int done = 0; done < data.Length;)
         {
             int n = Math.Min(max, data.Length - done);
-            new MigDataHead(MigDataHead.WireSize, (uint)n).WriteTo(head);
+            // argsz covers the data too: libvfio-user refuses argsz < 8 + size, and so does vmig's server.
+            new MigDataHead((uint)(MigDataHead.WireSize + n), (uint)n).WriteTo(head);
             using var r = _conn.SendRequest(VfioUserCommand.MigDataWrite, head, data.Slice(done, n));
             done += n;
         }

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Numerics;
+using Microsoft.Extensions.Logging;
 using Vmig.Migration;
 using Vmig.VfioUser.Protocol;
 using Vmig.VfioUser.Transport;
@@ -246,33 +247,41 @@ internal sealed partial class ServerSession
         {
             return Errno.EINVAL;
         }
-        byte[] buf = ArrayPool<byte>.Shared.Rent(Math.Max(1, (int)r.Size));
+        // Zero-copy: the reply goes out as the device's segments (device state, small headers) in one vectored sendmsg;
+        // a device without IMigrationDataSource fills one pooled buffer instead.
+        var segments = _gather ??= new MigrationGatherList();
         try
         {
-            int e = Mig.Driver.ReadData(buf.AsSpan(0, (int)r.Size), out int n);
+            int e = Mig.Driver.ReadDataGather((int)r.Size, segments, out int n);
             if (e != 0)
             {
                 return e;
             }
             Span<byte> head = stackalloc byte[MigDataHead.WireSize];
             new MigDataHead((uint)(MigDataHead.WireSize + n), (uint)n).WriteTo(head);
-            c.SendReply(m.Header, head, buf.AsSpan(0, n));
+            c.SendReplyGather(m.Header, head, segments.Segments);
             return 0;
         }
         finally
         {
-            ArrayPool<byte>.Shared.Return(buf);
+            segments.Clear();
         }
     }
 
+    /// <summary>MIG_DATA_WRITE head checks (libvfio-user <c>handle_mig_data_write</c>): size ≤ the negotiated
+    /// max_data_xfer_size, argsz ≥ 8 + size, and the payload after the head is exactly size bytes.</summary>
+    private bool IsValidMigDataWrite(MigDataHead r, long dataBytes) =>
+        r.Size <= MaxMigTransfer && r.Argsz >= MigDataHead.WireSize + (ulong)r.Size && dataBytes == r.Size;
+
+    // Buffered MIG_DATA_WRITE: the payload was received into a pooled buffer (streaming was not possible: the command
+    // was read by a thread waiting for its own reply, or carried fds).
     private int MigDataWrite(VfioUserConnection c, VfioUserMessage m)
     {
         if (Mig.Driver is null)
         {
             return Errno.EINVAL;
         }
-        if (!MigDataHead.TryRead(m.Payload, out var r) || (ulong)m.Length != MigDataHead.WireSize + (ulong)r.Size
-            || r.Size > MaxMigTransfer)
+        if (!MigDataHead.TryRead(m.Payload, out var r) || !IsValidMigDataWrite(r, m.Length - MigDataHead.WireSize))
         {
             return Errno.EINVAL;
         }
@@ -282,6 +291,67 @@ internal sealed partial class ServerSession
             return e;
         }
         c.SendReply(m.Header, default);
+        return 0;
+    }
+
+    bool IVfioUserStreamHandler.ShouldStream(in VfioUserHeader header) =>
+        header.Command == VfioUserCommand.MigDataWrite && Mig.Driver is not null && _negotiated is not null;
+
+    /// <summary>
+    /// Zero-copy MIG_DATA_WRITE: the head is read and checked first, then the data goes from the socket straight into
+    /// the spans the device gives (<see cref="MigrationStateDriver.GetWriteSpan"/>). On any error the rest of the
+    /// payload is drained (bounded by the connection's MaxPayloadSize) before the error reply, so the connection stays
+    /// in frame and answers the next command.
+    /// </summary>
+    void IVfioUserStreamHandler.HandleStream(VfioUserConnection c, in VfioUserHeader header, VfioUserPayloadReader payload)
+    {
+        int e = Admit(header, 0, false);
+        if (e == 0)
+        {
+            e = MigDataWriteStream(payload);
+        }
+        payload.DrainRemaining();
+        if (e != 0)
+        {
+            _logger.LogDebug("{Name}: {Command} → errno {Errno}", c.Name, header.Command, e);
+            c.SendError(header, e);
+            return;
+        }
+        c.SendReply(header, default);
+    }
+
+    private int MigDataWriteStream(VfioUserPayloadReader payload)
+    {
+        var driver = Mig.Driver!;
+        if (payload.Remaining < MigDataHead.WireSize)
+        {
+            return Errno.EINVAL;
+        }
+        Span<byte> head = stackalloc byte[MigDataHead.WireSize];
+        payload.ReadExactly(head);
+        if (!MigDataHead.TryRead(head, out var r) || !IsValidMigDataWrite(r, payload.Remaining))
+        {
+            return Errno.EINVAL;
+        }
+        if (r.Size == 0)
+        {
+            // Nothing to place, but the state gate (EINVAL outside RESUMING) still answers.
+            return driver.WriteData(default);
+        }
+        while (payload.Remaining > 0)
+        {
+            int e = driver.GetWriteSpan((int)payload.Remaining, out var span);
+            if (e != 0)
+            {
+                return e;
+            }
+            payload.ReadExactly(span);
+            e = driver.AdvanceWrite(span.Length);
+            if (e != 0)
+            {
+                return e;
+            }
+        }
         return 0;
     }
 }

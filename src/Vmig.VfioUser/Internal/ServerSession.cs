@@ -13,7 +13,7 @@ namespace Vmig.VfioUser.Internal;
 /// reset, features and migration data. Every handler validates sizes, flags and bounds before it allocates
 /// or touches the device, and answers with the errno libvfio-user uses for the same fault.
 /// </summary>
-internal sealed partial class ServerSession : IMessageDma
+internal sealed partial class ServerSession : IMessageDma, IVfioUserStreamHandler
 {
     /// <summary>The protocol version we speak: major 0, minor up to 2 (libvfio-user 0.2; QEMU sends 0.0).</summary>
     public const ushort Major = 0;
@@ -27,6 +27,7 @@ internal sealed partial class ServerSession : IMessageDma
     private VfioUserCapabilities? _peer;
     private VfioUserCapabilities? _negotiated;
     private VfioUserConnection? _twin;
+    private Migration.MigrationGatherList? _gather;
 
     public ServerSession(VfioUserServer server, VfioUserConnection connection, ILogger logger)
     {
@@ -43,7 +44,7 @@ internal sealed partial class ServerSession : IMessageDma
 
     public VfioUserConnection Connection { get; }
 
-    public void Start() => Connection.Start(Handle);
+    public void Start() => Connection.Start(Handle, _device.Migration is null ? null : this);
 
     /// <summary>Client gone: unmap windows, close eventfds, tell the device. Device and migration state are kept (spec "Client Disconnection").</summary>
     public void Detach()
@@ -61,26 +62,10 @@ internal sealed partial class ServerSession : IMessageDma
     private void Handle(VfioUserConnection c, Transport.VfioUserMessage m)
     {
         var h = m.Header;
-        if (m.FdsTruncated)
+        int admit = Admit(h, m.FdCount, m.FdsTruncated);
+        if (admit != 0)
         {
-            c.SendError(h, Errno.EINVAL);
-            return;
-        }
-        if (_negotiated is null && h.Command != VfioUserCommand.Version)
-        {
-            // libvfio-user requires VERSION first; we answer rather than drop the client.
-            c.SendError(h, Errno.EINVAL);
-            return;
-        }
-        if (m.FdCount > 0 && h.Command is not (VfioUserCommand.DmaMap or VfioUserCommand.DeviceSetIrqs))
-        {
-            // VERSION in particular must carry no fds (libvfio-user tran.c).
-            c.SendError(h, Errno.EINVAL);
-            return;
-        }
-        if (!_server.Migration.IsCommandAllowed(h.Command))
-        {
-            c.SendError(h, Errno.EINVAL);
+            c.SendError(h, admit);
             return;
         }
         int err = h.Command switch
@@ -108,6 +93,27 @@ internal sealed partial class ServerSession : IMessageDma
             _logger.LogDebug("{Name}: {Command} → errno {Errno}", c.Name, h.Command, err);
             c.SendError(h, err);
         }
+    }
+
+    /// <summary>The checks every command passes before its handler runs: fds only where they belong, VERSION first,
+    /// the migration state's command gate. 0 or the errno to answer.</summary>
+    private int Admit(in VfioUserHeader h, int fdCount, bool fdsTruncated)
+    {
+        if (fdsTruncated)
+        {
+            return Errno.EINVAL;
+        }
+        if (_negotiated is null && h.Command != VfioUserCommand.Version)
+        {
+            // libvfio-user requires VERSION first; we answer rather than drop the client.
+            return Errno.EINVAL;
+        }
+        if (fdCount > 0 && h.Command is not (VfioUserCommand.DmaMap or VfioUserCommand.DeviceSetIrqs))
+        {
+            // VERSION in particular must carry no fds (libvfio-user tran.c).
+            return Errno.EINVAL;
+        }
+        return _server.Migration.IsCommandAllowed(h.Command) ? 0 : Errno.EINVAL;
     }
 
     private int Version(VfioUserConnection c, Transport.VfioUserMessage m)

@@ -34,6 +34,8 @@ public sealed class VfioUserServer : IDisposable
     private readonly ILoggerFactory _loggers;
     private readonly ILogger _logger;
     private readonly object _gate = new();
+    // Held across a session's detach and a new session's attach, never inside _gate.
+    private readonly object _lifecycle = new();
     private Socket? _listener;
     private Thread? _acceptThread;
     private ServerSession? _session;
@@ -101,6 +103,9 @@ public sealed class VfioUserServer : IDisposable
             {
                 return;
             }
+            // A client that reconnects at once must not find its attach undone by the previous session's detach
+            // still running (seen in the bench: admin commands then timed out): wait for that detach first.
+            lock (_lifecycle)
             lock (_gate)
             {
                 if (_session is not null || Volatile.Read(ref _disposed) != 0)
@@ -121,15 +126,23 @@ public sealed class VfioUserServer : IDisposable
 
     private void OnSessionEnded(ServerSession session)
     {
-        lock (_gate)
+        lock (_lifecycle)
         {
-            if (_session != session)
+            lock (_gate)
             {
-                return;
+                if (_session != session)
+                {
+                    return;
+                }
             }
-            _session = null;
+            // The slot is freed only after the device has been detached, so the next client attaches to a device
+            // that this session no longer touches.
+            session.Detach();
+            lock (_gate)
+            {
+                _session = null;
+            }
         }
-        session.Detach();
         ClientChanged?.Invoke(false);
     }
 

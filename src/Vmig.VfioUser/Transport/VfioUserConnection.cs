@@ -11,6 +11,61 @@ namespace Vmig.VfioUser.Transport;
 public delegate void VfioUserRequestHandler(VfioUserConnection connection, VfioUserMessage request);
 
 /// <summary>
+/// Handles chosen commands with their payload still on the socket (zero-copy receive): the bytes are read with
+/// <see cref="VfioUserPayloadReader"/> straight into memory the handler picks (MIG_DATA_WRITE into device state).
+/// </summary>
+public interface IVfioUserStreamHandler
+{
+    /// <summary>Whether to stream this command's payload (header only seen; called on the receive thread). False: it is
+    /// buffered and goes to the ordinary <see cref="VfioUserRequestHandler"/>.</summary>
+    bool ShouldStream(in VfioUserHeader header);
+
+    /// <summary>
+    /// Handles the command and answers it (SendReply/SendError), reading as much of the payload as it wants; the
+    /// connection drains whatever is left afterwards, so the stream stays in frame. Runs on the receive thread while it
+    /// holds the read role: it must not send a request and wait for its reply (nobody would read it).
+    /// An exception from a <paramref name="payload"/> read (socket failure, end of stream) must propagate: the
+    /// connection then closes. Any other exception is answered with EIO after the payload is drained.
+    /// </summary>
+    void HandleStream(VfioUserConnection connection, in VfioUserHeader header, VfioUserPayloadReader payload);
+}
+
+/// <summary>The unread payload of a streamed command (<see cref="IVfioUserStreamHandler"/>). Valid only during the call.</summary>
+public sealed class VfioUserPayloadReader
+{
+    private readonly VfioUserConnection _owner;
+
+    internal VfioUserPayloadReader(VfioUserConnection owner) => _owner = owner;
+
+    /// <summary>Payload bytes not read yet.</summary>
+    public long Remaining { get; private set; }
+
+    internal void Begin(long length) => Remaining = length;
+
+    /// <summary>Receives exactly <c>destination.Length</c> (≤ <see cref="Remaining"/>) payload bytes from the socket into
+    /// <paramref name="destination"/>, blocking until they are all in.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">More than <see cref="Remaining"/> asked.</exception>
+    /// <exception cref="EndOfStreamException">The peer closed mid-message (let it propagate).</exception>
+    /// <exception cref="NativeException">A socket error (let it propagate).</exception>
+    public void ReadExactly(Span<byte> destination)
+    {
+        if (destination.Length > Remaining)
+        {
+            throw new ArgumentOutOfRangeException(nameof(destination), $"{destination.Length} bytes asked, {Remaining} left in the payload");
+        }
+        _owner.ReceivePayload(destination);
+        Remaining -= destination.Length;
+    }
+
+    /// <summary>Reads and discards the rest of the payload (bounded: the message passed the connection's size bound).</summary>
+    public void DrainRemaining()
+    {
+        _owner.DrainPayload(Remaining);
+        Remaining = 0;
+    }
+}
+
+/// <summary>
 /// One vfio-user connection (either end): 16-byte header framing, SCM_RIGHTS fds, msg_id matching.
 /// Sends are serialized under one lock and go out as one sendmsg (header + payload + bulk, no copy of bulk).
 /// Receiving is leader/follower: one thread at a time holds the read role. A thread waiting for its reply takes the
@@ -32,8 +87,10 @@ public sealed class VfioUserConnection : IDisposable
     // SO_RCVTIMEO and poll interval: how often a blocked reader looks at its deadline and at shutdown.
     private const int TickMs = 100;
     // How long the receive thread stays parked while callers read, before it looks again, on a connection that has
-    // not carried a command from the peer yet (see _commandsSeen).
+    // not carried a command from the peer yet (see _commandsSeen): LazyParkMs at first, doubled each time it finds
+    // callers still at it, up to LazyParkMaxMs; back to LazyParkMs once it finds the connection idle.
     private const int LazyParkMs = 1;
+    private const int LazyParkMaxMs = 16;
 
     private readonly FdSocket _socket;
     private readonly ILogger _logger;
@@ -59,9 +116,14 @@ public sealed class VfioUserConnection : IDisposable
     // Set once the peer has sent a command (every server connection; a client once the server does DMA by message).
     // Before that, the last caller to leave does not wake the parked receive thread: it looks again within
     // LazyParkMs by itself. Waking it at the end of every call would cost a thread wake-up per round trip; the price is
-    // that the peer's first command may wait up to LazyParkMs if it arrives just after a call.
+    // that the peer's first command may wait up to the current park time (≤ LazyParkMaxMs) if it arrives just after a
+    // call. The park time backs off while calls keep coming back to back (a MIG_DATA stream of 1 MiB calls), so the
+    // receive thread wakes ~60 times a second, not once a millisecond, while nothing can need it.
     private bool _commandsSeen;
+    private int _lazyParkMs = LazyParkMs;
     private VfioUserRequestHandler? _handler;
+    private IVfioUserStreamHandler? _streamHandler;
+    private VfioUserPayloadReader? _payloadReader;
     private Thread? _receiveThread;
     private int _nextId;
     private int _closed;
@@ -105,10 +167,15 @@ public sealed class VfioUserConnection : IDisposable
     /// <summary>Raised once when the connection ends, with the reason.</summary>
     public event Action<string>? Closed;
 
-    /// <summary>Starts the receive thread. Commands go to <paramref name="handler"/>.</summary>
-    public void Start(VfioUserRequestHandler handler)
+    /// <summary>Starts the receive thread. Commands go to <paramref name="handler"/>, or, for those
+    /// <paramref name="streamHandler"/> picks, to it with the payload still on the socket.</summary>
+    /// <remarks>A command is streamed only when the receive thread reads it (in order after every queued command), it
+    /// carries no fds and it is within <see cref="MaxPayloadSize"/>; otherwise it is buffered as usual.</remarks>
+    public void Start(VfioUserRequestHandler handler, IVfioUserStreamHandler? streamHandler = null)
     {
         _handler = handler ?? throw new ArgumentNullException(nameof(handler));
+        _streamHandler = streamHandler;
+        _payloadReader = streamHandler is null ? null : new VfioUserPayloadReader(this);
         _receiveThread = new Thread(ReceiveLoop) { IsBackground = true, Name = "vfio-user rx " + Name };
         _receiveThread.Start();
     }
@@ -235,6 +302,49 @@ public sealed class VfioUserConnection : IDisposable
             return;
         }
         Send(new VfioUserHeader(request.MessageId, request.Command, Checked(payload.Length + bulk.Length), VfioUserHeaderFlags.Reply), payload, bulk, fds);
+    }
+
+    /// <summary>
+    /// Sends the reply to <paramref name="request"/>: <paramref name="payload"/> (a small head) then every segment of
+    /// <paramref name="segments"/>, with one vectored sendmsg and no copy of the segments (zero-copy MIG_DATA_READ).
+    /// No-op for NO_REPLY commands. The segments must not change until this returns.
+    /// </summary>
+    public void SendReplyGather(in VfioUserHeader request, ReadOnlySpan<byte> payload, ReadOnlySpan<ReadOnlyMemory<byte>> segments)
+    {
+        if (request.NoReply)
+        {
+            return;
+        }
+        long total = payload.Length;
+        foreach (var seg in segments)
+        {
+            total += seg.Length;
+        }
+        if (total > int.MaxValue - VfioUserHeader.Size)
+        {
+            throw new ArgumentOutOfRangeException(nameof(segments));
+        }
+        var header = new VfioUserHeader(request.MessageId, request.Command, (uint)(total + VfioUserHeader.Size), VfioUserHeaderFlags.Reply);
+        if (VfioUserHeader.Size + payload.Length > SmallSend)
+        {
+            throw new ArgumentOutOfRangeException(nameof(payload), $"a gathered reply's head is at most {SmallSend - VfioUserHeader.Size} bytes");
+        }
+        Span<byte> first = stackalloc byte[VfioUserHeader.Size + payload.Length];
+        header.WriteTo(first);
+        payload.CopyTo(first[VfioUserHeader.Size..]);
+        try
+        {
+            lock (_sendLock)
+            {
+                ThrowIfClosed();
+                _socket.SendGather(first, segments);
+            }
+        }
+        catch (NativeException e)
+        {
+            Close($"send failed: {e.Message}");
+            throw new VfioUserConnectionClosedException($"{Name}: {header.Command}: {e.Message}");
+        }
     }
 
     /// <summary>Sends an error reply (header only, flags REPLY|ERROR, error_no = <paramref name="errno"/>). No-op for NO_REPLY commands.</summary>
@@ -388,6 +498,10 @@ public sealed class VfioUserConnection : IDisposable
                 direct!.DirectDone = true;
                 direct.Done = true;
             }
+            else if (k == ReadKind.Streamed)
+            {
+                _commandsSeen = true;
+            }
             else if (m is not null)
             {
                 if (m.Header.IsReply)
@@ -483,12 +597,14 @@ public sealed class VfioUserConnection : IDisposable
                     else if (_pollMode)
                     {
                         next = RxState.Polling;
+                        _lazyParkMs = LazyParkMs;
                     }
                     else
                     {
                         _reading = true;
                         _rxReading = true;
                         next = RxState.Busy;
+                        _lazyParkMs = LazyParkMs;
                     }
                     _rx = next;
                 }
@@ -506,7 +622,12 @@ public sealed class VfioUserConnection : IDisposable
                 if (next == RxState.Parked)
                 {
                     // Consumes the wake-up if one came.
-                    _ = _wake.Wait(_commandsSeen ? TickMs : LazyParkMs);
+                    int park = _commandsSeen ? TickMs : _lazyParkMs;
+                    if (_wake.Wait(park) == 0 && !_commandsSeen)
+                    {
+                        // Not woken: the next park (if callers are still reading) is longer.
+                        _lazyParkMs = Math.Min(LazyParkMaxMs, _lazyParkMs * 2);
+                    }
                 }
                 else
                 {
@@ -626,6 +747,13 @@ public sealed class VfioUserConnection : IDisposable
             }
             return ReadKind.Skipped;
         }
+        if (_streamHandler is { } sh && h.IsCommand && fds.Count == 0 && !truncated && Thread.CurrentThread == _receiveThread
+            && sh.ShouldStream(h))
+        {
+            // The receive thread reads only with its queue empty, so running the command now keeps arrival order.
+            RunStream(sh, h, payload);
+            return ReadKind.Streamed;
+        }
         byte[]? buf = payload == 0 ? null : ArrayPool<byte>.Shared.Rent((int)payload);
         try
         {
@@ -686,6 +814,49 @@ public sealed class VfioUserConnection : IDisposable
         }
     }
 
+    /// <summary>Runs a streamed command with the read role held; drains what the handler left of the payload.</summary>
+    private void RunStream(IVfioUserStreamHandler sh, VfioUserHeader h, long payload)
+    {
+        var reader = _payloadReader!;
+        reader.Begin(payload);
+        try
+        {
+            sh.HandleStream(this, h, reader);
+        }
+        catch (Exception e) when (e is not (NativeException or EndOfStreamException or ObjectDisposedException or VfioUserException or OutOfMemoryException))
+        {
+            // A device bug must not take the connection down: answer EIO (after the payload, to stay in frame) and go on.
+            _logger.LogError(e, "{Name}: streamed handler for {Command} threw", Name, h.Command);
+            reader.DrainRemaining();
+            SendError(h, Errno.EIO);
+            return;
+        }
+        reader.DrainRemaining();
+    }
+
+    internal void ReceivePayload(Span<byte> destination)
+    {
+        if (destination.IsEmpty)
+        {
+            return;
+        }
+        var fds = _scratchFds;
+        try
+        {
+            if (!_socket.Receive(destination, fds, out _))
+            {
+                throw new EndOfStreamException("peer closed mid-message");
+            }
+        }
+        finally
+        {
+            // Fds belong to a message's first byte; any riding on payload bytes are closed.
+            CloseAll(fds);
+        }
+    }
+
+    internal void DrainPayload(long bytes) => Drain(bytes);
+
     private void FailPending(ushort id, int errno, string why)
     {
         lock (_gate)
@@ -710,6 +881,10 @@ public sealed class VfioUserConnection : IDisposable
 
     private void Drain(long bytes)
     {
+        if (bytes <= 0)
+        {
+            return;
+        }
         byte[] chunk = ArrayPool<byte>.Shared.Rent(DiscardChunk);
         try
         {
@@ -785,6 +960,7 @@ public sealed class VfioUserConnection : IDisposable
     {
         Message,
         Direct,
+        Streamed,
         Skipped,
         TimedOut,
         EndOfStream,
