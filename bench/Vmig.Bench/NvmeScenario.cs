@@ -150,13 +150,6 @@ internal static class NvmeScenario
             {
                 owned.Pop().Dispose();
             }
-            if (vfSocket is not null)
-            {
-                // VfioUserServer.OnSessionEnded frees the client slot before it detaches the device (stopping the
-                // controller's poller); a client accepted in between can have its attach undone by that detach and
-                // then sees admin commands time out. Give the detach time to finish before the next figure connects.
-                Thread.Sleep(100);
-            }
         }
     }
 

@@ -148,6 +148,42 @@ public sealed class DeviceChannelTests : IDisposable
     }
 
     [Fact]
+    public async Task TargetOlderThan22_DeviceDataStaysOnTheMainConnectionAndNoDeviceConnectionIsOpened()
+    {
+        var dev = new FakeDevice("d0", MigrationFlags.StopCopy, [], dmaGpa: 0x3000);
+        Random.Shared.NextBytes(dev.Bar0);
+        using var src = TestVms.Dirtier(8, "gpa=1M,size=2M,rate=20", [dev]);
+        src.Start();
+        var types = new List<SectionType>();
+        bool extraConnection = true;
+        var fake = Task.Run(() =>
+        {
+            using var s = _listener.AcceptSocket();
+            using var ns = new NetworkStream(s);
+            var (r, _) = MigrationTests.AcceptHandshake(ns); // a 2.0 target: it ignores the DeviceChannel request
+            while (r.ReadNext())
+            {
+                types.Add(r.Type);
+                if (r.Type == SectionType.EndOfState)
+                {
+                    break;
+                }
+            }
+            // The source opens every connection before pre-copy: one it opened would wait in the backlog.
+            extraConnection = _listener.Pending();
+            // Closing without TargetReady: the source rolls back.
+        });
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() => MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 2 }));
+        await fake;
+        Assert.Equal("rolled-back", e.Report.Outcome);
+        Assert.False(e.Report.DeviceDataConnection);
+        Assert.False(extraConnection, "the source opened a device connection to a target older than 2.2");
+        Assert.Contains(SectionType.DeviceData, types);
+        Assert.InRange(types.IndexOf(SectionType.DeviceEnd), 0, types.IndexOf(SectionType.EndOfState));
+        AssertSourceRunsOn(src, dev);
+    }
+
+    [Fact]
     public async Task SourceDeviceThrowsInvalidOperationInTheCleanupAfterCommit_MigrationStillCompletes()
     {
         var dev = new FakeDevice("d0", MigrationFlags.StopCopy | MigrationFlags.P2P | MigrationFlags.PreCopy, [], dmaGpa: 0x3000) { FailStopAfterStopCopy = true };

@@ -721,7 +721,8 @@ public sealed partial class NvmeDriver
             }
             else
             {
-                PollPhaseTag(d, Math.Max(1, limit - elapsedMs + 1));
+                // Another waiter on this queue may reap our entry while we poll: watch our slot too (if it is one).
+                PollPhaseTag(d, Math.Max(1, limit - elapsedMs + 1), cid < Entries(d) - 1 ? cid : -1);
             }
         }
     }
@@ -742,16 +743,18 @@ public sealed partial class NvmeDriver
     /// Waits on a polled CQ (IEN = 0) for the phase tag of the entry at its head to flip: spins for the spin budget
     /// (a short pause loop between checks, a sched_yield every <see cref="PollsPerYield"/> checks so a device thread
     /// sharing this core runs), then checks once per 1 ms sleep. At most <paramref name="timeoutMs"/>. True if an
-    /// entry is there.
+    /// entry is there, or (with <paramref name="cid"/> ≥ 0) that command's slot is already completed: a concurrent
+    /// waiter's <see cref="ProcessCompletions"/> reaped it, so no new entry would ever show for it.
     /// </summary>
-    private bool PollPhaseTag(ulong d, long timeoutMs)
+    private bool PollPhaseTag(ulong d, long timeoutMs, int cid = -1)
     {
         long start = Stopwatch.GetTimestamp();
         long spinEnd = start + _pollSpinTicks;
         long end = start + (timeoutMs * Stopwatch.Frequency / 1000);
+        ulong slots = cid < 0 ? 0 : _mem.ReadUInt64(d + QSlots);
         for (int polls = 1; ; polls++)
         {
-            if (HasNewCompletion(d))
+            if (HasNewCompletion(d) || (cid >= 0 && SlotState(slots, cid) == SlotCompleted))
             {
                 return true;
             }

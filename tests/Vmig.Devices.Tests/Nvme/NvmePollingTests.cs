@@ -116,6 +116,89 @@ public sealed class NvmePollingTests
         Assert.Equal(0, fn.Interrupts);
     }
 
+    [Fact]
+    public void A_poll_queue_waiter_whose_completion_another_thread_reaped_returns_without_waiting_for_a_new_entry()
+    {
+        using var rig = new NvmeRig();
+        Assert.True(rig.Subsystem.AttachNamespace(rig.Nsid, [0]).IsSuccess);
+        var (ram, direct) = rig.Connect(0);
+        var fn = new HeldSqDoorbell(direct);
+        // No spin budget: the waiter checks once per 1 ms sleep, so the other thread reaps its entry first.
+        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize,
+            new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = false, PollSpinMicroseconds = 0 });
+        Assert.True(drv.IsPolled(1));
+
+        fn.Hold = true;
+        long waitedMs = -1;
+        NvmeCompletion? done = null;
+        Exception? failure = null;
+        var waiter = new Thread(() =>
+        {
+            try
+            {
+                ushort cid = drv.Submit(1, NvmeDriver.ReadWrite(NvmeIoOpcode.Read, rig.Nsid, 0, 1), Buf, Lba);
+                var sw = System.Diagnostics.Stopwatch.StartNew();
+                done = drv.Wait(1, cid, timeoutMs: 3000);
+                waitedMs = sw.ElapsedMilliseconds;
+            }
+#pragma warning disable CA1031 // reported by the test thread below
+            catch (Exception e)
+#pragma warning restore CA1031
+            {
+                failure = e;
+            }
+        });
+        waiter.Start();
+        Assert.True(SpinWait.SpinUntil(() => fn.Held, 5000), "the waiter never rang its SQ doorbell");
+        Thread.Sleep(20); // the waiter is now polling the phase tag
+        // The doorbell runs the read (the controller completes it on this thread), and this thread reaps the entry at
+        // once, as a second waiter on the same queue would: the waiter's phase-tag check never sees it.
+        fn.Release();
+        drv.ProcessCompletions(1);
+        waiter.Join();
+        Assert.Null(failure);
+        Assert.True(done!.Value.Status.IsSuccess);
+        // Without watching its slot the waiter polls the phase tag until its 3 s timeout.
+        Assert.InRange(waitedMs, 0, 1000);
+    }
+
+    /// <summary>Holds back the I/O SQ 1 tail doorbell write until <see cref="Release"/>; every other access passes through.</summary>
+    private sealed class HeldSqDoorbell(Guest.IGuestPciFunction inner) : Guest.IGuestPciFunction
+    {
+        private const ulong Sq1Tail = 0x1000 + (2 * 4); // CAP.DSTRD = 0
+        private byte[]? _held;
+
+        public bool Hold { get; set; }
+
+        public bool Held => Volatile.Read(ref _held) is not null;
+
+        public int MsixVectorCount => inner.MsixVectorCount;
+
+        public void Release()
+        {
+            Hold = false;
+            inner.MmioWrite(0, Sq1Tail, Interlocked.Exchange(ref _held, null)!);
+        }
+
+        public void ReadConfig(int offset, Span<byte> data) => inner.ReadConfig(offset, data);
+
+        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => inner.WriteConfig(offset, data);
+
+        public void MmioRead(int bar, ulong offset, Span<byte> data) => inner.MmioRead(bar, offset, data);
+
+        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+        {
+            if (Hold && bar == 0 && offset == Sq1Tail)
+            {
+                Volatile.Write(ref _held, data.ToArray());
+                return;
+            }
+            inner.MmioWrite(bar, offset, data);
+        }
+
+        public bool WaitInterrupt(int vector, int timeoutMs) => inner.WaitInterrupt(vector, timeoutMs);
+    }
+
     /// <summary>LBA of the i-th I/O: scattered, distinct.</summary>
     private static int Lbas(int i) => (i * 37) % 1024;
 
