@@ -347,75 +347,67 @@ public sealed class DmaSpace : IDmaSpace, IDisposable
 
     public bool TryLendWritable<TState>(ulong iova, int length, TState state, SpanAction<byte, TState> action)
     {
-        var w = Lendable(iova, length, DmaProt.Write);
+        var w = AcquireLendable(iova, length, DmaProt.Write);
         if (w is null)
         {
             return false;
         }
-        bool added = false;
         try
         {
-            try
-            {
-                w.Mapping!.DangerousAddRef(ref added);
-            }
-            catch (ObjectDisposedException)
-            {
-                return false;
-            }
-            action(w.Mapping.GetSpan(w.MappingOffset + (long)(iova - w.Iova), length), state);
+            action(w.Mapping!.GetSpan(w.MappingOffset + (long)(iova - w.Iova), length), state);
         }
         finally
         {
-            if (added)
-            {
-                w.Mapping!.DangerousRelease();
-                // After the stores, as TryWrite does: a report that clears the bit before them would lose them.
-                MarkDirty(w, iova, (ulong)length);
-            }
+            w.Mapping!.DangerousRelease();
+            // After the stores, as TryWrite does: a report that cleared the bit before them would lose them.
+            MarkDirty(w, iova, (ulong)length);
         }
         return true;
     }
 
     public bool TryLendReadable<TState>(ulong iova, int length, TState state, ReadOnlySpanAction<byte, TState> action)
     {
-        var w = Lendable(iova, length, DmaProt.Read);
+        var w = AcquireLendable(iova, length, DmaProt.Read);
         if (w is null)
         {
             return false;
         }
-        bool added = false;
         try
         {
-            try
-            {
-                w.Mapping!.DangerousAddRef(ref added);
-            }
-            catch (ObjectDisposedException)
-            {
-                return false;
-            }
-            action(w.Mapping.GetSpan(w.MappingOffset + (long)(iova - w.Iova), length), state);
+            action(w.Mapping!.GetSpan(w.MappingOffset + (long)(iova - w.Iova), length), state);
         }
         finally
         {
-            if (added)
-            {
-                w.Mapping!.DangerousRelease();
-            }
+            w.Mapping!.DangerousRelease();
         }
         return true;
     }
 
-    /// <summary>The one fd-backed window holding [iova, +length) with <paramref name="prot"/>, or null.</summary>
-    private Window? Lendable(ulong iova, int length, DmaProt prot)
+    /// <summary>
+    /// The one fd-backed window holding [iova, +length) with <paramref name="prot"/>, its mapping referenced (the caller
+    /// releases it); null if there is none or it is being unmapped.
+    /// </summary>
+    private Window? AcquireLendable(ulong iova, int length, DmaProt prot)
     {
         if (length <= 0)
         {
             return null;
         }
         var w = Find(iova, (ulong)length);
-        return w is not null && w.Mapping is not null && (w.Prot & prot) == prot ? w : null;
+        if (w?.Mapping is null || (w.Prot & prot) != prot)
+        {
+            return null;
+        }
+        bool added = false;
+        try
+        {
+            w.Mapping.DangerousAddRef(ref added);
+        }
+        catch (ObjectDisposedException)
+        {
+            return null;
+        }
+        return added ? w : null;
     }
 
     /// <summary>Records a write the device made some other way (e.g. its own copy into a window). No-op when not logging.</summary>
