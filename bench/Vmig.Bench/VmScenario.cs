@@ -45,9 +45,9 @@ internal static class VmScenario
             for (int i = 0; i < ctx.Options.RunCount; i++)
             {
                 long rawBytes = quick ? 256 * MiB : 512 * MiB;
-                double rawCpu0 = ProcessCpuMs(Environment.ProcessId);
+                double rawCpu0 = ThreadCpu.OfProcess(Environment.ProcessId);
                 double rate = RawTcpMiBps(rawBytes);
-                rawCpuPerMiB.Add((ProcessCpuMs(Environment.ProcessId) - rawCpu0) / (rawBytes / (double)MiB));
+                rawCpuPerMiB.Add((ThreadCpu.OfProcess(Environment.ProcessId) - rawCpu0) / (rawBytes / (double)MiB));
                 // Interleaved A/B in the same run: device data after RAM on the main connection (the 2.1 way).
                 var serial = Migrate(ctx, ram, 1, dev, busy, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50), DeviceDataConnection = false });
                 serialTimes.Add(serial.Report.TotalMilliseconds);
@@ -214,9 +214,9 @@ internal static class VmScenario
             Populate(vm.Memory, busy ? ramBytes / 2 : 0, ramBytes);
             vm.Start();
             var dst = dstSocks;
-            double SrcHost() => srcPeer is null ? 0 : ProcessCpuMs(srcPeer.Pid);
-            double DstHost() => dstPeer is null ? 0 : ProcessCpuMs(dstPeer.Pid);
-            double Cpu() => ProcessCpuMs(Environment.ProcessId) + SrcHost() + DstHost();
+            double SrcHost() => srcPeer is null ? 0 : ThreadCpu.OfProcess(srcPeer.Pid);
+            double DstHost() => dstPeer is null ? 0 : ThreadCpu.OfProcess(dstPeer.Pid);
+            double Cpu() => ThreadCpu.OfProcess(Environment.ProcessId) + SrcHost() + DstHost();
             double cpu0 = Cpu(), src0 = SrcHost(), dst0 = DstHost();
             (var report, target) = MigrateOverLoopback(vm, new VmConfig { Name = "bench", Programs = programs },
                 d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile),
@@ -294,16 +294,6 @@ internal static class VmScenario
                 Thread.Sleep(10);
             }
         }
-    }
-
-    /// <summary>User + system CPU time of process <paramref name="pid"/> in ms, from /proc/PID/stat (clock ticks of 10 ms).</summary>
-    internal static double ProcessCpuMs(int pid)
-    {
-        string stat = File.ReadAllText($"/proc/{pid}/stat");
-        // Fields after the ")" closing the command name: state is field 3, utime 14, stime 15.
-        string[] f = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
-        long ticks = long.Parse(f[11], System.Globalization.CultureInfo.InvariantCulture) + long.Parse(f[12], System.Globalization.CultureInfo.InvariantCulture);
-        return ticks * 10.0;
     }
 
     /// <summary>Raw TCP loopback throughput: one connection, blocking 1 MiB sends, a receiving thread; MiB/s.</summary>

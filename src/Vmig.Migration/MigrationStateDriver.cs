@@ -145,7 +145,6 @@ public sealed class MigrationStateDriver
             }
             int n;
             long before = segments?.TotalBytes ?? 0;
-            int segs = segments?.Count ?? 0;
             try
             {
                 if (segments is null)
