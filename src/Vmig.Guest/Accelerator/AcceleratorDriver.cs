@@ -195,6 +195,20 @@ public sealed class AcceleratorDriver
     /// <summary>Submits and waits.</summary>
     public AcceleratorCompletion Run(AcceleratorJob job, int timeoutMs = 10_000) => Wait(Submit(job), timeoutMs);
 
+    /// <summary>
+    /// Reads InterruptStatus and clears the causes it saw (write-1-to-clear), as an interrupt handler does. Returns the
+    /// cleared cause bits (<see cref="AcceleratorRegister.InterruptJobsCompleted"/>, <see cref="AcceleratorRegister.InterruptJobError"/>).
+    /// </summary>
+    public uint AcknowledgeInterrupts()
+    {
+        uint causes = ReadRegister(AcceleratorRegister.InterruptStatus);
+        if (causes != 0)
+        {
+            WriteRegister(AcceleratorRegister.InterruptStatus, causes);
+        }
+        return causes;
+    }
+
     /// <summary>Reads a VF register.</summary>
     public uint ReadRegister(int offset)
     {

@@ -21,7 +21,13 @@ public sealed class AcceleratorZeroCopyTests() : SocketTestScope("vmig-accel-zc-
     {
         var src = new AcceleratorRig();
         Assert.Equal(AcceleratorJobStatus.Success, src.Run(AcceleratorOpcode.Fill, 0, 0, 4 << 20, pattern).Status);
-        src.Step(DeviceState.Running, DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
+        // The driver may see the completion before the device raises its interrupt, so InterruptStatus (migrated in the
+        // state record) is 0 or 1 by timing. RUNNING_P2P waits for the batch, raise included; the ack makes two sources
+        // byte-identical, which the gathered-vs-copied comparison needs.
+        src.Step(DeviceState.Running, DeviceState.RunningP2P);
+        src.D.AcknowledgeInterrupts();
+        Assert.Equal(0u, src.D.ReadRegister(AcceleratorRegister.InterruptStatus));
+        src.Step(DeviceState.RunningP2P, DeviceState.Stop, DeviceState.StopCopy);
         return src;
     }
 
