@@ -714,8 +714,11 @@ public sealed partial class NvmeController
         }
         State.ShadowDoorbellBase = c.Prp1;
         State.EventIdxBase = c.Prp2;
-        StartPollerLocked();
-        WriteEventIdx(armed: false);
+        if (_pollingAllowed)
+        {
+            StartPollerLocked();
+        }
+        WriteEventIdx(armed: _poller is null);
         return NvmeStatus.Success;
     }
 

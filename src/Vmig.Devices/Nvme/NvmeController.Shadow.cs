@@ -16,6 +16,9 @@ namespace Vmig.Devices.Nvme;
 /// <see cref="PollerIdleMicroseconds"/> of idleness, it polls between sched_yields; then it arms EventIdx and blocks
 /// on a semaphore the next MMIO doorbell releases. An idle controller therefore costs no CPU, and a host that takes
 /// interrupts (IEN = 1, e.g. Linux's nvme driver) gets its next command noticed within a pause loop while it is busy.
+/// The poller runs only while the function is RUNNING or PRE_COPY (<see cref="SetPollingAllowed"/>) and a host is
+/// attached; whenever it is stopped EventIdx is left armed, and a client that reattaches to a controller that kept its
+/// Doorbell Buffer Config gets the poller back with its first doorbell.
 /// </remarks>
 public sealed partial class NvmeController
 {

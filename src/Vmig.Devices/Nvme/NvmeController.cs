@@ -40,6 +40,12 @@ public sealed partial class NvmeController : IDisposable
     private IDmaSpace? _dma;
     private Action<int>? _interrupt;
     private ShadowDoorbellPoller? _poller;
+
+    /// <summary>
+    /// False while the function is out of RUNNING/PRE_COPY (set by its migration driver): no poller runs then, and the
+    /// EventIdx entries stay armed, so commands still run through MMIO doorbells. Device-host emulation, not state.
+    /// </summary>
+    private bool _pollingAllowed = true;
     private bool _deliverAfterCompletion;
 
     internal NvmeController(NvmeSubsystem subsystem, ushort cntlid, bool isPrimary, ushort mqes)
@@ -106,6 +112,9 @@ public sealed partial class NvmeController : IDisposable
         {
             _dma = dma;
             _interrupt = interrupt;
+            // No poller yet even if Doorbell Buffer Config is in force (a client reconnecting to a controller that was
+            // not reset): the client maps its DMA regions after attaching, and a poll before that would fail the
+            // controller. Detach left EventIdx armed, so its first doorbell starts the poller (RingDoorbell).
         }
     }
 
@@ -115,10 +124,57 @@ public sealed partial class NvmeController : IDisposable
         StopPoller();
         lock (_gate)
         {
+            // With no poller the host must ring for every update; a client that reattaches sees armed entries even if
+            // no poller is started for it (e.g. while its function is stopped for migration).
+            if (CanProcess)
+            {
+                WriteEventIdx(armed: true);
+            }
             _dma = null;
             _interrupt = null;
         }
     }
+
+    /// <summary>
+    /// Lets the shadow-doorbell poller run (the function is RUNNING or PRE_COPY) or stops it at once (any other
+    /// migration state: the VMM has paused the vCPUs and needs the CPU for stop-copy; a poller yielding for its idle
+    /// window would compete with it on a small host). While stopped, EventIdx is armed so a host that still submits
+    /// rings MMIO doorbells, which run its commands as without shadow doorbells. Returns when the poller has exited.
+    /// </summary>
+    internal void SetPollingAllowed(bool allowed)
+    {
+        ShadowDoorbellPoller? stopped = null;
+        lock (_gate)
+        {
+            _pollingAllowed = allowed;
+            if (allowed)
+            {
+                if (ShouldPollLocked)
+                {
+                    StartPollerLocked();
+                }
+                return;
+            }
+            stopped = _poller;
+            _poller = null;
+        }
+        if (stopped is null)
+        {
+            return;
+        }
+        stopped.RequestStop();
+        stopped.Join();
+        lock (_gate)
+        {
+            if (CanProcess)
+            {
+                WriteEventIdx(armed: true);
+            }
+        }
+    }
+
+    /// <summary>True if a poller should run: shadow doorbells configured, host attached, controller ready and not suspended, polling allowed. Lock held.</summary>
+    private bool ShouldPollLocked => _pollingAllowed && State.ShadowDoorbellBase != 0 && CanProcess;
 
     /// <summary>Function-level reset: back to power-on, admin queue registers included.</summary>
     public void Reset()
@@ -334,6 +390,11 @@ public sealed partial class NvmeController : IDisposable
                 }
             }
             ProcessLocked();
+            if (_poller is null && ShouldPollLocked)
+            {
+                // A reattached client (see Attach): its doorbell proves its memory is mapped.
+                StartPollerLocked();
+            }
         }
         FireInterrupts();
         _poller?.Wake();
@@ -728,9 +789,14 @@ public sealed partial class NvmeController
                 return NvmeStatus.ControllerNotSuspended;
             }
             State.Suspended = false;
-            if (State.ShadowDoorbellBase != 0)
+            if (ShouldPollLocked)
             {
                 StartPollerLocked();
+            }
+            else if (CanProcess)
+            {
+                // The source's poller may have left EventIdx one behind (unarmed); with no poller here the host must ring.
+                WriteEventIdx(armed: true);
             }
             // Deliver events that were pending and commands whose doorbells rang while suspended (or on the source).
             DeliverEventsLocked();

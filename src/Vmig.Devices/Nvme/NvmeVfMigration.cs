@@ -101,6 +101,10 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunct
             default:
                 throw new MigrationException(Errno.EINVAL, $"{from} → {to} is not a direct arc");
         }
+        // Shadow-doorbell polling only while the guest runs: from RUNNING_P2P on, the VMM has paused the vCPUs and
+        // needs both cores for stop-copy (a poller yielding for its idle window competed with it: the downtime grew).
+        // Device-host emulation, not controller state, so it is set on the function, not through the primary.
+        function.Controller.SetPollingAllowed(to is DeviceState.Running or DeviceState.PreCopy);
     }
 
     private static void Check(NvmeStatus st, string what)
@@ -399,5 +403,7 @@ internal sealed class NvmeVfMigration(NvmeMigrationController primary, NvmeFunct
         {
             primary.Resume(cntlid);
         }
+        // A reset puts the migration state back to RUNNING.
+        function.Controller.SetPollingAllowed(true);
     }
 }

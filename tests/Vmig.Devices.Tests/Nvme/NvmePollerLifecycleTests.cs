@@ -1,0 +1,206 @@
+using Vmig.Guest;
+using Vmig.Guest.Nvme;
+using Vmig.Migration;
+using Vmig.Spec.Nvme;
+using Vmig.VfioUser;
+using Vmig.VfioUser.Client;
+using Vmig.VfioUser.Server;
+using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
+
+namespace Vmig.Devices.Tests.Nvme;
+
+/// <summary>
+/// The shadow-doorbell poller follows the function's life: it runs again when a vfio-user client reconnects to a
+/// controller that kept its Doorbell Buffer Config, it runs on a migration target once the VF is RUNNING, and it stops
+/// the moment the VF leaves RUNNING (so it does not compete for CPU with the VMM's stop-copy). Over real sockets.
+/// </summary>
+public sealed class NvmePollerLifecycleTests
+{
+    private const int Lba = 512;
+
+    /// <summary>Fewer MMIO doorbells than this for 50 QD1 reads means the poller, not the doorbells, fetched them.</summary>
+    private const int PolledBurstDoorbellLimit = 25;
+
+    private static string SocketPath() => Path.Combine(Path.GetTempPath(), $"vmig-nvpl-{Guid.NewGuid():N}"[..24] + ".sock");
+
+    [Fact]
+    public void A_client_reconnecting_to_a_controller_with_shadow_doorbells_gets_its_poller_back()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        var ctrl = rig.Subsystem.GetController(1)!;
+        string sock = SocketPath();
+        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sock);
+        server.Start();
+        using var ram = new TestGuestRam(16 << 20);
+
+        using (var client = VfioUserClient.Connect(sock))
+        using (var fn = new ClientPciFunction(client, ram))
+        {
+            var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
+            Assert.True(drv.UsesShadowDoorbells);
+            Assert.NotNull(ctrl.ShadowPollerThreadName);
+            for (int i = 0; i < 20; i++)
+            {
+                Assert.True(drv.Read(1, rig.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
+            }
+        }
+        // The client is gone: the device was detached (no guest memory, so no poller).
+        Assert.True(SpinWait.SpinUntil(() => !server.HasClient, 5000), "the server still has the first client");
+        Assert.Null(ctrl.ShadowPollerThreadName);
+        Assert.True(ctrl.IsReady);
+
+        // Same guest, new connection (e.g. the VMM restarted its vfio-user client): the controller was not reset and
+        // still has its shadow doorbell and EventIdx buffers.
+        using var client2 = VfioUserClient.Connect(sock);
+        using var inner2 = new ClientPciFunction(client2, ram);
+        var fn2 = new DoorbellCounter(inner2);
+        var drv2 = NvmeDriver.Attach(ram, fn2, Region);
+        Assert.True(drv2.UsesShadowDoorbells);
+
+        // The first command after the reconnect rings (the detached controller left EventIdx armed) and brings the
+        // poller back; the controller did not fail by polling before the client's DMA_MAP.
+        ram.Write(Buf, Pattern(Lba, 5));
+        Assert.True(drv2.Write(1, rig.Nsid, 300, 1, Lba, Buf).IsSuccess);
+        Assert.Equal(Pattern(Lba, 5), rig.ReadFile(300L * Lba, Lba));
+        Assert.NotNull(ctrl.ShadowPollerThreadName);
+        Assert.Equal(0, ctrl.WithLock(s => (int)s.Csts & 2)); // CSTS.CFS
+        AssertBurstIsPolled(drv2, fn2, rig.Nsid);
+    }
+
+    [Fact]
+    public void A_vf_migrated_with_shadow_doorbells_polls_on_the_target_once_running_and_not_while_stopped()
+    {
+        using var src = new NvmeRig();
+        src.ProvisionVf(1);
+        string sp = SocketPath();
+        using var srcServer = new VfioUserServer(src.Subsystem.GetVfFunction(0)!, sp);
+        srcServer.Start();
+        using var srcClient = VfioUserClient.Connect(sp);
+        using var ramA = new TestGuestRam(16 << 20);
+        using var fnA = new ClientPciFunction(srcClient, ramA);
+        var drvA = NvmeDriver.Initialize(ramA, fnA, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
+        var srcCtrl = src.Subsystem.GetController(1)!;
+        for (int i = 0; i < 20; i++)
+        {
+            ramA.Write(Buf, Pattern(Lba, i));
+            Assert.True(drvA.Write(1, src.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
+        }
+        Assert.NotNull(srcCtrl.ShadowPollerThreadName);
+
+        using var dst = new NvmeRig(sharedNamespacePath: src.NamespacePath);
+        dst.ProvisionVf(1);
+        var dstCtrl = dst.Subsystem.GetController(1)!;
+        string dp = SocketPath();
+        using var dstServer = new VfioUserServer(dst.Subsystem.GetVfFunction(0)!, dp);
+        dstServer.Start();
+        using var dstClient = VfioUserClient.Connect(dp);
+        using var ramB = new TestGuestRam(16 << 20);
+        using var innerB = new ClientPciFunction(dstClient, ramB);
+        var fnB = new DoorbellCounter(innerB);
+
+        // Source: the poller stops as soon as the VF leaves RUNNING, before the VMM's stop-copy starts.
+        srcClient.SetState(DeviceState.RunningP2P);
+        Assert.Null(srcCtrl.ShadowPollerThreadName);
+        srcClient.SetState(DeviceState.Stop);
+        Assert.Null(srcCtrl.ShadowPollerThreadName);
+        srcClient.SetState(DeviceState.StopCopy);
+        byte[] stream = ReadAll(srcClient);
+        srcClient.SetState(DeviceState.Stop);
+        ramB.CopyFrom(ramA);
+
+        dstClient.SetState(DeviceState.Resuming);
+        dstClient.WriteMigrationData(stream);
+        dstClient.SetState(DeviceState.Stop);
+        Assert.Null(dstCtrl.ShadowPollerThreadName);
+        dstClient.SetState(DeviceState.RunningP2P);
+        Assert.Null(dstCtrl.ShadowPollerThreadName);
+        dstClient.SetState(DeviceState.Running);
+        Assert.NotNull(dstCtrl.ShadowPollerThreadName);
+
+        var drvB = NvmeDriver.Attach(ramB, fnB, Region);
+        Assert.True(drvB.UsesShadowDoorbells);
+        Assert.True(drvB.Read(1, dst.Nsid, 7, 1, Lba, Buf + 0x10000).IsSuccess);
+        var back = new byte[Lba];
+        ramB.Read(Buf + 0x10000, back);
+        Assert.Equal(Pattern(Lba, 7), back);
+        AssertBurstIsPolled(drvB, fnB, dst.Nsid);
+    }
+
+    [Fact]
+    public void A_vf_back_to_running_after_a_cancelled_migration_polls_again()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        var ctrl = rig.Subsystem.GetController(1)!;
+        string sock = SocketPath();
+        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sock);
+        server.Start();
+        using var client = VfioUserClient.Connect(sock);
+        using var ram = new TestGuestRam(16 << 20);
+        using var inner = new ClientPciFunction(client, ram);
+        var fn = new DoorbellCounter(inner);
+        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
+        Assert.True(drv.Read(1, rig.Nsid, 0, 1, Lba, Buf).IsSuccess);
+
+        client.SetState(DeviceState.RunningP2P);
+        client.SetState(DeviceState.Stop);
+        Assert.Null(ctrl.ShadowPollerThreadName);
+        client.SetState(DeviceState.RunningP2P);
+        Assert.Null(ctrl.ShadowPollerThreadName);
+        client.SetState(DeviceState.Running);
+        Assert.NotNull(ctrl.ShadowPollerThreadName);
+        AssertBurstIsPolled(drv, fn, rig.Nsid);
+    }
+
+    /// <summary>50 QD1 reads right after the previous command need (almost) no MMIO doorbell: the poller fetched them.</summary>
+    private static void AssertBurstIsPolled(NvmeDriver drv, DoorbellCounter fn, uint nsid)
+    {
+        long rings = fn.DoorbellWrites;
+        for (int i = 0; i < 50; i++)
+        {
+            Assert.True(drv.Read(1, nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
+        }
+        long used = fn.DoorbellWrites - rings;
+        Assert.True(used < PolledBurstDoorbellLimit, $"{used} MMIO doorbells for 50 reads: the shadow doorbells are not being polled");
+    }
+
+    private static byte[] ReadAll(VfioUserClient client)
+    {
+        var all = new List<byte>();
+        var buf = new byte[65536];
+        int n;
+        while ((n = client.ReadMigrationData(buf)) > 0)
+        {
+            all.AddRange(buf.AsSpan(0, n).ToArray());
+        }
+        return [.. all];
+    }
+
+    /// <summary>Counts BAR0 writes at or above 0x1000 (doorbells); everything else passes through.</summary>
+    private sealed class DoorbellCounter(IGuestPciFunction inner) : IGuestPciFunction
+    {
+        private long _doorbellWrites;
+
+        public long DoorbellWrites => Interlocked.Read(ref _doorbellWrites);
+
+        public int MsixVectorCount => inner.MsixVectorCount;
+
+        public void ReadConfig(int offset, Span<byte> data) => inner.ReadConfig(offset, data);
+
+        public void WriteConfig(int offset, ReadOnlySpan<byte> data) => inner.WriteConfig(offset, data);
+
+        public void MmioRead(int bar, ulong offset, Span<byte> data) => inner.MmioRead(bar, offset, data);
+
+        public void MmioWrite(int bar, ulong offset, ReadOnlySpan<byte> data)
+        {
+            if (bar == 0 && offset >= 0x1000)
+            {
+                Interlocked.Increment(ref _doorbellWrites);
+            }
+            inner.MmioWrite(bar, offset, data);
+        }
+
+        public bool WaitInterrupt(int vector, int timeoutMs) => inner.WaitInterrupt(vector, timeoutMs);
+    }
+}
