@@ -716,7 +716,7 @@ public sealed partial class NvmeController
         State.EventIdxBase = c.Prp2;
         if (_pollingAllowed)
         {
-            StartPollerLocked();
+            StartPollerLocked(armed: false);
         }
         WriteEventIdx(armed: _poller is null);
         return NvmeStatus.Success;

@@ -156,12 +156,16 @@ public sealed partial class NvmeController
         }
     }
 
-    private void StartPollerLocked()
+    /// <summary>
+    /// Starts the poller if none runs: <paramref name="armed"/> = begin in the blocked phase (arm EventIdx, poll once,
+    /// wait for a ring) instead of the spin phase, for a start with no recent host activity. Lock held.
+    /// </summary>
+    private void StartPollerLocked(bool armed)
     {
         if (_poller is null)
         {
             // Linux keeps 15 characters of a thread name; a process-wide serial keeps it unique.
-            _poller = new ShadowDoorbellPoller(this, $"nvme-shdw-{Interlocked.Increment(ref s_pollerSerial) % 100000}");
+            _poller = new ShadowDoorbellPoller(this, $"nvme-shdw-{Interlocked.Increment(ref s_pollerSerial) % 100000}", armed);
         }
     }
 
@@ -190,11 +194,13 @@ public sealed partial class NvmeController
         private readonly NvmeController _owner;
         private readonly Thread _thread;
         private readonly SemaphoreSlim _wake = new(0, int.MaxValue);
+        private readonly bool _startArmed;
         private volatile bool _stop;
 
-        public ShadowDoorbellPoller(NvmeController owner, string name)
+        public ShadowDoorbellPoller(NvmeController owner, string name, bool startArmed)
         {
             _owner = owner;
+            _startArmed = startArmed;
             _thread = new Thread(Run) { IsBackground = true, Name = name };
             _thread.Start();
         }
@@ -241,7 +247,7 @@ public sealed partial class NvmeController
         {
             long spinTicks = PollerSpinMicroseconds * Stopwatch.Frequency / 1_000_000;
             long idleTicks = PollerIdleMicroseconds * Stopwatch.Frequency / 1_000_000;
-            long lastWork = Stopwatch.GetTimestamp();
+            long lastWork = Stopwatch.GetTimestamp() - (_startArmed ? idleTicks : 0);
             int polls = 0;
             while (!_stop)
             {

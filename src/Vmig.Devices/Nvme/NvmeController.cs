@@ -149,9 +149,11 @@ public sealed partial class NvmeController : IDisposable
             _pollingAllowed = allowed;
             if (allowed)
             {
-                if (ShouldPollLocked)
+                if (ShouldPollLocked && _poller is null)
                 {
-                    StartPollerLocked();
+                    // Armed at start: nothing ran lately (the vCPUs were paused), so no spin phase; its first poll
+                    // runs whatever waits in the SQs, and the host's first ring wakes it.
+                    StartPollerLocked(armed: true);
                 }
                 return;
             }
@@ -393,7 +395,7 @@ public sealed partial class NvmeController : IDisposable
             if (_poller is null && ShouldPollLocked)
             {
                 // A reattached client (see Attach): its doorbell proves its memory is mapped.
-                StartPollerLocked();
+                StartPollerLocked(armed: false);
             }
         }
         FireInterrupts();
@@ -789,18 +791,25 @@ public sealed partial class NvmeController
                 return NvmeStatus.ControllerNotSuspended;
             }
             State.Suspended = false;
-            if (ShouldPollLocked)
-            {
-                StartPollerLocked();
-            }
-            else if (CanProcess)
-            {
-                // The source's poller may have left EventIdx one behind (unarmed); with no poller here the host must ring.
-                WriteEventIdx(armed: true);
-            }
             // Deliver events that were pending and commands whose doorbells rang while suspended (or on the source).
             DeliverEventsLocked();
-            ProcessLocked();
+            if (CanProcess)
+            {
+                // The source's poller may have left EventIdx one behind (unarmed); until a poller runs the host must ring.
+                WriteEventIdx(armed: true);
+            }
+            if (ShouldPollLocked)
+            {
+                // The new poller's first act (arm, then poll) runs the commands waiting in the SQs, on its own thread:
+                // the VMM's switchover does not wait for them. It then blocks until the host rings.
+                StartPollerLocked(armed: true);
+            }
+            else if (State.ShadowDoorbellBase == 0 || _pollingAllowed)
+            {
+                ProcessLocked();
+            }
+            // Otherwise (shadow doorbells, function in RUNNING_P2P: the VMM has the vCPUs paused) the waiting commands
+            // run when the function reaches RUNNING and its poller starts, or on the host's next doorbell.
         }
         FireInterrupts();
         return NvmeStatus.Success;

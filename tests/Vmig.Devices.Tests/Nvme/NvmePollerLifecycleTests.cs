@@ -108,6 +108,10 @@ public sealed class NvmePollerLifecycleTests
         Assert.Null(srcCtrl.ShadowPollerThreadName);
         srcClient.SetState(DeviceState.Stop);
         Assert.Null(srcCtrl.ShadowPollerThreadName);
+        // Submitted while the source is stopped (the EventIdx left armed makes the driver ring; a suspended controller
+        // only records the tail): it travels in the SQ and runs on the target.
+        ramA.Write(Buf, Pattern(Lba, 61));
+        ushort late = drvA.Submit(1, NvmeDriver.ReadWrite(NvmeIoOpcode.Write, src.Nsid, 61, 1), Buf, Lba, tag: 61);
         srcClient.SetState(DeviceState.StopCopy);
         byte[] stream = ReadAll(srcClient);
         srcClient.SetState(DeviceState.Stop);
@@ -124,6 +128,8 @@ public sealed class NvmePollerLifecycleTests
 
         var drvB = NvmeDriver.Attach(ramB, fnB, Region);
         Assert.True(drvB.UsesShadowDoorbells);
+        Assert.Equal(61UL, drvB.Wait(1, late, 2000).Tag);
+        Assert.Equal(Pattern(Lba, 61), dst.ReadFile(61L * Lba, Lba));
         Assert.True(drvB.Read(1, dst.Nsid, 7, 1, Lba, Buf + 0x10000).IsSuccess);
         var back = new byte[Lba];
         ramB.Read(Buf + 0x10000, back);
