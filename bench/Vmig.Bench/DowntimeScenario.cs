@@ -124,7 +124,8 @@ internal static class DowntimeScenario
         }
     }
 
-    private sealed record HopResults(List<double> Totals, List<double> Ideals, List<double> Downtimes, List<double> TargetDowntimes, List<double> Rates, MigrationReport Last, int Hops);
+    private sealed record HopResults(List<double> Totals, List<double> Ideals, List<double> Downtimes, List<double> TargetDowntimes, List<double> Rates, MigrationReport Last, int Hops,
+        Dictionary<string, List<double>> Steps);
 
     /// <summary>
     /// Migrates <paramref name="vm"/> back and forth between the hosts (warm-up hop, then RunCount measured hops), each
@@ -138,6 +139,9 @@ internal static class DowntimeScenario
         var downs = new List<double>();
         var targetDowns = new List<double>();
         var rates = new List<double>();
+        // Every measured hop's downtime phases (source steps, and the target's as "target <step>"): one hop's
+        // breakdown says little when the downtime spreads 0.2–2.5× within a run.
+        var steps = new Dictionary<string, List<double>>();
         MigrationReport? last = null;
         int hops = ctx.Options.RunCount + 1;
         for (int hop = 0; hop < hops; hop++)
@@ -156,11 +160,23 @@ internal static class DowntimeScenario
                 downs.Add(report.DowntimeMilliseconds);
                 targetDowns.Add(report.TargetDowntimeMilliseconds);
                 rates.Add(rate);
+                foreach (var (step, ms) in report.StepMilliseconds.Where(kv => IsDowntimeStep(kv.Key))
+                    .Concat(report.TargetStepMilliseconds.Select(kv => KeyValuePair.Create("target " + kv.Key, kv.Value))))
+                {
+                    if (!steps.TryGetValue(step, out var list))
+                    {
+                        steps[step] = list = [];
+                    }
+                    list.Add(ms);
+                }
             }
             last = report;
         }
-        return new HopResults(totals, ideals, downs, targetDowns, rates, last!, hops);
+        return new HopResults(totals, ideals, downs, targetDowns, rates, last!, hops, steps);
     }
+
+    private static bool IsDowntimeStep(string step) =>
+        step.StartsWith("downtime.", StringComparison.Ordinal) || step.StartsWith("switchover.", StringComparison.Ordinal);
 
     private static void AddFigures(BenchContext ctx, string name, double goalMs, HopResults r, string check)
     {
@@ -178,13 +194,11 @@ internal static class DowntimeScenario
             Note = "source vCPUs paused → target's 'running' result received by the source; " + check,
         };
         down.Extra["target-measured downtime ms (median)"] = Summary.Of(r.TargetDowntimes).Median;
-        foreach (var (step, ms) in r.Last.StepMilliseconds.Where(kv => kv.Key.StartsWith("downtime.", StringComparison.Ordinal) || kv.Key.StartsWith("switchover.", StringComparison.Ordinal)))
+        foreach (var (step, ms) in r.Steps)
         {
-            down.Extra[$"last run: step {step} ms"] = ms;
-        }
-        foreach (var (step, ms) in r.Last.TargetStepMilliseconds)
-        {
-            down.Extra[$"last run: target step {step} ms"] = ms;
+            var m = Summary.Of(ms);
+            down.Extra[$"step {step} ms (median of {m.Runs} hops)"] = m.Median;
+            down.Extra[$"step {step} ms (max)"] = m.Max;
         }
         ctx.Report.Figures.Add(down);
         var total = Measure.Figure("downtime", $"{name}: total time", "ms", r.Ideals, r.Totals,
@@ -192,7 +206,7 @@ internal static class DowntimeScenario
         total.Extra["raw TCP loopback MiB/s (median)"] = Summary.Of(r.Rates).Median;
         total.Extra["bytes sent (last run), MiB"] = r.Last.TotalBytes / (double)MiB;
         total.Extra["last run: pre-copy rounds"] = r.Last.Rounds.Count;
-        foreach (var (step, ms) in r.Last.StepMilliseconds.Where(kv => !kv.Key.StartsWith("downtime.", StringComparison.Ordinal)))
+        foreach (var (step, ms) in r.Last.StepMilliseconds.Where(kv => !IsDowntimeStep(kv.Key)))
         {
             total.Extra[$"last run: step {step} ms"] = ms;
         }

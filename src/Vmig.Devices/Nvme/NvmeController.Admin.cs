@@ -385,7 +385,7 @@ public sealed partial class NvmeController
         s.QueueCountLocked = true;
         if (s.EventIdxBase != 0)
         {
-            WriteEventIdx(armed: _poller is null);
+            WriteEventIdx(armed: !PollerActiveLocked);
         }
         return NvmeStatus.Success;
     }
@@ -714,11 +714,12 @@ public sealed partial class NvmeController
         }
         State.ShadowDoorbellBase = c.Prp1;
         State.EventIdxBase = c.Prp2;
-        if (_pollingAllowed)
+        if (_pollingAllowed && CreatePollerLocked())
         {
-            StartPollerLocked(armed: false);
+            // The host is busy configuring queues: start in the spin phase.
+            _poller!.Wake(busy: true);
         }
-        WriteEventIdx(armed: _poller is null);
+        WriteEventIdx(armed: !PollerActiveLocked);
         return NvmeStatus.Success;
     }
 

@@ -16,9 +16,10 @@ namespace Vmig.Devices.Nvme;
 /// <see cref="PollerIdleMicroseconds"/> of idleness, it polls between sched_yields; then it arms EventIdx and blocks
 /// on a semaphore the next MMIO doorbell releases. An idle controller therefore costs no CPU, and a host that takes
 /// interrupts (IEN = 1, e.g. Linux's nvme driver) gets its next command noticed within a pause loop while it is busy.
-/// The poller runs only while the function is RUNNING or PRE_COPY (<see cref="SetPollingAllowed"/>) and a host is
-/// attached; whenever it is stopped EventIdx is left armed, and a client that reattaches to a controller that kept its
-/// Doorbell Buffer Config gets the poller back with its first doorbell.
+/// The poller thread lives from attach to detach; it polls only while the function is RUNNING or PRE_COPY
+/// (<see cref="SetPollingAllowed"/>), the controller is not suspended and Doorbell Buffer Config is in force, and is
+/// parked (blocked) otherwise, with EventIdx left armed. A client that reattaches to a controller that kept its Doorbell
+/// Buffer Config gets the poller polling again with its first doorbell.
 /// </remarks>
 public sealed partial class NvmeController
 {
@@ -88,7 +89,29 @@ public sealed partial class NvmeController
     /// While the poller is active, keeps each EventIdx one behind the value just seen, so the host's next updates do not
     /// cross it and need no MMIO doorbell (ShadowDoorbell.NeedEvent is false).
     /// </summary>
-    private void UpdateEventIdx() => WriteEventIdx(armed: _poller is null);
+    private void UpdateEventIdx() => WriteEventIdx(armed: !PollerActiveLocked);
+
+    /// <summary>
+    /// True if a poller thread exists and may poll (the function is RUNNING/PRE_COPY). When false, EventIdx must stay
+    /// armed: nothing would notice a shadow update that rang no doorbell. Lock held.
+    /// </summary>
+    private bool PollerActiveLocked => _poller is not null && _pollingAllowed;
+
+    /// <summary>
+    /// True while the shadow-doorbell poller serves this controller: Doorbell Buffer Config in force, a host attached,
+    /// the controller ready and not suspended, and its function RUNNING or PRE_COPY. The poller thread itself lives
+    /// from attach to detach and is parked (blocked, no polls) whenever this is false.
+    /// </summary>
+    public bool ShadowPollingActive
+    {
+        get
+        {
+            lock (_gate)
+            {
+                return PollerActiveLocked && ShouldPollLocked;
+            }
+        }
+    }
 
     /// <summary>Writes EventIdx for every I/O queue: armed = the host rings on its next update. Lock held.</summary>
     private void WriteEventIdx(bool armed)
@@ -111,13 +134,22 @@ public sealed partial class NvmeController
         }
     }
 
+    /// <summary>True if the poller should poll now (else it parks). Takes the lock.</summary>
+    internal bool PollingWanted()
+    {
+        lock (_gate)
+        {
+            return ShouldPollLocked;
+        }
+    }
+
     /// <summary>One poll of the shadow doorbells: processes work, fires interrupts. True if any command ran.</summary>
     internal bool PollShadow()
     {
         bool any;
         lock (_gate)
         {
-            if (State.ShadowDoorbellBase == 0)
+            if (!ShouldPollLocked)
             {
                 return false;
             }
@@ -135,6 +167,11 @@ public sealed partial class NvmeController
     {
         lock (_gate)
         {
+            if (!ShouldPollLocked)
+            {
+                // Parked or suspended: whoever stopped polling armed EventIdx if host memory may be written.
+                return false;
+            }
             WriteEventIdx(armed: true);
         }
         // EventIdx store before the shadow loads (the host does the mirror image: shadow store, fence, EventIdx load),
@@ -157,23 +194,19 @@ public sealed partial class NvmeController
     }
 
     /// <summary>
-    /// Starts the poller if none runs: <paramref name="armed"/> = begin in the blocked phase (arm EventIdx, poll once,
-    /// wait for a ring) instead of the spin phase, for a start with no recent host activity. Lock held.
+    /// Creates the poller thread, parked, if there is none (at attach, and after a poller failure at the next Doorbell
+    /// Buffer Config). Creating a thread waits for it to start, a scheduler round trip that on a loaded 2-core host
+    /// took 1.8–3.1 ms: so never on the migration path (RUNNING or Resume only wake a parked poller). True if a poller
+    /// exists. Lock held.
     /// </summary>
-    private void StartPollerLocked(bool armed)
+    private bool CreatePollerLocked()
     {
-        if (_poller is null)
+        if (_poller is null && _dma is not null)
         {
             // Linux keeps 15 characters of a thread name; a process-wide serial keeps it unique.
-            _poller = new ShadowDoorbellPoller(this, $"nvme-shdw-{Interlocked.Increment(ref s_pollerSerial) % 100000}", armed);
+            _poller = new ShadowDoorbellPoller(this, $"nvme-shdw-{Interlocked.Increment(ref s_pollerSerial) % 100000}");
         }
-    }
-
-    private void StopPollerLocked()
-    {
-        var p = _poller;
-        _poller = null;
-        p?.RequestStop();
+        return _poller is not null;
     }
 
     private void StopPoller()
@@ -194,21 +227,28 @@ public sealed partial class NvmeController
         private readonly NvmeController _owner;
         private readonly Thread _thread;
         private readonly SemaphoreSlim _wake = new(0, int.MaxValue);
-        private readonly bool _startArmed;
         private volatile bool _stop;
+        private volatile bool _busyHint;
 
-        public ShadowDoorbellPoller(NvmeController owner, string name, bool startArmed)
+        public ShadowDoorbellPoller(NvmeController owner, string name)
         {
             _owner = owner;
-            _startArmed = startArmed;
             _thread = new Thread(Run) { IsBackground = true, Name = name };
             _thread.Start();
         }
 
         public string Name => _thread.Name!;
 
-        public void Wake()
+        /// <summary>
+        /// Wakes the poller if it blocks (armed or parked). <paramref name="busy"/>: the host is active right now (a
+        /// doorbell, Doorbell Buffer Config), so a parked poller resumes in the spin phase rather than armed.
+        /// </summary>
+        public void Wake(bool busy)
         {
+            if (busy)
+            {
+                _busyHint = true;
+            }
             if (_wake.CurrentCount == 0)
             {
                 _wake.Release();
@@ -247,10 +287,20 @@ public sealed partial class NvmeController
         {
             long spinTicks = PollerSpinMicroseconds * Stopwatch.Frequency / 1_000_000;
             long idleTicks = PollerIdleMicroseconds * Stopwatch.Frequency / 1_000_000;
-            long lastWork = Stopwatch.GetTimestamp() - (_startArmed ? idleTicks : 0);
+            long lastWork = Stopwatch.GetTimestamp() - idleTicks;
             int polls = 0;
             while (!_stop)
             {
+                if (!_owner.PollingWanted())
+                {
+                    // Parked: no shadow doorbells, no host memory, suspended, or the function is not RUNNING. Whoever
+                    // parked it armed EventIdx; a wake brings it back armed (nothing ran lately: the vCPUs were paused)
+                    // unless the waker saw the host busy.
+                    _wake.Wait();
+                    lastWork = Stopwatch.GetTimestamp() - (_busyHint ? 0 : idleTicks);
+                    _busyHint = false;
+                    continue;
+                }
                 if (_owner.PollShadow())
                 {
                     lastWork = Stopwatch.GetTimestamp();
@@ -281,6 +331,7 @@ public sealed partial class NvmeController
                 {
                 }
                 lastWork = Stopwatch.GetTimestamp();
+                _busyHint = false;
             }
         }
     }

@@ -46,6 +46,13 @@ public sealed partial class NvmeController : IDisposable
     /// EventIdx entries stay armed, so commands still run through MMIO doorbells. Device-host emulation, not state.
     /// </summary>
     private bool _pollingAllowed = true;
+
+    /// <summary>
+    /// False from attach until the host shows its memory is mapped (a BAR0 write, or a migration step: the VMM maps
+    /// DMA before it loads or runs a function). A client maps its DMA regions after attaching; a shadow poll before
+    /// that would find no memory and fail the controller (CSTS.CFS).
+    /// </summary>
+    private bool _hostMemoryReady;
     private bool _deliverAfterCompletion;
 
     internal NvmeController(NvmeSubsystem subsystem, ushort cntlid, bool isPrimary, ushort mqes)
@@ -112,9 +119,12 @@ public sealed partial class NvmeController : IDisposable
         {
             _dma = dma;
             _interrupt = interrupt;
-            // No poller yet even if Doorbell Buffer Config is in force (a client reconnecting to a controller that was
-            // not reset): the client maps its DMA regions after attaching, and a poll before that would fail the
-            // controller. Detach left EventIdx armed, so its first doorbell starts the poller (RingDoorbell).
+            // The poller thread is created now, parked, so that no migration step waits for a thread to start. It
+            // does not poll yet even if Doorbell Buffer Config is in force (a client reconnecting to a controller
+            // that was not reset): see _hostMemoryReady. Detach left EventIdx armed, so the client's first doorbell
+            // runs its command and sets the poller going.
+            _hostMemoryReady = false;
+            CreatePollerLocked();
         }
     }
 
@@ -136,58 +146,45 @@ public sealed partial class NvmeController : IDisposable
     }
 
     /// <summary>
-    /// Lets the shadow-doorbell poller run (the function is RUNNING or PRE_COPY) or stops it at once (any other
+    /// Lets the shadow-doorbell poller poll (the function is RUNNING or PRE_COPY) or parks it at once (any other
     /// migration state: the VMM has paused the vCPUs and needs the CPU for stop-copy; a poller yielding for its idle
-    /// window would compete with it on a small host). While stopped, EventIdx is armed so a host that still submits
-    /// rings MMIO doorbells, which run its commands as without shadow doorbells. Returns when the poller has exited.
+    /// window competed with it on the 2-core host). While parked, EventIdx is armed so a host that still submits rings
+    /// MMIO doorbells, which run its commands as without shadow doorbells. Never creates or joins a thread (either
+    /// waits for the scheduler: milliseconds on a loaded host, inside the VM's downtime); a woken poller starts armed,
+    /// and its first poll runs whatever waits in the SQs.
     /// </summary>
     internal void SetPollingAllowed(bool allowed)
     {
-        ShadowDoorbellPoller? stopped = null;
         lock (_gate)
         {
             _pollingAllowed = allowed;
-            if (allowed)
-            {
-                if (ShouldPollLocked && _poller is null)
-                {
-                    // Armed at start: nothing ran lately (the vCPUs were paused), so no spin phase; its first poll
-                    // runs whatever waits in the SQs, and the host's first ring wakes it.
-                    StartPollerLocked(armed: true);
-                }
-                return;
-            }
-            stopped = _poller;
-            _poller = null;
-        }
-        if (stopped is null)
-        {
-            return;
-        }
-        stopped.RequestStop();
-        stopped.Join();
-        lock (_gate)
-        {
-            if (CanProcess)
+            // Only the VMM moves migration states, with the VM's memory mapped.
+            _hostMemoryReady = true;
+            if (!allowed && CanProcess)
             {
                 WriteEventIdx(armed: true);
             }
         }
+        _poller?.Wake(busy: false);
     }
 
-    /// <summary>True if a poller should run: shadow doorbells configured, host attached, controller ready and not suspended, polling allowed. Lock held.</summary>
-    private bool ShouldPollLocked => _pollingAllowed && State.ShadowDoorbellBase != 0 && CanProcess;
+    /// <summary>
+    /// True if the poller should poll: shadow doorbells configured, host attached with its memory mapped, controller
+    /// ready and not suspended, polling allowed. Lock held.
+    /// </summary>
+    private bool ShouldPollLocked => _pollingAllowed && _hostMemoryReady && State.ShadowDoorbellBase != 0 && CanProcess;
 
     /// <summary>Function-level reset: back to power-on, admin queue registers included.</summary>
     public void Reset()
     {
-        StopPoller();
         lock (_gate)
         {
             State.ResetVolatile(keepAdminQueueRegisters: false);
             Array.Clear(_coalescedEntries);
             Array.Clear(_coalesceDeadline);
         }
+        // No shadow doorbells now: the poller parks.
+        _poller?.Wake(busy: false);
     }
 
     /// <summary>
@@ -292,8 +289,9 @@ public sealed partial class NvmeController : IDisposable
         if (old.En && !cc.En)
         {
             // Controller reset (§3.7.2): queues deleted, registers back to defaults except the admin queue registers.
-            StopPollerLocked();
+            // The poller parks (no shadow doorbells); woken so it does not wait for its 50 ms timeout to notice.
             s.ResetVolatile(keepAdminQueueRegisters: true);
+            _poller?.Wake(busy: false);
             s.Cc = value & ~1u;
             return;
         }
@@ -335,11 +333,11 @@ public sealed partial class NvmeController : IDisposable
     /// <summary>Called by the subsystem when a secondary goes offline: a controller reset, as the spec requires.</summary>
     internal void ForceReset(bool keepAdminQueueRegisters)
     {
-        StopPoller();
         lock (_gate)
         {
             State.ResetVolatile(keepAdminQueueRegisters);
         }
+        _poller?.Wake(busy: false);
     }
 
     private bool CanProcess
@@ -356,6 +354,7 @@ public sealed partial class NvmeController : IDisposable
     {
         lock (_gate)
         {
+            _hostMemoryReady = true;
             var s = State;
             if ((s.Csts & ControllerStatus.Rdy) == 0 || (s.Csts & ControllerStatus.Cfs) != 0)
             {
@@ -392,14 +391,9 @@ public sealed partial class NvmeController : IDisposable
                 }
             }
             ProcessLocked();
-            if (_poller is null && ShouldPollLocked)
-            {
-                // A reattached client (see Attach): its doorbell proves its memory is mapped.
-                StartPollerLocked(armed: false);
-            }
         }
         FireInterrupts();
-        _poller?.Wake();
+        _poller?.Wake(busy: true);
     }
 
     /// <summary>A CQ head may only move over entries the controller has posted: it must lie in [old head, tail].</summary>
@@ -778,7 +772,8 @@ public sealed partial class NvmeController
             FlushCoalescedLocked();
         }
         FireInterrupts();
-        StopPoller();
+        // Every fetch happens under the lock and checks Suspended, so the poller needs no join: woken, it parks.
+        _poller?.Wake(busy: false);
         return NvmeStatus.Success;
     }
 
@@ -798,11 +793,12 @@ public sealed partial class NvmeController
                 // The source's poller may have left EventIdx one behind (unarmed); until a poller runs the host must ring.
                 WriteEventIdx(armed: true);
             }
-            if (ShouldPollLocked)
+            _hostMemoryReady = true;
+            if (ShouldPollLocked && _poller is not null)
             {
-                // The new poller's first act (arm, then poll) runs the commands waiting in the SQs, on its own thread:
-                // the VMM's switchover does not wait for them. It then blocks until the host rings.
-                StartPollerLocked(armed: true);
+                // The woken poller's first act (arm, then poll) runs the commands waiting in the SQs, on its own
+                // thread: the VMM's switchover does not wait for them. It then blocks until the host rings.
+                _poller.Wake(busy: false);
             }
             else if (State.ShadowDoorbellBase == 0 || _pollingAllowed)
             {

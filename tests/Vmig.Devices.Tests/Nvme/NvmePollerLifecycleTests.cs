@@ -10,9 +10,10 @@ using static Vmig.Devices.Tests.Nvme.NvmeTestLayout;
 namespace Vmig.Devices.Tests.Nvme;
 
 /// <summary>
-/// The shadow-doorbell poller follows the function's life: it runs again when a vfio-user client reconnects to a
-/// controller that kept its Doorbell Buffer Config, it runs on a migration target once the VF is RUNNING, and it stops
-/// the moment the VF leaves RUNNING (so it does not compete for CPU with the VMM's stop-copy). Over real sockets.
+/// The shadow-doorbell poller follows the function's life: it polls again when a vfio-user client reconnects to a
+/// controller that kept its Doorbell Buffer Config, it polls on a migration target once the VF is RUNNING, and it parks
+/// the moment the VF leaves RUNNING (so it does not compete for CPU with the VMM's stop-copy), leaving EventIdx armed.
+/// Over real sockets.
 /// </summary>
 public sealed class NvmePollerLifecycleTests
 {
@@ -43,15 +44,16 @@ public sealed class NvmePollerLifecycleTests
         {
             var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
             Assert.True(drv.UsesShadowDoorbells);
-            Assert.NotNull(ctrl.ShadowPollerThreadName);
+            Assert.True(ctrl.ShadowPollingActive);
             for (int i = 0; i < 20; i++)
             {
                 Assert.True(drv.Read(1, rig.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
             }
         }
-        // The client is gone: the device was detached (no guest memory, so no poller).
+        // The client is gone: the device was detached (no guest memory, so no poller thread).
         Assert.True(SpinWait.SpinUntil(() => !server.HasClient, 5000), "the server still has the first client");
         Assert.Null(ctrl.ShadowPollerThreadName);
+        Assert.False(ctrl.ShadowPollingActive);
         Assert.True(ctrl.IsReady);
 
         // Same guest, new connection (e.g. the VMM restarted its vfio-user client): the controller was not reset and
@@ -61,13 +63,17 @@ public sealed class NvmePollerLifecycleTests
         var fn2 = new DoorbellCounter(inner2);
         var drv2 = NvmeDriver.Attach(ram, fn2, Region);
         Assert.True(drv2.UsesShadowDoorbells);
+        // Attached, memory mapped, but not polled yet: polling before the client's DMA_MAP would have failed the
+        // controller, so the poller waits for the host to show its memory is there.
+        Assert.NotNull(ctrl.ShadowPollerThreadName);
+        Assert.False(ctrl.ShadowPollingActive);
 
         // The first command after the reconnect rings (the detached controller left EventIdx armed) and brings the
         // poller back; the controller did not fail by polling before the client's DMA_MAP.
         ram.Write(Buf, Pattern(Lba, 5));
         Assert.True(drv2.Write(1, rig.Nsid, 300, 1, Lba, Buf).IsSuccess);
         Assert.Equal(Pattern(Lba, 5), rig.ReadFile(300L * Lba, Lba));
-        Assert.NotNull(ctrl.ShadowPollerThreadName);
+        Assert.True(ctrl.ShadowPollingActive);
         Assert.Equal(0, ctrl.WithLock(s => (int)s.Csts & 2)); // CSTS.CFS
         AssertBurstIsPolled(drv2, fn2, rig.Nsid);
     }
@@ -90,7 +96,7 @@ public sealed class NvmePollerLifecycleTests
             ramA.Write(Buf, Pattern(Lba, i));
             Assert.True(drvA.Write(1, src.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
         }
-        Assert.NotNull(srcCtrl.ShadowPollerThreadName);
+        Assert.True(srcCtrl.ShadowPollingActive);
 
         using var dst = new NvmeRig(sharedNamespacePath: src.NamespacePath);
         dst.ProvisionVf(1);
@@ -105,9 +111,9 @@ public sealed class NvmePollerLifecycleTests
 
         // Source: the poller stops as soon as the VF leaves RUNNING, before the VMM's stop-copy starts.
         srcClient.SetState(DeviceState.RunningP2P);
-        Assert.Null(srcCtrl.ShadowPollerThreadName);
+        Assert.False(srcCtrl.ShadowPollingActive);
         srcClient.SetState(DeviceState.Stop);
-        Assert.Null(srcCtrl.ShadowPollerThreadName);
+        Assert.False(srcCtrl.ShadowPollingActive);
         // Submitted while the source is stopped (the EventIdx left armed makes the driver ring; a suspended controller
         // only records the tail): it travels in the SQ and runs on the target.
         ramA.Write(Buf, Pattern(Lba, 61));
@@ -120,11 +126,11 @@ public sealed class NvmePollerLifecycleTests
         dstClient.SetState(DeviceState.Resuming);
         dstClient.WriteMigrationData(stream);
         dstClient.SetState(DeviceState.Stop);
-        Assert.Null(dstCtrl.ShadowPollerThreadName);
+        Assert.False(dstCtrl.ShadowPollingActive);
         dstClient.SetState(DeviceState.RunningP2P);
-        Assert.Null(dstCtrl.ShadowPollerThreadName);
+        Assert.False(dstCtrl.ShadowPollingActive);
         dstClient.SetState(DeviceState.Running);
-        Assert.NotNull(dstCtrl.ShadowPollerThreadName);
+        Assert.True(dstCtrl.ShadowPollingActive);
 
         var drvB = NvmeDriver.Attach(ramB, fnB, Region);
         Assert.True(drvB.UsesShadowDoorbells);
@@ -138,7 +144,7 @@ public sealed class NvmePollerLifecycleTests
     }
 
     [Fact]
-    public void A_vf_back_to_running_after_a_cancelled_migration_polls_again()
+    public void A_vf_out_of_running_rings_every_doorbell_and_back_to_running_after_a_cancelled_migration_polls_again()
     {
         using var rig = new NvmeRig();
         rig.ProvisionVf(1);
@@ -154,12 +160,21 @@ public sealed class NvmePollerLifecycleTests
         Assert.True(drv.Read(1, rig.Nsid, 0, 1, Lba, Buf).IsSuccess);
 
         client.SetState(DeviceState.RunningP2P);
+        Assert.False(ctrl.ShadowPollingActive);
+        // RUNNING_P2P is still a running device: commands work, but with the poller parked EventIdx is armed, so every
+        // one rings its MMIO doorbell (a poller parked with EventIdx one behind would leave them unseen: timeouts).
+        long rings = fn.DoorbellWrites;
+        for (int i = 0; i < 10; i++)
+        {
+            Assert.True(drv.Read(1, rig.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
+        }
+        Assert.True(fn.DoorbellWrites - rings >= 10, $"{fn.DoorbellWrites - rings} doorbells for 10 reads in RUNNING_P2P");
         client.SetState(DeviceState.Stop);
-        Assert.Null(ctrl.ShadowPollerThreadName);
+        Assert.False(ctrl.ShadowPollingActive);
         client.SetState(DeviceState.RunningP2P);
-        Assert.Null(ctrl.ShadowPollerThreadName);
+        Assert.False(ctrl.ShadowPollingActive);
         client.SetState(DeviceState.Running);
-        Assert.NotNull(ctrl.ShadowPollerThreadName);
+        Assert.True(ctrl.ShadowPollingActive);
         AssertBurstIsPolled(drv, fn, rig.Nsid);
     }
 
