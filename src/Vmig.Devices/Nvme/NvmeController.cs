@@ -155,15 +155,25 @@ public sealed partial class NvmeController : IDisposable
     /// </summary>
     internal void SetPollingAllowed(bool allowed)
     {
+        bool ran = false;
         lock (_gate)
         {
             _pollingAllowed = allowed;
             // Only the VMM moves migration states, with the VM's memory mapped.
             _hostMemoryReady = true;
-            if (!allowed && CanProcess)
+            if (!allowed && CanProcess && State.ShadowDoorbellBase != 0)
             {
                 WriteEventIdx(armed: true);
+                // Arm, then look once more (as the poller does before it blocks): commands the host queued through the
+                // shadow page before the arm, with no doorbell, run now, on this host, where the poller would have
+                // run them, rather than travel in the SQ to a target that runs them inside the VM's downtime.
+                Interlocked.MemoryBarrier();
+                ran = ProcessLocked();
             }
+        }
+        if (ran)
+        {
+            FireInterrupts();
         }
         _poller?.Wake(busy: false);
     }

@@ -178,6 +178,43 @@ public sealed class NvmePollerLifecycleTests
         AssertBurstIsPolled(drv, fn, rig.Nsid);
     }
 
+    [Fact]
+    public void A_command_queued_through_the_shadow_page_without_a_doorbell_runs_when_the_vf_leaves_running()
+    {
+        using var rig = new NvmeRig();
+        rig.ProvisionVf(1);
+        string sock = SocketPath();
+        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sock);
+        server.Start();
+        using var ram = new TestGuestRam(16 << 20);
+        using (var client = VfioUserClient.Connect(sock))
+        using (var fn = new ClientPciFunction(client, ram))
+        {
+            var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
+            Assert.True(drv.Read(1, rig.Nsid, 0, 1, Lba, Buf).IsSuccess);
+        }
+        Assert.True(SpinWait.SpinUntil(() => !server.HasClient, 5000), "the server still has the first client");
+
+        // Reattached and not yet polling (no doorbell seen), the host queues a write through the shadow page and its
+        // doorbell is lost: the state a source is in when the host wrote its shadow tail just before EventIdx was armed.
+        using var client2 = VfioUserClient.Connect(sock);
+        using var inner2 = new ClientPciFunction(client2, ram);
+        var fn2 = new DoorbellCounter(inner2) { Swallow = true };
+        var drv2 = NvmeDriver.Attach(ram, fn2, Region);
+        ram.Write(Buf, Pattern(Lba, 9));
+        drv2.Submit(1, NvmeDriver.ReadWrite(NvmeIoOpcode.Write, rig.Nsid, 90, 1), Buf, Lba, tag: 9);
+        Thread.Sleep(20);
+        Assert.False(drv2.TryTakeAnyCompletion(1, out _));
+
+        // Leaving RUNNING arms EventIdx and looks once more: the write runs here, before the function stops, instead
+        // of travelling in the SQ to the target (where it would run inside the downtime).
+        client2.SetState(DeviceState.RunningP2P);
+        Assert.True(drv2.TryTakeAnyCompletion(1, out var c));
+        Assert.Equal(9UL, c.Tag);
+        Assert.True(c.Status.IsSuccess);
+        Assert.Equal(Pattern(Lba, 9), rig.ReadFile(90L * Lba, Lba));
+    }
+
     /// <summary>50 QD1 reads right after the previous command do not all need an MMIO doorbell: a poller fetched some.</summary>
     private static void AssertBurstIsPolled(NvmeDriver drv, DoorbellCounter fn, uint nsid)
     {
@@ -202,12 +239,15 @@ public sealed class NvmePollerLifecycleTests
         return [.. all];
     }
 
-    /// <summary>Counts BAR0 writes at or above 0x1000 (doorbells); everything else passes through.</summary>
+    /// <summary>Counts BAR0 writes at or above 0x1000 (doorbells), and drops them if told to; everything else passes through.</summary>
     private sealed class DoorbellCounter(IGuestPciFunction inner) : IGuestPciFunction
     {
         private long _doorbellWrites;
 
         public long DoorbellWrites => Interlocked.Read(ref _doorbellWrites);
+
+        /// <summary>Drop doorbell writes (counted, never delivered): a host whose ring is lost.</summary>
+        public bool Swallow { get; set; }
 
         public int MsixVectorCount => inner.MsixVectorCount;
 
@@ -222,6 +262,10 @@ public sealed class NvmePollerLifecycleTests
             if (bar == 0 && offset >= 0x1000)
             {
                 Interlocked.Increment(ref _doorbellWrites);
+                if (Swallow)
+                {
+                    return;
+                }
             }
             inner.MmioWrite(bar, offset, data);
         }
