@@ -134,22 +134,18 @@ public sealed partial class NvmeController
         }
     }
 
-    /// <summary>True if the poller should poll now (else it parks). Takes the lock.</summary>
-    internal bool PollingWanted()
-    {
-        lock (_gate)
-        {
-            return ShouldPollLocked;
-        }
-    }
-
-    /// <summary>One poll of the shadow doorbells: processes work, fires interrupts. True if any command ran.</summary>
-    internal bool PollShadow()
+    /// <summary>
+    /// One poll of the shadow doorbells: processes work, fires interrupts. True if any command ran.
+    /// <paramref name="wanted"/>: false if the poller should park instead (see <see cref="ShouldPollLocked"/>), read
+    /// under the same lock acquisition as the poll, so the busy loop takes the lock once per poll.
+    /// </summary>
+    internal bool PollShadow(out bool wanted)
     {
         bool any;
         lock (_gate)
         {
-            if (!ShouldPollLocked)
+            wanted = ShouldPollLocked;
+            if (!wanted)
             {
                 return false;
             }
@@ -177,7 +173,7 @@ public sealed partial class NvmeController
         // EventIdx store before the shadow loads (the host does the mirror image: shadow store, fence, EventIdx load),
         // so one side always sees the other's update.
         Interlocked.MemoryBarrier();
-        return PollShadow();
+        return PollShadow(out _);
     }
 
     /// <summary>An unexpected failure on the poller thread: the controller reports CSTS.CFS and the host resets it.</summary>
@@ -245,8 +241,9 @@ public sealed partial class NvmeController
         /// </summary>
         public void Wake(bool busy)
         {
-            if (busy)
+            if (busy && !_busyHint)
             {
+                // Written only when it changes: every MMIO doorbell comes here, and the poller reads this line.
                 _busyHint = true;
             }
             if (_wake.CurrentCount == 0)
@@ -291,7 +288,12 @@ public sealed partial class NvmeController
             int polls = 0;
             while (!_stop)
             {
-                if (!_owner.PollingWanted())
+                if (_owner.PollShadow(out bool wanted))
+                {
+                    lastWork = Stopwatch.GetTimestamp();
+                    continue;
+                }
+                if (!wanted)
                 {
                     // Parked: no shadow doorbells, no host memory, suspended, or the function is not RUNNING. Whoever
                     // parked it armed EventIdx; a wake brings it back armed (nothing ran lately: the vCPUs were paused)
@@ -299,11 +301,6 @@ public sealed partial class NvmeController
                     _wake.Wait();
                     lastWork = Stopwatch.GetTimestamp() - (_busyHint ? 0 : idleTicks);
                     _busyHint = false;
-                    continue;
-                }
-                if (_owner.PollShadow())
-                {
-                    lastWork = Stopwatch.GetTimestamp();
                     continue;
                 }
                 long idle = Stopwatch.GetTimestamp() - lastWork;
