@@ -362,6 +362,10 @@ public sealed partial class NvmeController : IDisposable
 
     private void RingDoorbell(long offset, uint value)
     {
+        // Only I/O queues have shadow doorbells: an admin doorbell (e.g. the Identify a resumed guest sends while the
+        // VMM is still inside the downtime) says nothing about I/O to come, and waking the poller into its spin phase
+        // for it took CPU from the switchover on the 2-core host.
+        bool ioQueue = offset >= NvmeRegisters.SqTailDoorbell(1, Capabilities.Dstrd);
         lock (_gate)
         {
             _hostMemoryReady = true;
@@ -403,7 +407,10 @@ public sealed partial class NvmeController : IDisposable
             ProcessLocked();
         }
         FireInterrupts();
-        _poller?.Wake(busy: true);
+        if (ioQueue)
+        {
+            _poller?.Wake(busy: true);
+        }
     }
 
     /// <summary>A CQ head may only move over entries the controller has posted: it must lie in [old head, tail].</summary>

@@ -1,3 +1,4 @@
+using Vmig.Devices.Nvme;
 using Vmig.Guest;
 using Vmig.Guest.Nvme;
 using Vmig.Migration;
@@ -26,39 +27,69 @@ public sealed class NvmePollerLifecycleTests
     /// </summary>
     private const int PolledBurstDoorbellLimit = 50;
 
-    private static string SocketPath() => Path.Combine(Path.GetTempPath(), $"vmig-nvpl-{Guid.NewGuid():N}"[..24] + ".sock");
+    /// <summary>Secondary controller 1 of a fresh subsystem, served as VF 0 on a real vfio-user socket.</summary>
+    private sealed class ServedVf : IDisposable
+    {
+        public ServedVf(string? sharedNamespacePath = null)
+        {
+            Rig = new NvmeRig(sharedNamespacePath: sharedNamespacePath);
+            Rig.ProvisionVf(1);
+            SocketPath = Path.Combine(Path.GetTempPath(), $"vmig-nvpl-{Guid.NewGuid():N}"[..24] + ".sock");
+            Server = new VfioUserServer(Rig.Subsystem.GetVfFunction(0)!, SocketPath);
+            Server.Start();
+        }
+
+        public NvmeRig Rig { get; }
+        public VfioUserServer Server { get; }
+        public string SocketPath { get; }
+        public NvmeController Controller => Rig.Subsystem.GetController(1)!;
+
+        /// <summary>
+        /// A first client brings the driver up (shadow doorbells, one poll queue), reads once and disconnects; returns
+        /// when the server has detached it. The controller keeps its state, Doorbell Buffer Config included.
+        /// </summary>
+        public void BringUpAndDisconnect(TestGuestRam ram)
+        {
+            using (var client = VfioUserClient.Connect(SocketPath))
+            using (var fn = new ClientPciFunction(client, ram))
+            {
+                var drv = PolledShadowDriver(ram, fn);
+                Assert.True(drv.UsesShadowDoorbells);
+                Assert.True(Controller.ShadowPollingActive);
+                for (int i = 0; i < 20; i++)
+                {
+                    Assert.True(drv.Read(1, Rig.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
+                }
+            }
+            Assert.True(SpinWait.SpinUntil(() => !Server.HasClient, 5000), "the server still has the first client");
+        }
+
+        public void Dispose()
+        {
+            Server.Dispose();
+            Rig.Dispose();
+        }
+    }
+
+    private static NvmeDriver PolledShadowDriver(TestGuestRam ram, IGuestPciFunction fn) =>
+        NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
 
     [Fact]
     public void A_client_reconnecting_to_a_controller_with_shadow_doorbells_gets_its_poller_back()
     {
-        using var rig = new NvmeRig();
-        rig.ProvisionVf(1);
-        var ctrl = rig.Subsystem.GetController(1)!;
-        string sock = SocketPath();
-        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sock);
-        server.Start();
+        using var vf = new ServedVf();
+        var rig = vf.Rig;
+        var ctrl = vf.Controller;
         using var ram = new TestGuestRam(16 << 20);
-
-        using (var client = VfioUserClient.Connect(sock))
-        using (var fn = new ClientPciFunction(client, ram))
-        {
-            var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
-            Assert.True(drv.UsesShadowDoorbells);
-            Assert.True(ctrl.ShadowPollingActive);
-            for (int i = 0; i < 20; i++)
-            {
-                Assert.True(drv.Read(1, rig.Nsid, (ulong)i, 1, Lba, Buf).IsSuccess);
-            }
-        }
+        vf.BringUpAndDisconnect(ram);
         // The client is gone: the device was detached (no guest memory, so no poller thread).
-        Assert.True(SpinWait.SpinUntil(() => !server.HasClient, 5000), "the server still has the first client");
         Assert.Null(ctrl.ShadowPollerThreadName);
         Assert.False(ctrl.ShadowPollingActive);
         Assert.True(ctrl.IsReady);
 
         // Same guest, new connection (e.g. the VMM restarted its vfio-user client): the controller was not reset and
         // still has its shadow doorbell and EventIdx buffers.
-        using var client2 = VfioUserClient.Connect(sock);
+        using var client2 = VfioUserClient.Connect(vf.SocketPath);
         using var inner2 = new ClientPciFunction(client2, ram);
         var fn2 = new DoorbellCounter(inner2);
         var drv2 = NvmeDriver.Attach(ram, fn2, Region);
@@ -81,16 +112,13 @@ public sealed class NvmePollerLifecycleTests
     [Fact]
     public void A_vf_migrated_with_shadow_doorbells_polls_on_the_target_once_running_and_not_while_stopped()
     {
-        using var src = new NvmeRig();
-        src.ProvisionVf(1);
-        string sp = SocketPath();
-        using var srcServer = new VfioUserServer(src.Subsystem.GetVfFunction(0)!, sp);
-        srcServer.Start();
-        using var srcClient = VfioUserClient.Connect(sp);
+        using var srcVf = new ServedVf();
+        var src = srcVf.Rig;
+        using var srcClient = VfioUserClient.Connect(srcVf.SocketPath);
         using var ramA = new TestGuestRam(16 << 20);
         using var fnA = new ClientPciFunction(srcClient, ramA);
-        var drvA = NvmeDriver.Initialize(ramA, fnA, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
-        var srcCtrl = src.Subsystem.GetController(1)!;
+        var drvA = PolledShadowDriver(ramA, fnA);
+        var srcCtrl = srcVf.Controller;
         for (int i = 0; i < 20; i++)
         {
             ramA.Write(Buf, Pattern(Lba, i));
@@ -98,13 +126,10 @@ public sealed class NvmePollerLifecycleTests
         }
         Assert.True(srcCtrl.ShadowPollingActive);
 
-        using var dst = new NvmeRig(sharedNamespacePath: src.NamespacePath);
-        dst.ProvisionVf(1);
-        var dstCtrl = dst.Subsystem.GetController(1)!;
-        string dp = SocketPath();
-        using var dstServer = new VfioUserServer(dst.Subsystem.GetVfFunction(0)!, dp);
-        dstServer.Start();
-        using var dstClient = VfioUserClient.Connect(dp);
+        using var dstVf = new ServedVf(src.NamespacePath);
+        var dst = dstVf.Rig;
+        var dstCtrl = dstVf.Controller;
+        using var dstClient = VfioUserClient.Connect(dstVf.SocketPath);
         using var ramB = new TestGuestRam(16 << 20);
         using var innerB = new ClientPciFunction(dstClient, ramB);
         var fnB = new DoorbellCounter(innerB);
@@ -146,17 +171,14 @@ public sealed class NvmePollerLifecycleTests
     [Fact]
     public void A_vf_out_of_running_rings_every_doorbell_and_back_to_running_after_a_cancelled_migration_polls_again()
     {
-        using var rig = new NvmeRig();
-        rig.ProvisionVf(1);
-        var ctrl = rig.Subsystem.GetController(1)!;
-        string sock = SocketPath();
-        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sock);
-        server.Start();
-        using var client = VfioUserClient.Connect(sock);
+        using var vf = new ServedVf();
+        var rig = vf.Rig;
+        var ctrl = vf.Controller;
+        using var client = VfioUserClient.Connect(vf.SocketPath);
         using var ram = new TestGuestRam(16 << 20);
         using var inner = new ClientPciFunction(client, ram);
         var fn = new DoorbellCounter(inner);
-        var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
+        var drv = PolledShadowDriver(ram, fn);
         Assert.True(drv.Read(1, rig.Nsid, 0, 1, Lba, Buf).IsSuccess);
 
         client.SetState(DeviceState.RunningP2P);
@@ -181,23 +203,14 @@ public sealed class NvmePollerLifecycleTests
     [Fact]
     public void A_command_queued_through_the_shadow_page_without_a_doorbell_runs_when_the_vf_leaves_running()
     {
-        using var rig = new NvmeRig();
-        rig.ProvisionVf(1);
-        string sock = SocketPath();
-        using var server = new VfioUserServer(rig.Subsystem.GetVfFunction(0)!, sock);
-        server.Start();
+        using var vf = new ServedVf();
+        var rig = vf.Rig;
         using var ram = new TestGuestRam(16 << 20);
-        using (var client = VfioUserClient.Connect(sock))
-        using (var fn = new ClientPciFunction(client, ram))
-        {
-            var drv = NvmeDriver.Initialize(ram, fn, Region, RegionSize, new NvmeDriverOptions { IoQueues = 1, PollQueues = 1, ShadowDoorbells = true });
-            Assert.True(drv.Read(1, rig.Nsid, 0, 1, Lba, Buf).IsSuccess);
-        }
-        Assert.True(SpinWait.SpinUntil(() => !server.HasClient, 5000), "the server still has the first client");
+        vf.BringUpAndDisconnect(ram);
 
         // Reattached and not yet polling (no doorbell seen), the host queues a write through the shadow page and its
         // doorbell is lost: the state a source is in when the host wrote its shadow tail just before EventIdx was armed.
-        using var client2 = VfioUserClient.Connect(sock);
+        using var client2 = VfioUserClient.Connect(vf.SocketPath);
         using var inner2 = new ClientPciFunction(client2, ram);
         var fn2 = new DoorbellCounter(inner2) { Swallow = true };
         var drv2 = NvmeDriver.Attach(ram, fn2, Region);
