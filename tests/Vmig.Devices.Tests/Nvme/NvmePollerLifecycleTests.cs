@@ -44,6 +44,18 @@ public sealed class NvmePollerLifecycleTests
         public string SocketPath { get; }
         public NvmeController Controller => Rig.Subsystem.GetController(1)!;
 
+        private readonly List<IDisposable> _clients = [];
+
+        /// <summary>Connects a client for <paramref name="ram"/> (kept until disposal); its guest view counts doorbells.</summary>
+        public DoorbellCounter Connect(TestGuestRam ram, out VfioUserClient client)
+        {
+            client = VfioUserClient.Connect(SocketPath);
+            var fn = new ClientPciFunction(client, ram);
+            _clients.Add(client);
+            _clients.Add(fn);
+            return new DoorbellCounter(fn);
+        }
+
         /// <summary>
         /// A first client brings the driver up (shadow doorbells, one poll queue), reads once and disconnects; returns
         /// when the server has detached it. The controller keeps its state, Doorbell Buffer Config included.
@@ -66,6 +78,10 @@ public sealed class NvmePollerLifecycleTests
 
         public void Dispose()
         {
+            for (int i = _clients.Count - 1; i >= 0; i--)
+            {
+                _clients[i].Dispose();
+            }
             Server.Dispose();
             Rig.Dispose();
         }
@@ -89,9 +105,7 @@ public sealed class NvmePollerLifecycleTests
 
         // Same guest, new connection (e.g. the VMM restarted its vfio-user client): the controller was not reset and
         // still has its shadow doorbell and EventIdx buffers.
-        using var client2 = VfioUserClient.Connect(vf.SocketPath);
-        using var inner2 = new ClientPciFunction(client2, ram);
-        var fn2 = new DoorbellCounter(inner2);
+        var fn2 = vf.Connect(ram, out _);
         var drv2 = NvmeDriver.Attach(ram, fn2, Region);
         Assert.True(drv2.UsesShadowDoorbells);
         // Attached, memory mapped, but not polled yet: polling before the client's DMA_MAP would have failed the
@@ -129,10 +143,8 @@ public sealed class NvmePollerLifecycleTests
         using var dstVf = new ServedVf(src.NamespacePath);
         var dst = dstVf.Rig;
         var dstCtrl = dstVf.Controller;
-        using var dstClient = VfioUserClient.Connect(dstVf.SocketPath);
         using var ramB = new TestGuestRam(16 << 20);
-        using var innerB = new ClientPciFunction(dstClient, ramB);
-        var fnB = new DoorbellCounter(innerB);
+        var fnB = dstVf.Connect(ramB, out var dstClient);
 
         // Source: the poller stops as soon as the VF leaves RUNNING, before the VMM's stop-copy starts.
         srcClient.SetState(DeviceState.RunningP2P);
@@ -174,10 +186,8 @@ public sealed class NvmePollerLifecycleTests
         using var vf = new ServedVf();
         var rig = vf.Rig;
         var ctrl = vf.Controller;
-        using var client = VfioUserClient.Connect(vf.SocketPath);
         using var ram = new TestGuestRam(16 << 20);
-        using var inner = new ClientPciFunction(client, ram);
-        var fn = new DoorbellCounter(inner);
+        var fn = vf.Connect(ram, out var client);
         var drv = PolledShadowDriver(ram, fn);
         Assert.True(drv.Read(1, rig.Nsid, 0, 1, Lba, Buf).IsSuccess);
 
@@ -210,9 +220,8 @@ public sealed class NvmePollerLifecycleTests
 
         // Reattached and not yet polling (no doorbell seen), the host queues a write through the shadow page and its
         // doorbell is lost: the state a source is in when the host wrote its shadow tail just before EventIdx was armed.
-        using var client2 = VfioUserClient.Connect(vf.SocketPath);
-        using var inner2 = new ClientPciFunction(client2, ram);
-        var fn2 = new DoorbellCounter(inner2) { Swallow = true };
+        var fn2 = vf.Connect(ram, out var client2);
+        fn2.Swallow = true;
         var drv2 = NvmeDriver.Attach(ram, fn2, Region);
         ram.Write(Buf, Pattern(Lba, 9));
         drv2.Submit(1, NvmeDriver.ReadWrite(NvmeIoOpcode.Write, rig.Nsid, 90, 1), Buf, Lba, tag: 9);
