@@ -57,6 +57,13 @@ internal static class AccelScenario
         var tail = new List<double>();
         var stop = new List<double>();
         long preBytes = 0, tailBytes = 0, stopBytes = 0;
+        // CPU ms per GiB moved, per process: [source device host, target device host, this client] for the migrations
+        // (pre-copy and stop-copy modes) and [raw server A, raw server B, this client] for the raw transfers.
+        int[] migPids = [srcPeer.Pid, dstPeer.Pid, Environment.ProcessId];
+        int[] rawPids = [rawA.Pid, rawB.Pid, Environment.ProcessId];
+        var preCpu = new CpuPerGiB();
+        var stopCpu = new CpuPerGiB();
+        var rawCpu = new CpuPerGiB();
 
         // →STOP_COPY, read to the end into the target, target RESUMING→STOP (commit): (bytes, seconds).
         (long Bytes, double Seconds) StopCopyToEnd()
@@ -78,12 +85,14 @@ internal static class AccelScenario
         {
             long p = 0;
             dst.SetState(DeviceState.Resuming);
+            var c0 = CpuPerGiB.Sample(migPids);
             double tp = Measure.Seconds(() =>
             {
                 src.SetState(DeviceState.PreCopy);
                 p = Pump(src.Client, dst, buf);
             });
             var (s, ts) = StopCopyToEnd();
+            preCpu.Add(c0, CpuPerGiB.Sample(migPids), p + s);
             (preBytes, tailBytes) = (p, s);
             pre.Add(p / Measure.MiB / tp);
             tail.Add(ts * 1e3);
@@ -93,7 +102,9 @@ internal static class AccelScenario
         void MigrateStopCopy()
         {
             dst.SetState(DeviceState.Resuming);
+            var c0 = CpuPerGiB.Sample(migPids);
             var (s, ts) = StopCopyToEnd();
+            stopCpu.Add(c0, CpuPerGiB.Sample(migPids), s);
             stopBytes = s;
             stop.Add(s / Measure.MiB / ts);
         }
@@ -101,7 +112,8 @@ internal static class AccelScenario
         double Raw()
         {
             long chunks = Math.Max(1, bytes / Chunk);
-            return chunks * Chunk / Measure.MiB / Measure.Seconds(() =>
+            var c0 = CpuPerGiB.Sample(rawPids);
+            double mibs = chunks * Chunk / Measure.MiB / Measure.Seconds(() =>
             {
                 for (long i = 0; i < chunks; i++)
                 {
@@ -109,6 +121,8 @@ internal static class AccelScenario
                     rb.Write(buf.AsSpan(0, n));
                 }
             });
+            rawCpu.Add(c0, CpuPerGiB.Sample(rawPids), chunks * Chunk);
+            return mibs;
         }
 
         ctx.Progress($"accel: {label}: {ctx.Options.RunCount} runs of (pre-copy migration, stop-copy migration, raw transfer)");
@@ -118,6 +132,9 @@ internal static class AccelScenario
         pre.Clear();
         tail.Clear();
         stop.Clear();
+        preCpu.Clear();
+        stopCpu.Clear();
+        rawCpu.Clear();
         var raws = new List<double>();
         for (int i = 0; i < ctx.Options.RunCount; i++)
         {
@@ -147,6 +164,8 @@ internal static class AccelScenario
         pf.Extra["stop-copy tail after pre-copy, ms (max)"] = ts.Max;
         ctx.Report.Figures.Add(pf);
         ctx.Report.Figures.Add(Measure.Figure("accel", $"device memory stop-copy throughput (no pre-copy), {label}", "MiB/s", raws, stop, rawName, 0.8, GoalDirection.AtLeast));
+        ctx.Report.Figures.Add(CpuPerGiB.Figure($"CPU ms per GiB, all three processes, stop-copy migration vs raw, {label}", stopCpu, rawCpu));
+        ctx.Report.Figures.Add(CpuPerGiB.Figure($"CPU ms per GiB, all three processes, pre-copy migration (with its stop-copy tail) vs raw, {label}", preCpu, rawCpu));
         Breakdown(ctx, label, bytes, ra, rb, new StopCopySession(src.Client, dst, buf), new StopCopySession(bareSrc, bareDst, buf), buf,
             [srcPeer.Pid, dstPeer.Pid], [bareSrcPeer.Pid, bareDstPeer.Pid], [rawA.Pid, rawB.Pid]);
 
@@ -461,6 +480,54 @@ internal static class AccelScenario
         ctx.Report.Figures.Add(Measure.Figure("accel", "job throughput with device-memory dirty tracking on (PRE_COPY) vs off", "MiB/s", b, v,
             "same jobs, tracking off (RUNNING)", null, GoalDirection.None,
             "ratio < 1 is the tracking overhead; each 'on' slice includes the RUNNING→PRE_COPY→RUNNING arcs"));
+    }
+
+    /// <summary>
+    /// CPU (user + system, /proc/PID/stat, 10 ms ticks) each of three processes spent per GiB over whole transfers:
+    /// a 1 GiB transfer takes 0.5–1 s, so a tick is 1–2% of a process's figure. Less sensitive to other processes'
+    /// load on the shared cores than wall-clock throughput (they take time slices, not work per byte).
+    /// </summary>
+    private sealed class CpuPerGiB
+    {
+        private readonly List<double>[] _perProcess = [[], [], []];
+
+        public List<double> Total { get; } = [];
+
+        public static double[] Sample(int[] pids) => pids.Select(ThreadCpu.OfProcess).ToArray();
+
+        public void Add(double[] before, double[] after, long bytes)
+        {
+            double gib = bytes / (double)(1L << 30);
+            for (int i = 0; i < _perProcess.Length; i++)
+            {
+                _perProcess[i].Add((after[i] - before[i]) / gib);
+            }
+            Total.Add((after.Sum() - before.Sum()) / gib);
+        }
+
+        public void Clear()
+        {
+            foreach (var l in _perProcess)
+            {
+                l.Clear();
+            }
+            Total.Clear();
+        }
+
+        public static BenchFigure Figure(string name, CpuPerGiB vmig, CpuPerGiB raw)
+        {
+            var f = Measure.Figure("accel", name, "CPU ms/GiB", raw.Total, vmig.Total,
+                "raw transfer: two raw server processes + this client, same bytes", null, GoalDirection.None,
+                "sum over the source device host, the target device host and the bench client (/proc/PID/stat, 10 ms ticks), whole transfers");
+            string[] who = ["source device host", "target device host", "client (bench)"];
+            string[] rawWho = ["raw server A (reads)", "raw server B (writes)", "client (bench)"];
+            for (int i = 0; i < who.Length; i++)
+            {
+                f.Extra[$"vmig {who[i]}, CPU ms/GiB (median)"] = Summary.Of(vmig._perProcess[i]).Median;
+                f.Extra[$"raw {rawWho[i]}, CPU ms/GiB (median)"] = Summary.Of(raw._perProcess[i]).Median;
+            }
+            return f;
+        }
     }
 
     private static void Check(AcceleratorCompletion c)
