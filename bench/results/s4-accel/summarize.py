@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Median over alternated runs of each build: accel ratios, per-process CPU ms/GiB, in-process device side.
+usage: summarize.py TAG   (reads TAG-before-N.json / TAG-after-N.json and TAG-*.txt for the load)"""
+import glob, json, re, statistics, sys
+tag = sys.argv[1]
+rows = [
+    ("pre-copy 1 GiB, ratio to raw", "device memory pre-copy throughput", "Ratio", None),
+    ("stop-copy 1 GiB, ratio to raw", "device memory stop-copy throughput (no pre-copy)", "Ratio", None),
+    ("stop-copy interleaved 64 MiB slices, ratio", "interleaved 64 MiB slices", "Ratio", None),
+    ("bare device vs raw (transport), ratio", "breakdown: bare-copy device", "Ratio", None),
+    ("accelerator vs bare device (stream), ratio", "breakdown: accelerator vs bare", "Ratio", None),
+    ("source+target server CPU, accel vs raw, ratio", "server CPU per MiB, stop-copy, accelerator", "Ratio", None),
+    ("source+target server CPU µs/MiB, accel", "server CPU per MiB, stop-copy, accelerator", "Value", None),
+    ("source+target server CPU µs/MiB, raw", "server CPU per MiB, stop-copy, accelerator", "Baseline", None),
+    ("stop-copy migration CPU ms/GiB, 3 processes, vmig", "all three processes, stop-copy", "Value", None),
+    ("stop-copy migration CPU ms/GiB, 3 processes, raw", "all three processes, stop-copy", "Baseline", None),
+    ("  source device host ms/GiB (stop-copy)", "all three processes, stop-copy", "Extra", "vmig source device host, CPU ms/GiB (median)"),
+    ("  target device host ms/GiB (stop-copy)", "all three processes, stop-copy", "Extra", "vmig target device host, CPU ms/GiB (median)"),
+    ("  client ms/GiB (stop-copy)", "all three processes, stop-copy", "Extra", "vmig client (bench), CPU ms/GiB (median)"),
+    ("  raw server A ms/GiB", "all three processes, stop-copy", "Extra", "raw raw server A (reads), CPU ms/GiB (median)"),
+    ("  raw server B ms/GiB", "all three processes, stop-copy", "Extra", "raw raw server B (writes), CPU ms/GiB (median)"),
+    ("  raw client ms/GiB", "all three processes, stop-copy", "Extra", "raw client (bench), CPU ms/GiB (median)"),
+    ("  source device host ms/GiB (pre-copy)", "all three processes, pre-copy", "Extra", "vmig source device host, CPU ms/GiB (median)"),
+    ("  target device host ms/GiB (pre-copy)", "all three processes, pre-copy", "Extra", "vmig target device host, CPU ms/GiB (median)"),
+    ("in-process save+load vs bare copies, ratio", "device side of stop-copy", "Ratio", None),
+    ("in-process zero-copy save µs/MiB (best)", "device side of stop-copy", "Extra", "zero-copy save (STOP_COPY gather: CRC32C over device memory in place, no copy), µs/MiB, best migration"),
+    ("in-process zero-copy load µs/MiB (best)", "device side of stop-copy", "Extra", "zero-copy load (a copy into the device's span standing for the socket receive, then CRC32C in place), µs/MiB, best migration"),
+    ("in-process CRC32C alone µs/MiB (best)", "device side of stop-copy", "Extra", "CRC32C alone over device memory, µs/MiB, best of 5 passes"),
+    ("warm-up pre-copy into never-written target, MiB/s", "device memory pre-copy throughput", "Extra", "warm-up pre-copy migration into a never-written target VF (first-touch faults), MiB/s"),
+    ("warm-up: target host CPU ms/GiB", "device memory pre-copy throughput", "Extra", "warm-up: target device host CPU ms/GiB"),
+]
+def val(fig, kind, key):
+    if kind == "Extra":
+        return fig["Extra"].get(key)
+    return fig[kind]["Median"]
+out = {}
+loads = {}
+for arm in ("before", "after"):
+    files = sorted(glob.glob(f"{tag}-{arm}-*.json"))
+    for f in files:
+        txt = open(f[:-5] + ".txt").read()
+        loads.setdefault(arm, []).extend(float(m) for m in re.findall(r"load (?:before|after): ([\d.]+)", txt))
+    for label, name, kind, key in rows:
+        vs = []
+        for f in files:
+            for fig in json.load(open(f))["Figures"]:
+                if name in fig["Name"]:
+                    v = val(fig, kind, key)
+                    if v is not None:
+                        vs.append(v)
+                    break
+        out.setdefault(label, {})[arm] = vs
+print(f"{tag}: runs per arm: before {len(glob.glob(tag+'-before-*.json'))}, after {len(glob.glob(tag+'-after-*.json'))}; "
+      f"1-min load average at start/end of each run: before {loads.get('before')}, after {loads.get('after')}")
+print(f"{'figure (median of per-run medians)':58} {'before':>9} {'after':>9}   per-run values before | after")
+for label, _, _, _ in rows:
+    b, a = out[label].get("before", []), out[label].get("after", [])
+    fmt = lambda xs: f"{statistics.median(xs):9.3f}" if xs else f"{'-':>9}"
+    print(f"{label:58} {fmt(b)} {fmt(a)}   {[round(x,3) for x in b]} | {[round(x,3) for x in a]}")
