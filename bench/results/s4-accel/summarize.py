@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Median over alternated runs of each build: accel ratios, per-process CPU ms/GiB, in-process device side.
-usage: summarize.py TAG   (reads TAG-before-N.json / TAG-after-N.json and TAG-*.txt for the load)"""
+usage: summarize.py TAG [TAG…]   (reads TAG-before-N.json / TAG-after-N.json and TAG-*.txt for the load; several
+tags pool their runs, for batches of the same two builds)"""
 import glob, json, re, statistics, sys
-tag = sys.argv[1]
+tags = sys.argv[1:]
+tag = "+".join(tags)
 rows = [
     ("pre-copy 1 GiB, ratio to raw", "device memory pre-copy throughput", "Ratio", None),
     ("stop-copy 1 GiB, ratio to raw", "device memory stop-copy throughput (no pre-copy)", "Ratio", None),
@@ -12,6 +14,7 @@ rows = [
     ("source+target server CPU, accel vs raw, ratio", "server CPU per MiB, stop-copy, accelerator", "Ratio", None),
     ("source+target server CPU µs/MiB, accel", "server CPU per MiB, stop-copy, accelerator", "Value", None),
     ("source+target server CPU µs/MiB, raw", "server CPU per MiB, stop-copy, accelerator", "Baseline", None),
+    ("source+target server CPU, bare device vs raw, ratio", "server CPU per MiB, stop-copy, bare zero-copy", "Ratio", None),
     ("stop-copy migration CPU ms/GiB, 3 processes, vmig", "all three processes, stop-copy", "Value", None),
     ("stop-copy migration CPU ms/GiB, 3 processes, raw", "all three processes, stop-copy", "Baseline", None),
     ("  source device host ms/GiB (stop-copy)", "all three processes, stop-copy", "Extra", "vmig source device host, CPU ms/GiB (median)"),
@@ -36,7 +39,7 @@ def val(fig, kind, key):
 out = {}
 loads = {}
 for arm in ("before", "after"):
-    files = sorted(glob.glob(f"{tag}-{arm}-*.json"))
+    files = sorted(f for t in tags for f in glob.glob(f"{t}-{arm}-*.json"))
     for f in files:
         txt = open(f[:-5] + ".txt").read()
         loads.setdefault(arm, []).extend(float(m) for m in re.findall(r"load (?:before|after): ([\d.]+)", txt))
@@ -50,7 +53,7 @@ for arm in ("before", "after"):
                         vs.append(v)
                     break
         out.setdefault(label, {})[arm] = vs
-print(f"{tag}: runs per arm: before {len(glob.glob(tag+'-before-*.json'))}, after {len(glob.glob(tag+'-after-*.json'))}; "
+print(f"{tag}: runs per arm: before {sum(len(glob.glob(t+'-before-*.json')) for t in tags)}, after {sum(len(glob.glob(t+'-after-*.json')) for t in tags)}; "
       f"1-min load average at start/end of each run: before {loads.get('before')}, after {loads.get('after')}")
 print(f"{'figure (median of per-run medians)':58} {'before':>9} {'after':>9}   per-run values before | after")
 for label, _, _, _ in rows:
