@@ -70,7 +70,6 @@ public static class Crc32C
         : data.Length >= MinInterleaved && IsInterleaved ? Interleaved<CrcOnly>(crc, data, default)
         : AppendSerial(crc, data);
 
-
     /// <summary>
     /// Copies <paramref name="source"/> into the start of <paramref name="destination"/> and feeds the same bytes into
     /// a running value, in one pass over the source (each word is loaded once, then stored and fed into the CRC) —

@@ -4,8 +4,8 @@ namespace Vmig.Devices.Tests;
 
 /// <summary>
 /// Vmig.Spec.Crc32C against RFC 3720 B.4 vectors and a bit-at-a-time reference (written here, independent of the
-/// implementation), over every length 0..4096 at odd alignments, across the three-lane block boundaries, and split
-/// into chunks.
+/// implementation), over every length 0..4096 at odd alignments, across the three-lane block boundaries and the 512-bit
+/// folding path's block and tail boundaries (with copy), single-bit flips in every fold lane, and split into chunks.
 /// </summary>
 public class Crc32CTests
 {
