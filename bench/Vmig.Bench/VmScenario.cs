@@ -13,7 +13,10 @@ namespace Vmig.Bench;
 /// vCPU work) and busy (a memory-dirtier vCPU writing 100 MiB/s over half of RAM), with one device (a
 /// <see cref="BenchStateDevice"/> served in its own process on each side, driven through vfio-user). Total time is
 /// compared with bytes sent ÷ raw TCP loopback throughput measured right before each migration (goal ≤ 1.3×);
-/// downtime is reported. Then growth: RAM, device state size and device count, each a table and an SVG plot.
+/// downtime is reported. Each run also migrates, interleaved, with device data after RAM on one connection and with the
+/// target's guest RAM preallocated before the migration (QEMU -mem-prealloc -incoming: its own figure row, the allocation
+/// reported separately and NOT inside the measured time), and prints this process's CPU by thread (the busy VM's vCPU is
+/// guest work, also shown subtracted). Then growth: RAM, device state size and device count, each a table and an SVG plot.
 /// The NVMe-only downtime goal needs the NVMe VF served over vfio-user, which main does not do yet.
 /// </summary>
 internal static class VmScenario
