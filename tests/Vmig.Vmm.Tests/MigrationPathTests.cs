@@ -127,6 +127,47 @@ public sealed class MigrationPathTests
     }
 
     [Fact]
+    public void RamSectionBuilder_WhileTheGuestWritesThePages_TheCrcCoversExactlyTheBytesInTheFrame()
+    {
+        // A vCPU storing into the pages while they are copied: each built section must still pass the reader's CRC
+        // check (the CRC is fused into the copy, so it is over the frame's bytes, torn or not). A CRC taken from RAM in a
+        // separate pass would disagree with the copy whenever a store lands between the two.
+        using var ram = GuestRam.Create(256 * 4096);
+        ram.GetHostSpan(0, 256 * 4096).Fill(1);
+        using var stop = new CancellationTokenSource();
+        long stores = 0;
+        var writer = new Thread(() =>
+        {
+            var r = new Random(7);
+            while (!stop.IsCancellationRequested)
+            {
+                // Never zero, so the planned records (all data) stay valid.
+                ram.GetHostSpan((ulong)r.Next(256 * 4096 / 8) * 8, 8).Fill((byte)r.Next(1, 256));
+                stores++;
+            }
+        });
+        writer.Start();
+        try
+        {
+            var frame = new byte[SectionHeader.Size + RamPages.MaxPayload];
+            var b = new RamSectionBuilder(ram, omitZeroPages: false);
+            for (int i = 0; i < 200; i++)
+            {
+                Assert.Equal(256, b.Plan(0, 256, out _));
+                int len = b.Build(frame, 2, out _);
+                var reader = new SectionReader(new MemoryStream(frame, 0, SectionHeader.Size + len), RamPages.MaxPayload);
+                Assert.True(reader.ReadNext()); // throws StreamFormatException on a CRC mismatch
+            }
+        }
+        finally
+        {
+            stop.Cancel();
+            writer.Join();
+        }
+        Assert.True(stores > 1000, $"the writer thread made only {stores} stores");
+    }
+
+    [Fact]
     public void SectionWriter_WriteFramed_WritesTheSameBytesAsWrite()
     {
         byte[] payload = Enumerable.Range(0, 5000).Select(i => (byte)i).ToArray();
