@@ -152,28 +152,6 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     }
 
     /// <summary>
-    /// Copies [<paramref name="gpa"/>, +destination.Length) with pread(2) on the memfd instead of loads through the
-    /// mapping: a page no one ever touched is a hole, and shmem reads holes as zeros without allocating them, where a
-    /// load through the mapping would allocate (and zero) every page — measured here at ~10 s per GiB against ~0.2 s.
-    /// Coherent with the mapping (same page cache). Thread-safe; no dirty marking.
-    /// </summary>
-    public void ReadUntracked(ulong gpa, Span<byte> destination)
-    {
-        Check(gpa, (ulong)destination.Length);
-        SafeFileHandle h = MemFdHandle();
-        while (!destination.IsEmpty)
-        {
-            int n = RandomAccess.Read(h, destination, (long)gpa);
-            if (n <= 0)
-            {
-                throw new EndOfStreamException($"guest RAM memfd ended at {gpa:#x}");
-            }
-            destination = destination[n..];
-            gpa += (ulong)n;
-        }
-    }
-
-    /// <summary>
     /// Writes <paramref name="source"/> at [<paramref name="gpa"/>, +source.Length) with pwrite(2) on the memfd instead of
     /// stores through the mapping: on a fresh memfd each store through the mapping takes a page fault that allocates and
     /// zeroes the page, where pwrite allocates in the kernel's copy loop (measured on this machine: ~1.0 s per GiB through
@@ -205,7 +183,7 @@ public sealed class GuestRam : IGuestMemory, IDisposable
         source.CopyTo(_mapping.GetSpan((long)gpa, source.Length));
     }
 
-    /// <summary>The memfd opened once, read-write, for <see cref="ReadUntracked"/> and <see cref="WriteUntracked"/> (positioned I/O: one handle serves every thread).</summary>
+    /// <summary>The memfd opened once, read-write, for <see cref="WriteUntracked"/> (positioned I/O: one handle serves every thread).</summary>
     private SafeFileHandle MemFdHandle()
     {
         lock (_fileLock)

@@ -180,7 +180,8 @@ internal sealed class PageRounds
 /// receiver's RAM is known zero-filled (the first pass). Not thread-safe: one builder per connection.
 /// </summary>
 /// <remarks>
-/// Pages are read through the mapping, which must not touch memfd holes (a load would allocate each one): callers give
+/// Pages are read through the mapping, which must not touch memfd holes (a load allocates and zeroes each one: ~10 s per
+/// GiB measured on this machine, against ~0.2 s for a pread of holes, which the sender used before): callers give
 /// only pages that were written (dirty) or lie in a data extent (<see cref="GuestRam.KeepAllocatedPages"/>).
 /// </remarks>
 internal sealed class RamSectionBuilder
