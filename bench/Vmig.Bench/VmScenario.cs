@@ -13,7 +13,10 @@ namespace Vmig.Bench;
 /// vCPU work) and busy (a memory-dirtier vCPU writing 100 MiB/s over half of RAM), with one device (a
 /// <see cref="BenchStateDevice"/> served in its own process on each side, driven through vfio-user). Total time is
 /// compared with bytes sent ÷ raw TCP loopback throughput measured right before each migration (goal ≤ 1.3×);
-/// downtime is reported. Then growth: RAM, device state size and device count, each a table and an SVG plot.
+/// downtime is reported. Each run also migrates, interleaved, with device data after RAM on one connection and with the
+/// target's guest RAM preallocated before the migration (QEMU -mem-prealloc -incoming: its own figure row, the allocation
+/// reported separately and NOT inside the measured time), and prints this process's CPU by thread (the busy VM's vCPU is
+/// guest work, also shown subtracted). Then growth: RAM, device state size and device count, each a table and an SVG plot.
 /// The NVMe-only downtime goal needs the NVMe VF served over vfio-user, which main does not do yet.
 /// </summary>
 internal static class VmScenario
@@ -37,9 +40,18 @@ internal static class VmScenario
             MigrationReport? last = null;
             var targetDown = new List<double>();
             var cpu = new List<double>();
+            var cpuNoGuest = new List<double>();
+            var serialCpuNoGuest = new List<double>();
+            var preCpuNoGuest = new List<double>();
             var rawCpuPerMiB = new List<double>();
             var serialTimes = new List<double>();
             var serialCpu = new List<double>();
+            var preTimes = new List<double>();
+            var preIdeal = new List<double>();
+            var preCpu = new List<double>();
+            var preAllocMs = new List<double>();
+            var preAllocCpu = new List<double>();
+            MigrationRun? lastRun = null, lastPre = null;
             (double Src, double Dst) lastHosts = default;
             Migrate(ctx, ram, 1, dev, busy); // warm-up
             for (int i = 0; i < ctx.Options.RunCount; i++)
@@ -52,9 +64,22 @@ internal static class VmScenario
                 var serial = Migrate(ctx, ram, 1, dev, busy, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50), DeviceDataConnection = false });
                 serialTimes.Add(serial.Report.TotalMilliseconds);
                 serialCpu.Add(serial.CpuMs);
+                serialCpuNoGuest.Add(serial.CpuMs - serial.GuestVcpuMs);
+                // Interleaved A/B: the target's guest RAM preallocated before the migration (QEMU -mem-prealloc -incoming);
+                // the allocation is outside the measured window and reported on its own rows.
+                var pre = Migrate(ctx, ram, 1, dev, busy, preallocateTarget: true);
+                preTimes.Add(pre.Report.TotalMilliseconds);
+                preIdeal.Add(pre.Report.TotalBytes / MiB / rate * 1e3);
+                preCpu.Add(pre.CpuMs);
+                preCpuNoGuest.Add(pre.CpuMs - pre.GuestVcpuMs);
+                preAllocMs.Add(pre.PreallocMs);
+                preAllocCpu.Add(pre.PreallocCpuMs);
+                lastPre = pre;
                 var run = Migrate(ctx, ram, 1, dev, busy);
+                lastRun = run;
                 var r = run.Report;
                 cpu.Add(run.CpuMs);
+                cpuNoGuest.Add(run.CpuMs - run.GuestVcpuMs);
                 lastHosts = (run.SrcHostCpuMs, run.DstHostCpuMs);
                 times.Add(r.TotalMilliseconds);
                 ideal.Add(r.TotalBytes / MiB / rate * 1e3);
@@ -76,11 +101,26 @@ internal static class VmScenario
             // CPU budget (docs: bench figure notes): CPU time is what two cores can overlap at best, so total ≥ CPU ÷ 2.
             double cpuMed = Summary.Of(cpu).Median, rawPerMiB = Summary.Of(rawCpuPerMiB).Median;
             f.Extra["CPU ms per migration, VMMs + device hosts (median)"] = cpuMed;
+            f.Extra["CPU ms per migration without the guest's own vCPU threads (median)"] = Summary.Of(cpuNoGuest).Median;
             f.Extra["CPU-bound floor on 2 cores: CPU ÷ 2, ms"] = cpuMed / 2;
             f.Extra["raw TCP CPU ms per MiB (send + receive, median)"] = rawPerMiB;
             f.Extra["raw TCP CPU ms for the bytes sent"] = rawPerMiB * bytes / MiB;
             f.Extra["A/B same run: device data after RAM on one connection, total ms (median)"] = Summary.Of(serialTimes).Median;
             f.Extra["A/B same run: device data after RAM on one connection, CPU ms (median)"] = Summary.Of(serialCpu).Median;
+            f.Extra["A/B same run: device data after RAM on one connection, CPU ms without guest vCPUs (median)"] = Summary.Of(serialCpuNoGuest).Median;
+            f.Extra["A/B same run: target RAM preallocated, total ms (median)"] = Summary.Of(preTimes).Median;
+            f.Extra["A/B same run: target RAM preallocated, CPU ms inside the window (median)"] = Summary.Of(preCpu).Median;
+            f.Extra["A/B same run: target RAM preallocated, CPU ms inside the window without guest vCPUs (median)"] = Summary.Of(preCpuNoGuest).Median;
+            f.Extra["A/B same run: target RAM preallocation, OUTSIDE the measured window, ms (median)"] = Summary.Of(preAllocMs).Median;
+            f.Extra["A/B same run: target RAM preallocation, OUTSIDE the measured window, CPU ms (median)"] = Summary.Of(preAllocCpu).Median;
+            foreach (var (thread, ms) in lastRun!.Threads.OrderByDescending(kv => kv.Value))
+            {
+                f.Extra[$"last run: bench process thread '{thread}' CPU ms"] = ms;
+            }
+            foreach (var (thread, ms) in lastPre!.Threads.OrderByDescending(kv => kv.Value))
+            {
+                f.Extra[$"last run, target RAM preallocated: bench process thread '{thread}' CPU ms"] = ms;
+            }
             foreach (var (phase, ms) in last!.PhaseMilliseconds)
             {
                 f.Extra[$"last run: phase {phase} ms"] = ms;
@@ -112,6 +152,13 @@ internal static class VmScenario
                 f.Extra["last run: final round ms"] = fin.Milliseconds;
             }
             ctx.Report.Figures.Add(f);
+            var fp = Measure.Figure("vm", $"{name}, target RAM preallocated (not in the window): total time", "ms", preIdeal, preTimes,
+                "bytes sent ÷ raw TCP loopback throughput measured before each migration; the target's guest RAM was allocated before the migration began (MigrationTargetOptions.PreallocatedMemory, as QEMU -mem-prealloc -incoming) and that allocation is NOT in the measured time (its own rows follow)", 1.3, GoalDirection.AtMost);
+            fp.Extra["RAM preallocation before the migration (outside the window), ms (median)"] = Summary.Of(preAllocMs).Median;
+            fp.Extra["RAM preallocation before the migration (outside the window), CPU ms (median)"] = Summary.Of(preAllocCpu).Median;
+            fp.Extra["CPU ms per migration inside the window, VMMs + device hosts (median)"] = Summary.Of(preCpu).Median;
+            fp.Extra["total ms + preallocation ms (median of sums)"] = Summary.Of(preTimes.Zip(preAllocMs, (a, b) => a + b).ToList()).Median;
+            ctx.Report.Figures.Add(fp);
             double idealMed = Summary.Of(ideal).Median;
             double tgt = last.TargetStepMilliseconds.GetValueOrDefault("cpu.main");
             double devPath = last.CpuMilliseconds.GetValueOrDefault("device-read") + last.CpuMilliseconds.GetValueOrDefault("device-send")
@@ -184,8 +231,21 @@ internal static class VmScenario
     /// One live migration of a fresh VM; device peers (one process per side) live for this migration only. Returns the
     /// report and the CPU time (user + system, ms) this process and both device hosts spent during the migration.
     /// </summary>
-    private static (MigrationReport Report, double CpuMs, double SrcHostCpuMs, double DstHostCpuMs) Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy,
-        MigrationOptions? options = null)
+    /// <summary>
+    /// One migration's figures: the report; CPU ms (user + system) of this process and both device hosts during it; the
+    /// device hosts' share; this process's CPU by thread name (threads that ended during the migration, e.g. the device
+    /// data helpers, under "(exited threads)"); and, with a preallocated target, the allocation's wall and CPU ms (before
+    /// the migration, not in its figures).
+    /// </summary>
+    internal sealed record MigrationRun(MigrationReport Report, double CpuMs, double SrcHostCpuMs, double DstHostCpuMs,
+        Dictionary<string, double> Threads, double PreallocMs, double PreallocCpuMs)
+    {
+        /// <summary>CPU ms of the guest's vCPU threads (named vcpuN: the busy VM's dirtier is guest work, not migration cost).</summary>
+        public double GuestVcpuMs => Threads.Where(kv => kv.Key.StartsWith("vcpu", StringComparison.Ordinal)).Sum(kv => kv.Value);
+    }
+
+    private static MigrationRun Migrate(BenchContext ctx, long ramBytes, int devices, long deviceBytes, bool busy,
+        MigrationOptions? options = null, bool preallocateTarget = false)
     {
         PeerProcess? srcPeer = null, dstPeer = null;
         string[] srcSocks = [], dstSocks = [];
@@ -217,11 +277,35 @@ internal static class VmScenario
             double SrcHost() => srcPeer is null ? 0 : ThreadCpu.OfProcess(srcPeer.Pid);
             double DstHost() => dstPeer is null ? 0 : ThreadCpu.OfProcess(dstPeer.Pid);
             double Cpu() => ThreadCpu.OfProcess(Environment.ProcessId) + SrcHost() + DstHost();
+            double preMs = 0, preCpu = 0;
+            GuestRam? preallocated = null;
+            if (preallocateTarget)
+            {
+                double c0 = ThreadCpu.OfProcess(Environment.ProcessId);
+                var sw = Stopwatch.StartNew();
+                preallocated = GuestRam.Create((ulong)ramBytes, "bench-target-prealloc", prefault: true);
+                preMs = sw.Elapsed.TotalMilliseconds;
+                preCpu = ThreadCpu.OfProcess(Environment.ProcessId) - c0;
+            }
+            var threads0 = ThreadCpu.ByThreadName(Environment.ProcessId);
+            double self0 = ThreadCpu.OfProcess(Environment.ProcessId);
             double cpu0 = Cpu(), src0 = SrcHost(), dst0 = DstHost();
             (var report, target) = MigrateOverLoopback(vm, new VmConfig { Name = "bench", Programs = programs },
                 d => ConnectRetrying(dst[int.Parse(d.Name.AsSpan(5), System.Globalization.CultureInfo.InvariantCulture)], d.Name, d.Kind, d.Profile),
-                options ?? new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) });
+                options ?? new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50) },
+                new MigrationTargetOptions { PreallocatedMemory = preallocated });
             double cpuMs = Cpu() - cpu0, srcHostMs = SrcHost() - src0, dstHostMs = DstHost() - dst0;
+            double selfMs = ThreadCpu.OfProcess(Environment.ProcessId) - self0;
+            var threads = new Dictionary<string, double>();
+            foreach (var (n, ms) in ThreadCpu.ByThreadName(Environment.ProcessId))
+            {
+                double d = ms - threads0.GetValueOrDefault(n);
+                if (d > 0)
+                {
+                    threads[n] = d;
+                }
+            }
+            threads["(exited threads)"] = Math.Max(0, selfMs - threads.Values.Sum());
             if (busy)
             {
                 target.Pause();
@@ -234,7 +318,7 @@ internal static class VmScenario
             {
                 throw new InvalidOperationException("device state differs after migration");
             }
-            return (report, cpuMs, srcHostMs, dstHostMs);
+            return new MigrationRun(report, cpuMs, srcHostMs, dstHostMs, threads, preMs, preCpu);
         }
         finally
         {
@@ -255,13 +339,13 @@ internal static class VmScenario
     /// built, is disposed); otherwise the caller owns both VMs.
     /// </summary>
     internal static (MigrationReport Report, Vm Target) MigrateOverLoopback(Vm vm, VmConfig incoming, Func<DeviceDescription, IVmDevice> open,
-        MigrationOptions options)
+        MigrationOptions options, MigrationTargetOptions? targetOptions = null)
     {
         var listener = new TcpListener(IPAddress.Loopback, 0);
         listener.Start();
         try
         {
-            var accept = MigrationTarget.AcceptAsync(listener, incoming, open);
+            var accept = MigrationTarget.AcceptAsync(listener, incoming, open, targetOptions);
             var report = MigrationSource.RunAsync(vm, listener.LocalEndpoint, options).GetAwaiter().GetResult();
             var target = accept.GetAwaiter().GetResult();
             if (report.Outcome != "completed")

@@ -40,7 +40,7 @@ internal static class CliContext
         {
             return body();
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidDataException or ArgumentException or System.Net.Sockets.SocketException or TimeoutException or InvalidOperationException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidDataException or ArgumentException or FormatException or System.Net.Sockets.SocketException or TimeoutException or InvalidOperationException)
         {
             Spectre.Console.AnsiConsole.MarkupLineInterpolated($"[red]vmig: {e.Message}[/]");
             return 1;

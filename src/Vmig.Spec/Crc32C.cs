@@ -17,8 +17,12 @@ namespace Vmig.Spec;
 /// crc32 chains over three equal lanes (the instruction has a 3-cycle latency but issues once a cycle, so one chain
 /// uses a third of it), and the lane values are joined with a carry-less multiply by x^(8n−33) mod P and one crc32
 /// reduction — the method of Intel's "Fast CRC Computation for iSCSI Polynomial Using CRC32 Instruction" (2011) and of
-/// Linux's crc32c-intel. Elsewhere one chain of <see cref="BitOperations.Crc32C(uint, ulong)"/> (hardware where the CPU
-/// has it, a table otherwise). Both give bit-identical results.
+/// Linux's crc32c-intel. With VPCLMULQDQ and AVX-512 as well, inputs of at least <see cref="MinFolded"/> bytes are
+/// folded 256 bytes a step with 512-bit carry-less multiplies instead (Linux's and zlib-ng's method for large buffers;
+/// the crc32 instruction's one 8-byte word a cycle is the bound of the three lanes, four 512-bit folds are not
+/// bound by it), and only the last 128 bits and the tail go through crc32. Elsewhere one chain of
+/// <see cref="BitOperations.Crc32C(uint, ulong)"/> (hardware where the CPU has it, a table otherwise). All give
+/// bit-identical results.
 /// </remarks>
 public static class Crc32C
 {
@@ -41,12 +45,30 @@ public static class Crc32C
     /// <summary>True when the three-lane path is used on this CPU.</summary>
     public static bool IsInterleaved => Sse42.X64.IsSupported && Pclmulqdq.IsSupported && BitConverter.IsLittleEndian;
 
+    /// <summary>Smallest input (bytes) that takes the folding path: one 256-byte block to start from and at least one to fold in.</summary>
+    internal const int MinFolded = 2 * FoldBlock;
+
+    /// <summary>Bytes one folding step consumes: four 512-bit accumulators.</summary>
+    private const int FoldBlock = 256;
+
+    /// <summary>
+    /// Folding constants for the 512-bit path, each pair (x^(d+32) mod P, x^(d−32) mod P) reflected and shifted left
+    /// one bit (33 bits), for fold distances d = 2048 (the four-accumulator step), 512 (accumulator into the next),
+    /// 384, 256 and 128 (the 128-bit lanes of the last accumulator into its last lane).
+    /// </summary>
+    private static readonly ulong[] FoldK = BuildFoldConstants();
+
+    /// <summary>True when the 512-bit carry-less-multiply folding path is used on this CPU (VPCLMULQDQ + AVX-512).</summary>
+    public static bool IsFolded => IsInterleaved && Pclmulqdq.V512.IsSupported && Avx512F.IsSupported;
+
     /// <summary>CRC-32C of <paramref name="data"/>.</summary>
     public static uint Compute(ReadOnlySpan<byte> data) => Finish(Append(Start, data));
 
     /// <summary>Feeds <paramref name="data"/> into a running (non-inverted) value; start with <see cref="Start"/>, end with <see cref="Finish"/>.</summary>
     public static uint Append(uint crc, ReadOnlySpan<byte> data) =>
-        data.Length >= MinInterleaved && IsInterleaved ? Interleaved<CrcOnly>(crc, data, default) : AppendSerial(crc, data);
+        data.Length >= MinFolded && IsFolded ? Folded<CrcOnly>(crc, data, default)
+        : data.Length >= MinInterleaved && IsInterleaved ? Interleaved<CrcOnly>(crc, data, default)
+        : AppendSerial(crc, data);
 
     /// <summary>
     /// Copies <paramref name="source"/> into the start of <paramref name="destination"/> and feeds the same bytes into
@@ -60,6 +82,10 @@ public static class Crc32C
         if (destination.Length < source.Length)
         {
             throw new ArgumentException($"destination ({destination.Length} bytes) is shorter than source ({source.Length} bytes)", nameof(destination));
+        }
+        if (source.Length >= MinFolded && IsFolded)
+        {
+            return Folded<WithCopy>(crc, source, destination);
         }
         if (source.Length >= MinInterleaved && IsInterleaved)
         {
@@ -149,6 +175,104 @@ public static class Crc32C
         // values moved past the 2·lane and lane words that follow them (the step is linear, so one reduction serves both).
         ulong fold = ClMul((uint)a, Shift[2 * lane]) ^ ClMul((uint)b, Shift[lane]);
         return (uint)(Sse42.X64.Crc32(0UL, fold) ^ c);
+    }
+
+    /// <summary>
+    /// The folding method of Intel's "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ Instruction" (2009),
+    /// 512 bits at a time: four 512-bit accumulators hold the first 256 bytes (the running value XORed into the first
+    /// 4 bytes, which for a reflected CRC is the same as continuing from it); each further 256-byte block is added to
+    /// the accumulators multiplied forward by x^2048 (each 128-bit lane's two halves by x^(2048±32), carry-less, which
+    /// keeps it congruent mod P in 128 bits). The four accumulators then fold into the last, its four lanes into its
+    /// last lane, and that 128-bit remainder, congruent to everything before it, goes through two crc32 steps from 0;
+    /// the &lt; 256-byte tail follows through the three-lane or single path. With <typeparamref name="TMode"/> =
+    /// <see cref="WithCopy"/> every 64 bytes loaded are also stored at the same offset of <paramref name="to"/>.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static uint Folded<TMode>(uint crc, ReadOnlySpan<byte> data, Span<byte> to)
+        where TMode : struct
+    {
+        bool copy = typeof(TMode) == typeof(WithCopy);
+        ref byte src = ref MemoryMarshal.GetReference(data);
+        ref byte dst = ref MemoryMarshal.GetReference(to);
+        var k2048 = Vector512.Create(FoldK[0], FoldK[1], FoldK[0], FoldK[1], FoldK[0], FoldK[1], FoldK[0], FoldK[1]);
+        var x0 = Vector512.LoadUnsafe(ref src, 0).AsUInt64();
+        var x1 = Vector512.LoadUnsafe(ref src, 64).AsUInt64();
+        var x2 = Vector512.LoadUnsafe(ref src, 128).AsUInt64();
+        var x3 = Vector512.LoadUnsafe(ref src, 192).AsUInt64();
+        if (copy)
+        {
+            x0.AsByte().StoreUnsafe(ref dst, 0);
+            x1.AsByte().StoreUnsafe(ref dst, 64);
+            x2.AsByte().StoreUnsafe(ref dst, 128);
+            x3.AsByte().StoreUnsafe(ref dst, 192);
+        }
+        x0 ^= Vector512.CreateScalar((ulong)crc);
+        nuint at = FoldBlock;
+        nuint end = (nuint)(data.Length - (data.Length % FoldBlock));
+        for (; at < end; at += FoldBlock)
+        {
+            var y0 = Vector512.LoadUnsafe(ref src, at).AsUInt64();
+            var y1 = Vector512.LoadUnsafe(ref src, at + 64).AsUInt64();
+            var y2 = Vector512.LoadUnsafe(ref src, at + 128).AsUInt64();
+            var y3 = Vector512.LoadUnsafe(ref src, at + 192).AsUInt64();
+            if (copy)
+            {
+                y0.AsByte().StoreUnsafe(ref dst, at);
+                y1.AsByte().StoreUnsafe(ref dst, at + 64);
+                y2.AsByte().StoreUnsafe(ref dst, at + 128);
+                y3.AsByte().StoreUnsafe(ref dst, at + 192);
+            }
+            x0 = Fold512(x0, k2048, y0);
+            x1 = Fold512(x1, k2048, y1);
+            x2 = Fold512(x2, k2048, y2);
+            x3 = Fold512(x3, k2048, y3);
+        }
+        var k512 = Vector512.Create(FoldK[2], FoldK[3], FoldK[2], FoldK[3], FoldK[2], FoldK[3], FoldK[2], FoldK[3]);
+        x1 = Fold512(x0, k512, x1);
+        x2 = Fold512(x1, k512, x2);
+        x3 = Fold512(x2, k512, x3);
+        var r = Fold128(x3.GetLower().GetLower(), Vector128.Create(FoldK[4], FoldK[5]), x3.GetUpper().GetUpper());
+        r = Fold128(x3.GetLower().GetUpper(), Vector128.Create(FoldK[6], FoldK[7]), r);
+        r = Fold128(x3.GetUpper().GetLower(), Vector128.Create(FoldK[8], FoldK[9]), r);
+        crc = (uint)Sse42.X64.Crc32(Sse42.X64.Crc32(0UL, r.GetElement(0)), r.GetElement(1));
+        var tail = data[(int)end..];
+        if (copy)
+        {
+            tail.CopyTo(to[(int)end..]);
+        }
+        return tail.Length >= MinInterleaved ? Interleaved<CrcOnly>(crc, tail, default) : AppendSerial(crc, tail);
+    }
+
+    /// <summary>Each 128-bit lane of <paramref name="x"/> multiplied forward (low half by k[0], high half by k[1]) and added to <paramref name="y"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<ulong> Fold512(Vector512<ulong> x, Vector512<ulong> k, Vector512<ulong> y) =>
+        Pclmulqdq.V512.CarrylessMultiply(x, k, 0x00) ^ Pclmulqdq.V512.CarrylessMultiply(x, k, 0x11) ^ y;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector128<ulong> Fold128(Vector128<ulong> x, Vector128<ulong> k, Vector128<ulong> y) =>
+        Pclmulqdq.CarrylessMultiply(x, k, 0x00) ^ Pclmulqdq.CarrylessMultiply(x, k, 0x11) ^ y;
+
+    /// <summary>x^e mod P, reflected (bit i is the coefficient of x^(31−i)), shifted left one bit.</summary>
+    private static ulong XPowShifted(int e)
+    {
+        uint v = 0x8000_0000; // x^0
+        for (int i = 0; i < e; i++)
+        {
+            v = (v & 1) != 0 ? (v >> 1) ^ 0x82F6_3B78u : v >> 1;
+        }
+        return (ulong)v << 1;
+    }
+
+    private static ulong[] BuildFoldConstants()
+    {
+        int[] distances = [2048, 512, 384, 256, 128];
+        var k = new ulong[2 * distances.Length];
+        for (int i = 0; i < distances.Length; i++)
+        {
+            k[2 * i] = XPowShifted(distances[i] + 32);
+            k[(2 * i) + 1] = XPowShifted(distances[i] - 32);
+        }
+        return k;
     }
 
     /// <summary><see cref="ThreeLanes{TMode}"/> mode: checksum only.</summary>

@@ -27,11 +27,12 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     private readonly object _fileLock = new();
     private SafeFileHandle? _file;
 
-    private GuestRam(UnixFd fd, Mapping mapping, ulong size)
+    private GuestRam(UnixFd fd, Mapping mapping, ulong size, bool prefaulted)
     {
         Fd = fd;
         _mapping = mapping;
         Size = size;
+        Prefaulted = prefaulted;
         _dirty = new PageBitmap((long)(size >> PageShift));
     }
 
@@ -44,10 +45,24 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     /// <summary>The memfd (for DMA_MAP with SCM_RIGHTS). Owned by this object.</summary>
     public UnixFd Fd { get; }
 
+    /// <summary>
+    /// True when every page was allocated and mapped at creation (<see cref="Create"/> with prefault, QEMU's
+    /// <c>-mem-prealloc</c>): stores through the mapping then take no page fault, so an incoming migration copies RAM
+    /// through the mapping instead of pwrite(2) on the memfd.
+    /// </summary>
+    public bool Prefaulted { get; }
+
     /// <summary>Creates RAM of <paramref name="sizeBytes"/> (a positive multiple of <see cref="PageSize"/>), zero-filled.</summary>
+    /// <param name="sizeBytes">Bytes of RAM.</param>
+    /// <param name="name">memfd name (shown in /proc/PID/fd).</param>
+    /// <param name="prefault">
+    /// Allocate and map every page now (mmap MAP_POPULATE on the shared memfd: each page allocated, zeroed and mapped
+    /// writable), as QEMU's <c>-mem-prealloc</c> does at start: ~0.8 s of CPU per GiB on this machine (bench/results/
+    /// s3-vmm/page-cache-primitives.txt) paid here instead of page by page on first write.
+    /// </param>
     /// <exception cref="ArgumentOutOfRangeException">The size is 0 or not page aligned.</exception>
-    /// <exception cref="NativeException">memfd_create, ftruncate or mmap failed.</exception>
-    public static GuestRam Create(ulong sizeBytes, string name = "vmig-guest-ram")
+    /// <exception cref="NativeException">memfd_create, ftruncate or mmap failed (ENOMEM when prefaulting more than the host has).</exception>
+    public static GuestRam Create(ulong sizeBytes, string name = "vmig-guest-ram", bool prefault = false)
     {
         if (sizeBytes == 0 || (sizeBytes & (PageSize - 1)) != 0 || sizeBytes > long.MaxValue)
         {
@@ -56,8 +71,8 @@ public sealed class GuestRam : IGuestMemory, IDisposable
         UnixFd fd = MemFd.Create(name, (long)sizeBytes);
         try
         {
-            Mapping m = Mapping.Map(fd, 0, (long)sizeBytes);
-            return new GuestRam(fd, m, sizeBytes);
+            Mapping m = Mapping.Map(fd, 0, (long)sizeBytes, populate: prefault);
+            return new GuestRam(fd, m, sizeBytes, prefault);
         }
         catch
         {
@@ -137,28 +152,6 @@ public sealed class GuestRam : IGuestMemory, IDisposable
     }
 
     /// <summary>
-    /// Copies [<paramref name="gpa"/>, +destination.Length) with pread(2) on the memfd instead of loads through the
-    /// mapping: a page no one ever touched is a hole, and shmem reads holes as zeros without allocating them, where a
-    /// load through the mapping would allocate (and zero) every page — measured here at ~10 s per GiB against ~0.2 s.
-    /// Coherent with the mapping (same page cache). Thread-safe; no dirty marking.
-    /// </summary>
-    public void ReadUntracked(ulong gpa, Span<byte> destination)
-    {
-        Check(gpa, (ulong)destination.Length);
-        SafeFileHandle h = MemFdHandle();
-        while (!destination.IsEmpty)
-        {
-            int n = RandomAccess.Read(h, destination, (long)gpa);
-            if (n <= 0)
-            {
-                throw new EndOfStreamException($"guest RAM memfd ended at {gpa:#x}");
-            }
-            destination = destination[n..];
-            gpa += (ulong)n;
-        }
-    }
-
-    /// <summary>
     /// Writes <paramref name="source"/> at [<paramref name="gpa"/>, +source.Length) with pwrite(2) on the memfd instead of
     /// stores through the mapping: on a fresh memfd each store through the mapping takes a page fault that allocates and
     /// zeroes the page, where pwrite allocates in the kernel's copy loop (measured on this machine: ~1.0 s per GiB through
@@ -172,7 +165,25 @@ public sealed class GuestRam : IGuestMemory, IDisposable
         RandomAccess.Write(MemFdHandle(), source, (long)gpa);
     }
 
-    /// <summary>The memfd opened once, read-write, for <see cref="ReadUntracked"/> and <see cref="WriteUntracked"/> (positioned I/O: one handle serves every thread).</summary>
+    /// <summary>
+    /// Loads incoming pages at [<paramref name="gpa"/>, +source.Length) the cheapest way for this RAM: a copy through the
+    /// mapping when <see cref="Prefaulted"/> (every page is mapped already: no fault), else <see cref="WriteUntracked"/>
+    /// (pwrite allocates fresh shmem pages in the kernel's copy loop, half the cost of faulting them through the mapping).
+    /// No dirty marking.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">The range is outside RAM.</exception>
+    public void LoadUntracked(ulong gpa, ReadOnlySpan<byte> source)
+    {
+        if (!Prefaulted)
+        {
+            WriteUntracked(gpa, source);
+            return;
+        }
+        Check(gpa, (ulong)source.Length);
+        source.CopyTo(_mapping.GetSpan((long)gpa, source.Length));
+    }
+
+    /// <summary>The memfd opened once, read-write, for <see cref="WriteUntracked"/> (positioned I/O: one handle serves every thread).</summary>
     private SafeFileHandle MemFdHandle()
     {
         lock (_fileLock)

@@ -140,12 +140,26 @@ public sealed class Vm : IDisposable
     /// given devices mapped and wired, no vCPUs yet. <see cref="ResumeGuest"/> creates the programs once RAM
     /// and registers have arrived. Takes ownership of <paramref name="devices"/>.
     /// </summary>
-    public static Vm CreateIncoming(VmDescription description, VmConfig config, IReadOnlyList<IVmDevice> devices)
+    /// <param name="description">What the source sent.</param>
+    /// <param name="config">This host's guest software.</param>
+    /// <param name="devices">The opened devices, in the description's order.</param>
+    /// <param name="ram">
+    /// RAM created beforehand (e.g. prefaulted, <see cref="Migration.MigrationTargetOptions.PreallocatedMemory"/>): it must be
+    /// fresh (zero-filled, never written) and of the described size; the VM owns it from then on, even if this throws.
+    /// Null: a new zero-filled memfd.
+    /// </param>
+    /// <exception cref="ArgumentException"><paramref name="ram"/> has another size than the description.</exception>
+    public static Vm CreateIncoming(VmDescription description, VmConfig config, IReadOnlyList<IVmDevice> devices, GuestRam? ram = null)
     {
         ArgumentNullException.ThrowIfNull(description);
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(devices);
-        var ram = GuestRam.Create(description.MemorySize, $"vmig-{description.Name}");
+        if (ram is not null && ram.Size != description.MemorySize)
+        {
+            ram.Dispose();
+            throw new ArgumentException($"preallocated guest RAM has {ram.Size} bytes, the incoming VM {description.MemorySize}", nameof(ram));
+        }
+        ram ??= GuestRam.Create(description.MemorySize, $"vmig-{description.Name}");
         try
         {
             return new Vm(config, description.Name, ram, devices);

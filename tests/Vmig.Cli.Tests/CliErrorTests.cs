@@ -81,6 +81,19 @@ public sealed class CliErrorTests : IDisposable
         Assert.Contains("tcp:HOST:PORT", output, StringComparison.Ordinal);
     }
 
+    [Theory]
+    [InlineData("--mem-prealloc goes with --incoming", "vm", "--config", "x.json", "--mem-prealloc", "1G")]
+    [InlineData("not a size", "vm", "--incoming", "tcp:127.0.0.1:1", "--mem-prealloc", "lots")]
+    [InlineData("more than the 64 GiB", "vm", "--incoming", "tcp:127.0.0.1:1", "--mem-prealloc", "100T")]
+    [InlineData("not a size", "migrate", "x.ctl", "--to", "tcp:127.0.0.1:1", "--max-bandwidth", "fast")]
+    public void Bad_sizes_and_misplaced_size_options_are_refused_before_anything_is_allocated(string expected, params string[] args)
+    {
+        var (code, output) = VmigProcess.Run(T, args);
+        Assert.Equal(1, code);
+        Assert.Contains(expected, output, StringComparison.Ordinal);
+        Assert.DoesNotContain("   at ", output, StringComparison.Ordinal); // one red line, no stack trace
+    }
+
     [Fact]
     public void Every_command_has_help_with_an_example()
     {

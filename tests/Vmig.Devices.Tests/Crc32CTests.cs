@@ -4,8 +4,8 @@ namespace Vmig.Devices.Tests;
 
 /// <summary>
 /// Vmig.Spec.Crc32C against RFC 3720 B.4 vectors and a bit-at-a-time reference (written here, independent of the
-/// implementation), over every length 0..4096 at odd alignments, across the three-lane block boundaries, and split
-/// into chunks.
+/// implementation), over every length 0..4096 at odd alignments, across the three-lane block boundaries and the 512-bit
+/// folding path's block and tail boundaries (with copy), single-bit flips in every fold lane, and split into chunks.
 /// </summary>
 public class Crc32CTests
 {
@@ -102,6 +102,56 @@ public class Crc32CTests
             var s = buf.AsSpan(align, length);
             Assert.Equal(Reference(s), Crc32C.Compute(s));
             Assert.Equal(Reference(0x5A5A5A5Au, s), Crc32C.Append(0x5A5A5A5Au, s));
+        }
+    }
+
+    [Theory]
+    // The 512-bit folding path (when the CPU has VPCLMULQDQ + AVX-512): around its threshold (2 × 256 bytes), whole
+    // 256-byte blocks with tails of every kind (none, < the three-lane threshold, ≥ it), a record's in-place slice.
+    [InlineData(2 * 256 - 1)]
+    [InlineData(2 * 256)]
+    [InlineData(2 * 256 + 1)]
+    [InlineData(3 * 256 - 1)]
+    [InlineData(3 * 256)]
+    [InlineData(4 * 256 + 383)]
+    [InlineData(4 * 256 + 384)]
+    [InlineData(17 * 256 + 255)]
+    [InlineData(256 * 1024)]
+    [InlineData((256 * 1024) + 4 + 32)]
+    public void FoldingPathLengthsMatchTheBitwiseReferenceAndCopyExactly(int length)
+    {
+        var src = new byte[length + 5];
+        new Random(length ^ 0x5EED).NextBytes(src);
+        foreach (int align in new[] { 0, 5 })
+        {
+            var s = src.AsSpan(align, length);
+            uint want = Reference(0xA5A5A5A5u, s);
+            Assert.Equal(want, Crc32C.Append(0xA5A5A5A5u, s));
+            var dst = new byte[length + 2];
+            Assert.Equal(want, Crc32C.AppendCopy(0xA5A5A5A5u, s, dst.AsSpan(1)));
+            Assert.True(dst.AsSpan(1, length).SequenceEqual(s));
+            Assert.Equal(0, dst[0]);
+            Assert.Equal(0, dst[^1]);
+        }
+    }
+
+    [Fact]
+    public void FoldingPathDetectsEverySingleBitFlipInEachAccumulatorLane()
+    {
+        // A wrong fold constant for one lane distance would make flips in that lane cancel or collide; a CRC detects
+        // every single-bit error, so every flipped bit (one per 16-byte lane over three 256-byte blocks) must change it.
+        var data = new byte[3 * 256];
+        new Random(99).NextBytes(data);
+        uint clean = Crc32C.Compute(data);
+        Assert.Equal(Reference(data), clean);
+        for (int lane = 0; lane < data.Length / 16; lane++)
+        {
+            int bit = (lane * 37) % 128;
+            data[(lane * 16) + (bit / 8)] ^= (byte)(1 << (bit % 8));
+            uint flipped = Crc32C.Compute(data);
+            Assert.NotEqual(clean, flipped);
+            Assert.Equal(Reference(data), flipped);
+            data[(lane * 16) + (bit / 8)] ^= (byte)(1 << (bit % 8));
         }
     }
 

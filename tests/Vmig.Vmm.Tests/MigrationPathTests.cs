@@ -52,7 +52,7 @@ public sealed class MigrationPathTests
     }
 
     [Fact]
-    public void RamPages_AppendRun_CompactsInPlace_AndFirstPassOmitsZeroPages()
+    public void RamSectionBuilder_PacksRunsIntoRecords_AndFirstPassOmitsZeroPages()
     {
         using var src = GuestRam.Create(64 * 4096);
         // Pages: 0 data, 1-2 zero, 3-5 data, 6 zero, 7 data.
@@ -60,21 +60,111 @@ public sealed class MigrationPathTests
         {
             src.Write((ulong)p * 4096, Enumerable.Repeat((byte)(p + 1), 4096).ToArray());
         }
-        var buf = new byte[RamPages.MaxPayload];
-        RamPages.WritePayloadHeader(buf, 1);
-        int end = RamPages.AppendRun(src, 0, 8, buf, RamPages.PayloadHeaderSize, omitZeroPages: true, out int zeros);
+        var frame = new byte[SectionHeader.Size + RamPages.MaxPayload];
+        var first = new RamSectionBuilder(src, omitZeroPages: true);
+        Assert.Equal(8, first.Plan(0, 8, out int zeros));
         Assert.Equal(3, zeros);
         // Three data records (1 + 3 + 1 pages), no ZERO records.
-        Assert.Equal(RamPages.PayloadHeaderSize + (3 * RamPages.RecordHeaderSize) + (5 * 4096), end);
-        // A second run appended after the first in the same payload.
-        src.Write(40 * 4096, Enumerable.Repeat((byte)0x40, 4096).ToArray());
-        end = RamPages.AppendRun(src, 39, 2, buf, end, omitZeroPages: false, out zeros);
-        Assert.Equal(1, zeros);
+        Assert.Equal(RamPages.PayloadHeaderSize + (3 * RamPages.RecordHeaderSize) + (5 * 4096), first.PayloadLength);
+        int len1 = first.Build(frame, 1, out _);
+        var section1 = frame.AsSpan(0, SectionHeader.Size + len1).ToArray();
 
+        // A later round: zero pages as ZERO records, two runs in one section.
+        src.Write(40 * 4096, Enumerable.Repeat((byte)0x40, 4096).ToArray());
+        var later = new RamSectionBuilder(src, omitZeroPages: false);
+        Assert.Equal(2, later.Plan(39, 2, out zeros));
+        Assert.Equal(1, zeros);
+        Assert.Equal(2, later.Plan(1, 2, out zeros));
+        Assert.Equal(2, zeros);
+        // Run 39-40: ZERO record + data record; run 1-2: one ZERO record of two pages (runs never merge records).
+        Assert.Equal(RamPages.PayloadHeaderSize + (3 * RamPages.RecordHeaderSize) + 4096, later.PayloadLength);
+        int len2 = later.Build(frame, 2, out _);
+        var section2 = frame.AsSpan(0, SectionHeader.Size + len2).ToArray();
+
+        // Both sections read back through SectionReader (header and section CRCs as built) and load the same RAM.
+        var reader = new SectionReader(new MemoryStream([.. section1, .. section2]), RamPages.MaxPayload);
         using var dst = GuestRam.Create(64 * 4096);
+        dst.Write(2 * 4096, Enumerable.Repeat((byte)9, 4096).ToArray()); // older data the ZERO record must clear
         var rounds = new PageRounds(dst.PageCount);
-        Assert.Equal(7, RamPages.Apply(dst, buf.AsSpan(0, end), rounds));
+        rounds.TryClaim(2, 1, out _);
+        Assert.True(reader.ReadNext());
+        Assert.Equal(SectionType.RamPages, reader.Type);
+        Assert.Equal(5, RamPages.Apply(dst, reader.Payload, rounds));
+        Assert.True(reader.ReadNext());
+        Assert.Equal(4, RamPages.Apply(dst, reader.Payload, rounds));
+        Assert.False(reader.ReadNext());
         Assert.True(src.GetHostSpan(0, 64 * 4096).SequenceEqual(dst.GetHostSpan(0, 64 * 4096)));
+    }
+
+    [Fact]
+    public void RamSectionBuilder_SplitsARunWhenTheSectionIsFull_WithCrcsTheReaderAccepts()
+    {
+        using var src = GuestRam.Create(1024 * 4096);
+        for (int p = 0; p < 1024; p++)
+        {
+            src.WriteUInt32((ulong)p * 4096, (uint)p + 1);
+        }
+        var b = new RamSectionBuilder(src, omitZeroPages: true);
+        Assert.Equal(200, b.Plan(0, 200, out _));
+        // 1,052,680 − (8 + 16 + 200 × 4096) bytes are left: a record header and 56 whole pages.
+        Assert.Equal(56, b.Plan(200, 256, out _));
+        Assert.Equal(RamPages.PayloadHeaderSize + (2 * RamPages.RecordHeaderSize) + (256 * 4096), b.PayloadLength);
+        Assert.Throws<ArgumentOutOfRangeException>(() => b.Plan(0, 257, out _));
+        var frame = new byte[SectionHeader.Size + RamPages.MaxPayload];
+        int len = b.Build(frame, 1, out uint crc);
+        Assert.Equal(SectionHeader.ComputeCrc((ushort)SectionType.RamPages, SectionFlags.Mandatory, frame.AsSpan(SectionHeader.Size, len)), crc);
+        Assert.True(SectionHeader.TryRead(frame, out var h) && h.Crc == crc && h.Length == (uint)len);
+        Assert.True(b.IsEmpty);
+        // The rest of the run starts the next section.
+        Assert.Equal(200, b.Plan(256, 200, out _));
+        using var dst = GuestRam.Create(1024 * 4096);
+        var rounds = new PageRounds(dst.PageCount);
+        Assert.Equal(256, RamPages.Apply(dst, frame.AsSpan(SectionHeader.Size, len), rounds));
+        len = b.Build(frame, 1, out _);
+        Assert.Equal(200, RamPages.Apply(dst, frame.AsSpan(SectionHeader.Size, len), rounds));
+        Assert.True(src.GetHostSpan(0, 456 * 4096).SequenceEqual(dst.GetHostSpan(0, 456 * 4096)));
+        Assert.True(b.IsEmpty);
+    }
+
+    [Fact]
+    public void RamSectionBuilder_WhileTheGuestWritesThePages_TheCrcCoversExactlyTheBytesInTheFrame()
+    {
+        // A vCPU storing into the pages while they are copied: each built section must still pass the reader's CRC
+        // check (the CRC is fused into the copy, so it is over the frame's bytes, torn or not). A CRC taken from RAM in a
+        // separate pass would disagree with the copy whenever a store lands between the two.
+        using var ram = GuestRam.Create(256 * 4096);
+        ram.GetHostSpan(0, 256 * 4096).Fill(1);
+        using var stop = new CancellationTokenSource();
+        long stores = 0;
+        var writer = new Thread(() =>
+        {
+            var r = new Random(7);
+            while (!stop.IsCancellationRequested)
+            {
+                // Never zero, so the planned records (all data) stay valid.
+                ram.GetHostSpan((ulong)r.Next(256 * 4096 / 8) * 8, 8).Fill((byte)r.Next(1, 256));
+                stores++;
+            }
+        });
+        writer.Start();
+        try
+        {
+            var frame = new byte[SectionHeader.Size + RamPages.MaxPayload];
+            var b = new RamSectionBuilder(ram, omitZeroPages: false);
+            for (int i = 0; i < 200; i++)
+            {
+                Assert.Equal(256, b.Plan(0, 256, out _));
+                int len = b.Build(frame, 2, out _);
+                var reader = new SectionReader(new MemoryStream(frame, 0, SectionHeader.Size + len), RamPages.MaxPayload);
+                Assert.True(reader.ReadNext()); // throws StreamFormatException on a CRC mismatch
+            }
+        }
+        finally
+        {
+            stop.Cancel();
+            writer.Join();
+        }
+        Assert.True(stores > 1000, $"the writer thread made only {stores} stores");
     }
 
     [Fact]

@@ -134,6 +134,39 @@ public sealed class MigrationTests : IDisposable
     }
 
     [Fact]
+    public async Task PreallocatedTargetRam_BecomesTheIncomingVmsRam_ByteIdenticalAndTheWorkloadVerifies()
+    {
+        using var src = TestVms.Dirtier(16, "gpa=1M,size=8M,rate=40");
+        src.Start();
+        TestVms.WaitUntil(() => src.Vcpus[0].Slices > 20);
+        var ram = GuestRam.Create(16 * TestVms.MiB, "prealloc-test", prefault: true);
+        Assert.True(ram.Prefaulted);
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices,
+            new MigrationTargetOptions { StartVcpus = false, PreallocatedMemory = ram });
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50), MaxRounds = 8 });
+        using var dst = await target;
+        Assert.Equal("completed", report.Outcome);
+        Assert.Same(ram, dst.Memory);
+        Assert.True(src.Memory.GetHostSpan(0, (int)(16 * TestVms.MiB)).SequenceEqual(dst.Memory.GetHostSpan(0, (int)(16 * TestVms.MiB))), "RAM differs");
+        TestVms.PauseAndVerify(dst);
+    }
+
+    [Fact]
+    public async Task PreallocatedTargetRam_OfAnotherSize_RefusesAtHandshake_AndIsReleased()
+    {
+        using var src = TestVms.Dirtier(8, "gpa=0,size=2M,rate=20");
+        src.Start();
+        var ram = GuestRam.Create(4 * TestVms.MiB, "prealloc-test", prefault: true);
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), NoDevices, new MigrationTargetOptions { PreallocatedMemory = ram });
+        var e = await Assert.ThrowsAsync<VmMigrationException>(() => MigrationSource.RunAsync(src, _listener.LocalEndpoint));
+        Assert.Equal("refused", e.Report.Outcome);
+        Assert.Contains("preallocated", e.Report.Error, StringComparison.Ordinal);
+        await Assert.ThrowsAsync<VmMigrationException>(() => target);
+        Assert.True(ram.Fd.IsClosed, "the refused migration did not release the preallocated RAM");
+        Assert.Equal(VmRunState.Running, src.State);
+    }
+
+    [Fact]
     public async Task TargetRefusesAtHandshake_SourceUntouchedAndRunning()
     {
         using var src = TestVms.Dirtier(8, "gpa=0,size=2M,rate=20");
@@ -244,6 +277,37 @@ public sealed class MigrationTests : IDisposable
         Assert.Equal(b.Counter, dst.Memory.ReadUInt64(0x5000));
         Assert.Equal(c.Counter, dst.Memory.ReadUInt64(0x6000));
         Assert.All(targets.Values, d => Assert.Equal(DeviceState.Running, d.GetState()));
+        TestVms.PauseAndVerify(dst);
+    }
+
+    [Fact]
+    public async Task DeviceWithoutDirtyLogging_EveryRoundResendsRam_ButNoSourceHoleIsAllocatedByTheReads()
+    {
+        var slog = new List<string>();
+        var d = new FakeDevice("d", MigrationFlags.StopCopy, slog, dmaGpa: 0x3000) { SupportsDirtyLogging = false };
+        using var src = TestVms.Dirtier(8, "gpa=1M,size=1M,rate=20", [d]);
+        src.Start();
+        TestVms.WaitUntil(() => d.Counter > 5 && src.Vcpus[0].Slices > 5);
+        // The dirtier stays inside its 1 MiB and the device on its page: every other page is a hole for good.
+        long Allocated()
+        {
+            var all = new PageBitmap(src.Memory.PageCount);
+            all.SetAll();
+            return src.Memory.KeepAllocatedPages(all);
+        }
+        long before = Allocated();
+        var target = MigrationTarget.AcceptAsync(_listener, TargetGuest(), x => new FakeDevice(x.Name, x.MigrationFlags, [], dmaGpa: 0x7000),
+            new MigrationTargetOptions { StartVcpus = false });
+        var report = await MigrationSource.RunAsync(src, _listener.LocalEndpoint, new MigrationOptions { MaxRounds = 3 });
+        using var dst = await target;
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Rounds.Count >= 2, "expected a round after the first (all of RAM dirty again)");
+        // Pages are read through the mapping: a read of a hole would have allocated it (all 2048 pages).
+        Assert.InRange(Allocated(), before, 257 + 1);
+        Assert.Equal(d.Counter, dst.Memory.ReadUInt64(0x3000));
+        // Everything but page 7, where the target's own device DMAs once it runs.
+        Assert.True(src.Memory.GetHostSpan(0, 0x7000).SequenceEqual(dst.Memory.GetHostSpan(0, 0x7000)), "RAM differs");
+        Assert.True(src.Memory.GetHostSpan(0x8000, (int)(8 * TestVms.MiB) - 0x8000).SequenceEqual(dst.Memory.GetHostSpan(0x8000, (int)(8 * TestVms.MiB) - 0x8000)), "RAM differs");
         TestVms.PauseAndVerify(dst);
     }
 

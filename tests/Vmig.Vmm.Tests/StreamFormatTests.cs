@@ -238,8 +238,12 @@ public class StreamFormatTests
     /// <summary>One payload: the 8-byte header and the run [first, first+count), all-zero pages as ZERO records. Returns its length.</summary>
     private static int EncodeRun(GuestRam ram, uint round, long first, int count, byte[] buffer, out int zeroPages)
     {
-        RamPages.WritePayloadHeader(buffer, round);
-        return RamPages.AppendRun(ram, first, count, buffer, RamPages.PayloadHeaderSize, omitZeroPages: false, out zeroPages);
+        var builder = new RamSectionBuilder(ram, omitZeroPages: false);
+        Assert.Equal(count, builder.Plan(first, count, out zeroPages));
+        var frame = new byte[SectionHeader.Size + RamPages.MaxPayload];
+        int length = builder.Build(frame, round, out _);
+        frame.AsSpan(SectionHeader.Size, length).CopyTo(buffer);
+        return length;
     }
 
     [Fact]

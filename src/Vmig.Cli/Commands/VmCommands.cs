@@ -26,6 +26,11 @@ internal static class VmCommands
         var tlsCert = new Option<string?>("--tls-cert") { Description = "--incoming: server certificate (PEM)" };
         var tlsKey = new Option<string?>("--tls-key") { Description = "--incoming: server key (PEM)" };
         var tlsCa = new Option<string?>("--tls-ca") { Description = "--incoming: CA that client certificates must chain to (optional)" };
+        var memPrealloc = new Option<string?>("--mem-prealloc")
+        {
+            Description = "--incoming: allocate and fault in SIZE bytes of guest RAM (e.g. 1G) before waiting, as QEMU's -m SIZE -mem-prealloc -incoming; "
+                + "the migration then copies into mapped pages instead of allocating them, and a VM of another size is refused at the handshake",
+        };
         var cmd = new Command("vm", """
             Run a VM: guest RAM shared with its vfio-user devices, guest drivers and workloads on vCPU threads.
             Exactly one of --config (fresh boot), --incoming (migration target) or --restore (snapshot).
@@ -34,13 +39,17 @@ internal static class VmCommands
               vmig vm --config vm0.json
               vmig vm --incoming tcp:0.0.0.0:7070 --name vm0 --device nvme0=/tmp/vmig/hostB/nvme0-vf0.sock --device accel0=/tmp/vmig/hostB/accel0-vf0.sock
             """)
-        { config, incoming, restore, name, devices, runtimeDir, tlsCert, tlsKey, tlsCa };
+        { config, incoming, restore, name, devices, runtimeDir, tlsCert, tlsKey, tlsCa, memPrealloc };
         cmd.Validators.Add(r =>
         {
             int modes = (r.GetValue(config) is null ? 0 : 1) + (r.GetValue(incoming) is null ? 0 : 1) + (r.GetValue(restore) is null ? 0 : 1);
             if (modes != 1)
             {
                 r.AddError("give exactly one of --config, --incoming or --restore");
+            }
+            if (r.GetValue(memPrealloc) is not null && r.GetValue(incoming) is null)
+            {
+                r.AddError("--mem-prealloc goes with --incoming");
             }
         });
         cmd.SetAction(p => CliContext.Run(() =>
@@ -71,10 +80,24 @@ internal static class VmCommands
                 listener.Start();
                 AnsiConsole.MarkupLineInterpolated($"vm {vmName}: waiting for a migration on {ep}");
                 var tls = p.GetValue(tlsCert) is string cert ? new MigrationTlsOptions { CertificatePath = cert, KeyPath = p.GetValue(tlsKey), TrustedCertificatePath = p.GetValue(tlsCa) } : null;
+                GuestRam? ram = null;
+                if (p.GetValue(memPrealloc) is string pre)
+                {
+                    ulong size = Guest.Workloads.SizeParser.Parse(pre, "--mem-prealloc");
+                    ulong max = new MigrationTargetOptions().MaxMemorySize;
+                    if (size > max)
+                    {
+                        throw new ArgumentException($"--mem-prealloc {pre}: more than the {max >> 30} GiB a migration target accepts");
+                    }
+                    var sw = System.Diagnostics.Stopwatch.StartNew();
+                    ram = GuestRam.Create(size, $"vmig-{vmName}-ram", prefault: true);
+                    AnsiConsole.MarkupLineInterpolated($"vm {vmName}: {ram.Size >> 20} MiB of guest RAM preallocated in {sw.ElapsedMilliseconds} ms");
+                }
                 try
                 {
+                    // The target consumes the preallocated RAM (it disposes it on refusal or failure).
                     vm = MigrationTarget.AcceptAsync(listener, VmBuilder.IncomingGuest(vmName), d => OpenDevice(d, deviceMap, loggers),
-                        new MigrationTargetOptions { Tls = tls }).GetAwaiter().GetResult();
+                        new MigrationTargetOptions { Tls = tls, PreallocatedMemory = ram }).GetAwaiter().GetResult();
                 }
                 finally
                 {

@@ -68,4 +68,14 @@ public sealed class MigrationTargetOptions
 
     /// <summary>How long to wait for the source between sections and for extra channels. Default 60 s.</summary>
     public TimeSpan ReceiveTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// Guest RAM allocated before the migration arrives, as QEMU's <c>-m SIZE -mem-prealloc -incoming</c> does at target
+    /// start: create it with <c>GuestRam.Create(size, name, prefault: true)</c> (fresh, zero-filled). Incoming pages are
+    /// then copied through the already-mapped RAM (no page allocation inside the migration; docs/stream-format.md §4.3).
+    /// The allocation's own time is the caller's to report. Consumed by the one migration it is given to: the incoming VM
+    /// owns it, and it is disposed if the migration is refused or fails. A source whose RAM size differs is refused at
+    /// the handshake (nothing else touched). Null (default): a fresh memfd of the source's size, filled with pwrite(2).
+    /// </summary>
+    public GuestRam? PreallocatedMemory { get; init; }
 }

@@ -147,7 +147,8 @@ internal sealed class StateSender
     /// Sends the pages set in <paramref name="dirty"/>, spread over the channels. <paramref name="firstPass"/> means the
     /// receiver's RAM is still all zero (round 1, snapshots): memfd holes are dropped from <paramref name="dirty"/>
     /// without reading them and zero pages are omitted instead of sent as ZERO records. Returns (pages read, of those
-    /// zero, holes skipped unread).
+    /// zero, holes skipped unread). Pages are read through the VMM's mapping (<see cref="RamSectionBuilder"/>): outside the
+    /// first pass <paramref name="dirty"/> must hold only pages that were written (a hole would be allocated by the read).
     /// </summary>
     public (long Pages, long ZeroPages, long HolePages) SendRam(PageBitmap dirty, uint round, bool firstPass = false)
     {
@@ -253,42 +254,44 @@ internal sealed class StateSender
 
     /// <summary>
     /// Packs runs i = start, start+step, … into RamPages sections of up to <see cref="RamPages.MaxPayload"/> bytes (many
-    /// runs per section), each built in place in the channel's frame and written in one call.
+    /// runs per section), each planned and then built in the channel's frame straight from guest RAM (CRC fused into the
+    /// copy: <see cref="RamSectionBuilder"/>) and written in one call.
     /// </summary>
     private (long, long) SendRuns(int channel, List<(long FirstPage, int Count)> runs, int start, int step, uint round, bool omitZero)
     {
         var w = _channels[channel];
         var frame = _frames[channel] ??= new byte[SectionHeader.Size + RamPages.MaxPayload];
-        const int payloadStart = SectionHeader.Size;
-        const int empty = payloadStart + RamPages.PayloadHeaderSize;
-        RamPages.WritePayloadHeader(frame.AsSpan(payloadStart), round);
-        int pos = empty;
+        var builder = new RamSectionBuilder(_vm.Memory, omitZero);
         long pages = 0, zeros = 0;
         for (int i = start; i < runs.Count; i += step)
         {
             var (first, count) = runs[i];
-            if (frame.Length - pos < RamPages.WorstCaseRunBytes(count))
+            while (count > 0)
             {
-                Emit(w, frame, pos);
-                pos = empty;
+                int planned = builder.Plan(first, count, out int z);
+                pages += planned;
+                zeros += z;
+                first += planned;
+                count -= planned;
+                if (count > 0)
+                {
+                    Emit(w, frame, builder, round);
+                }
             }
-            pos = RamPages.AppendRun(_vm.Memory, first, count, frame, pos, omitZero, out int z);
-            pages += count;
-            zeros += z;
         }
-        if (pos > empty)
+        if (!builder.IsEmpty)
         {
-            Emit(w, frame, pos);
+            Emit(w, frame, builder, round);
         }
         w.Flush();
         _channelPages[channel] += pages;
         return (pages, zeros);
     }
 
-    private void Emit(SectionWriter w, byte[] frame, int end)
+    private void Emit(SectionWriter w, byte[] frame, RamSectionBuilder builder, uint round)
     {
-        int len = end - SectionHeader.Size;
-        w.WriteFramed(SectionType.RamPages, frame, len);
+        int len = builder.Build(frame, round, out _);
+        w.WriteBuilt(SectionType.RamPages, frame, len);
         _throttle?.Consume(len + SectionHeader.Size);
     }
 }
@@ -728,8 +731,12 @@ internal sealed class SourceSession
         _vm.Memory.FetchAndClearDirty(dirty);
         if (_anyDeviceWithoutLog)
         {
-            // A device that cannot log its DMA may have written anywhere (QEMU treats all of RAM as dirty too).
+            // A device that cannot log its DMA may have written anywhere (QEMU treats all of RAM as dirty too). Holes
+            // (pages no one ever wrote) are dropped: pages are read through the mapping, where a load would allocate each
+            // hole, and the target's copy of a hole is zero anyway (it only ever got data for pages that were written
+            // then, and guest RAM is never hole-punched).
             dirty.SetAll();
+            _vm.Memory.KeepAllocatedPages(dirty);
             return;
         }
         if (_logging.Count == 0)

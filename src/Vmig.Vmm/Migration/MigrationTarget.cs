@@ -40,7 +40,16 @@ public static class MigrationTarget
     private static async Task<Vm> AcceptCore(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> deviceFactory,
         MigrationTargetOptions o, CancellationToken ct)
     {
-        var main = await MigrationConnection.AcceptAsync(listener, o.Tls, o.ReceiveTimeout, ct).ConfigureAwait(false);
+        MigrationConnection main;
+        try
+        {
+            main = await MigrationConnection.AcceptAsync(listener, o.Tls, o.ReceiveTimeout, ct).ConfigureAwait(false);
+        }
+        catch
+        {
+            o.PreallocatedMemory?.Dispose(); // consumed by this migration, which failed before it began
+            throw;
+        }
         return await Task.Factory.StartNew(
             () => new TargetSession(listener, guest, deviceFactory, o, ct).Run(main),
             CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default).ConfigureAwait(false);
@@ -389,6 +398,7 @@ internal sealed class TargetSession
     private readonly Dictionary<string, long> _steps = [];
     private readonly List<Task> _receivers = [];
     private bool _resultSent;
+    private bool _ramHandedOver;
     private double _deviceReceiveCpu;
 
     public TargetSession(TcpListener listener, VmConfig guest, Func<DeviceDescription, IVmDevice> factory, MigrationTargetOptions o, CancellationToken ct)
@@ -415,7 +425,16 @@ internal sealed class TargetSession
             main.Reader.Expect(SectionType.VmDescription);
             long t = Stopwatch.GetTimestamp();
             var hello = MigrationHello.Parse(main.Reader.Payload);
-            devices = StateLoader.OpenDevices(hello.Vm, _guest, _factory, _o.MaxMemorySize, out string reason);
+            string reason = "";
+            if (_o.PreallocatedMemory is { } pre && pre.Size != hello.Vm.MemorySize)
+            {
+                // As QEMU with a different -m: the RAM this target was started with does not fit the incoming VM.
+                reason = $"this target preallocated {pre.Size} bytes of guest RAM; the incoming VM has {hello.Vm.MemorySize}";
+            }
+            else
+            {
+                devices = StateLoader.OpenDevices(hello.Vm, _guest, _factory, _o.MaxMemorySize, out reason);
+            }
             t = Step("setup.open-devices", t);
             main.Writer.WriteStreamHeader();
             if (devices is null)
@@ -426,7 +445,9 @@ internal sealed class TargetSession
                 _report.Error = reason;
                 throw new VmMigrationException($"refused incoming migration: {reason}", _report);
             }
-            vm = Vm.CreateIncoming(hello.Vm, _guest, devices);
+            var preallocated = _o.PreallocatedMemory;
+            _ramHandedOver = true;
+            vm = Vm.CreateIncoming(hello.Vm, _guest, devices, preallocated);
             devices = null;
             t = Step("setup.ram-and-dma-map", t);
             main.Writer.Write(SectionType.HandshakeReply, SectionIo.StatusPayload(0, null));
@@ -681,6 +702,11 @@ internal sealed class TargetSession
     private void Discard(Vm? vm, List<IVmDevice>? devices)
     {
         CloseAll();
+        if (!_ramHandedOver)
+        {
+            // Consumed by this migration even when it never got as far as the VM (MigrationTargetOptions.PreallocatedMemory).
+            _o.PreallocatedMemory?.Dispose();
+        }
         if (vm is not null)
         {
             foreach (var d in vm.Devices)

@@ -59,6 +59,19 @@ public sealed class SectionWriter
         var flags = SectionIo.IsOptional(type) ? SectionFlags.None : SectionFlags.Mandatory;
         var payload = frame.AsSpan(SectionHeader.Size, payloadLength);
         new SectionHeader(t, flags, (uint)payloadLength, SectionHeader.ComputeCrc(t, flags, payload)).WriteTo(frame);
+        WriteBuilt(type, frame, payloadLength);
+    }
+
+    /// <summary>
+    /// Writes a section that is complete in <paramref name="frame"/>: its 16-byte header (CRCs included, e.g. from
+    /// <see cref="SectionHeader.StartCrc"/> fed while the payload was produced) followed by <paramref name="payloadLength"/>
+    /// payload bytes, in one write. The header is not re-checked here: the reader checks both CRCs.
+    /// </summary>
+    public void WriteBuilt(SectionType type, byte[] frame, int payloadLength)
+    {
+        ArgumentNullException.ThrowIfNull(frame);
+        ArgumentOutOfRangeException.ThrowIfNegative(payloadLength);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(payloadLength, frame.Length - SectionHeader.Size);
         _stream.Write(frame, 0, SectionHeader.Size + payloadLength);
         long n = SectionHeader.Size + payloadLength;
         BytesWritten += n;

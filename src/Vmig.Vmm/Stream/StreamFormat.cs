@@ -138,11 +138,19 @@ public readonly struct SectionHeader
     public uint Crc { get; }
 
     /// <summary>CRC the header should carry for <paramref name="payload"/>.</summary>
-    public static uint ComputeCrc(ushort type, SectionFlags flags, ReadOnlySpan<byte> payload)
+    public static uint ComputeCrc(ushort type, SectionFlags flags, ReadOnlySpan<byte> payload) =>
+        Crc32C.Finish(Crc32C.Append(StartCrc(type, flags, (uint)payload.Length), payload));
+
+    /// <summary>
+    /// The running (non-inverted) CRC-32C after header bytes 0-7 of a section with this type, flags and payload length:
+    /// a writer that produces the payload piece by piece feeds each piece into it (<see cref="Crc32C.Append"/> or the
+    /// copying <see cref="Crc32C.AppendCopy"/>) and ends with <see cref="Crc32C.Finish"/>, giving <see cref="ComputeCrc"/>.
+    /// </summary>
+    public static uint StartCrc(ushort type, SectionFlags flags, uint length)
     {
         Span<byte> first = stackalloc byte[8];
-        WriteFirst(first, type, flags, (uint)payload.Length);
-        return Crc32C.Finish(Crc32C.Append(Crc32C.Append(Crc32C.Start, first), payload));
+        WriteFirst(first, type, flags, length);
+        return Crc32C.Append(Crc32C.Start, first);
     }
 
     /// <summary>Writes the 16 bytes (the header CRC is computed here).</summary>
