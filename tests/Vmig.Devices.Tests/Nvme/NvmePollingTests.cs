@@ -286,7 +286,7 @@ public sealed class NvmePollingTests
     }
 
     /// <summary>utime + stime of the thread whose comm is <paramref name="name"/>, from /proc/self/task/*/stat (CLK_TCK = 100).</summary>
-    private static double ThreadCpuSeconds(string name)
+    internal static double ThreadCpuSeconds(string name)
     {
         foreach (string task in Directory.GetDirectories("/proc/self/task"))
         {
