@@ -42,13 +42,13 @@ public sealed partial class NvmeController : IDisposable
     private ShadowDoorbellPoller? _poller;
 
     /// <summary>
-    /// False while the function is out of RUNNING/PRE_COPY (set by its migration driver): no poller runs then, and the
-    /// EventIdx entries stay armed, so commands still run through MMIO doorbells. Device-host emulation, not state.
+    /// False while the function is out of RUNNING/PRE_COPY (set by its migration driver): the poller is parked then, and
+    /// the EventIdx entries stay armed, so commands still run through MMIO doorbells. Device-host emulation, not state.
     /// </summary>
     private bool _pollingAllowed = true;
 
     /// <summary>
-    /// False from attach until the host shows its memory is mapped (a BAR0 write, or a migration step: the VMM maps
+    /// False from attach until the host shows its memory is mapped (a doorbell write, or a migration step: the VMM maps
     /// DMA before it loads or runs a function). A client maps its DMA regions after attaching; a shadow poll before
     /// that would find no memory and fail the controller (CSTS.CFS).
     /// </summary>
