@@ -66,9 +66,14 @@ public static class Crc32C
 
     /// <summary>Feeds <paramref name="data"/> into a running (non-inverted) value; start with <see cref="Start"/>, end with <see cref="Finish"/>.</summary>
     public static uint Append(uint crc, ReadOnlySpan<byte> data) =>
-        data.Length >= MinFolded && IsFolded ? Folded<CrcOnly>(crc, data, default)
-        : data.Length >= MinInterleaved && IsInterleaved ? Interleaved<CrcOnly>(crc, data, default)
-        : AppendSerial(crc, data);
+        data.Length >= MinFolded && IsFolded ? Folded<CrcOnly>(crc, data, default) : AppendUnfolded(crc, data);
+
+    /// <summary>
+    /// <see cref="Append"/> without the folding path — what a CPU without VPCLMULQDQ/AVX-512 runs, and the folding
+    /// path's tail; internal so the tests cover the three-lane path on CPUs that have the folding one.
+    /// </summary>
+    internal static uint AppendUnfolded(uint crc, ReadOnlySpan<byte> data) =>
+        data.Length >= MinInterleaved && IsInterleaved ? Interleaved<CrcOnly>(crc, data, default) : AppendSerial(crc, data);
 
     /// <summary>
     /// Copies <paramref name="source"/> into the start of <paramref name="destination"/> and feeds the same bytes into
@@ -83,10 +88,12 @@ public static class Crc32C
         {
             throw new ArgumentException($"destination ({destination.Length} bytes) is shorter than source ({source.Length} bytes)", nameof(destination));
         }
-        if (source.Length >= MinFolded && IsFolded)
-        {
-            return Folded<WithCopy>(crc, source, destination);
-        }
+        return source.Length >= MinFolded && IsFolded ? Folded<WithCopy>(crc, source, destination) : AppendCopyUnfolded(crc, source, destination);
+    }
+
+    /// <summary><see cref="AppendCopy"/> without the folding path (see <see cref="AppendUnfolded"/>); <paramref name="destination"/> is at least as long as <paramref name="source"/>.</summary>
+    internal static uint AppendCopyUnfolded(uint crc, ReadOnlySpan<byte> source, Span<byte> destination)
+    {
         if (source.Length >= MinInterleaved && IsInterleaved)
         {
             return Interleaved<WithCopy>(crc, source, destination);
@@ -240,7 +247,7 @@ public static class Crc32C
         {
             tail.CopyTo(to[(int)end..]);
         }
-        return tail.Length >= MinInterleaved ? Interleaved<CrcOnly>(crc, tail, default) : AppendSerial(crc, tail);
+        return AppendUnfolded(crc, tail);
     }
 
     /// <summary>Each 128-bit lane of <paramref name="x"/> multiplied forward (low half by k[0], high half by k[1]) and added to <paramref name="y"/>.</summary>
